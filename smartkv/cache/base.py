@@ -1,0 +1,170 @@
+"""The cache container and the layer contract every SmartKV layer follows.
+
+A cache is a list of layers (as in `transformers.cache_utils`); a layer's one job is
+`update(keys, values) -> (keys, values)` to attend over. What SmartKV adds:
+
+- each layer reports the bytes of the tensors it actually holds (`nbytes`) and what the
+  same tokens would take in FP16 (`fp16_nbytes`: 2 bytes per K and V value held);
+- an optional `ImportanceTracker`: when set, `update` marks itself as the active update,
+  and SmartKV's attention function (registered through `AttentionInterface`) feeds the
+  attention that the layer's queries pay back to the tracker. The marker holds the very
+  key tensor `update` returned, so the attention function only reports to the cache whose
+  keys it is attending over.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from smartkv.importance import ImportanceTracker
+
+
+@dataclass
+class ActiveUpdate:
+    cache: "KVCache"
+    layer_idx: int
+    keys: torch.Tensor
+
+
+_ACTIVE: contextvars.ContextVar[ActiveUpdate | None] = contextvars.ContextVar("smartkv_active_update", default=None)
+
+
+def active_update() -> ActiveUpdate | None:
+    return _ACTIVE.get()
+
+
+def storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """Full-precision tokens are held in 16 bits whatever the model computes in (bf16 stays bf16)."""
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float16
+
+
+class KVLayer(CacheLayerMixin):
+    """Base of SmartKV's layers: lazy shape/dtype set-up and the memory contract."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq_len = 0
+        self.batch = self.heads = self.head_dim = 0
+        self.dtype = torch.float32
+        self.store_dtype = torch.float16
+        self.cache, self.layer_idx = None, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.batch, self.heads, _, self.head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store_dtype = storage_dtype(key_states.dtype)
+        self.is_initialized = True
+
+    def attach(self, cache: "KVCache", layer_idx: int) -> None:
+        self.cache, self.layer_idx = cache, layer_idx
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # --- memory -------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds for its K/V (codes, scales, zero-points, indices, FP16 parts)."""
+        raise NotImplementedError
+
+    def fp16_nbytes(self) -> int:
+        return 2 * 2 * self.batch * self.heads * self.seq_len * self.head_dim
+
+    def bits_histogram(self) -> dict[int, int]:
+        """Number of K/V values held at each bit width (16 = full precision)."""
+        raise NotImplementedError
+
+    # --- operations SmartKV's layers do not offer ----------------------------------------
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support {what} (beam search / cache cropping); "
+            "use greedy or sampled decoding"
+        )
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("reorder_cache")
+
+    def crop(self, tokens_to_remove):
+        self._unsupported("crop")
+
+    def batch_repeat_interleave(self, repeats):
+        if repeats != 1:
+            self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+    def reset(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be reset; build a new cache per generation")
+
+
+class KVCache(Cache):
+    """One SmartKV layer per model layer, plus the importance tracker when the method uses one."""
+
+    def __init__(self, layers: list[KVLayer], method: str, config, tracker: ImportanceTracker | None = None):
+        super().__init__(layers=layers)
+        self.method = method
+        self.config = config
+        self.tracker = tracker
+        self._layer_fractions: list[float] | None = None
+        for idx, layer in enumerate(layers):
+            layer.attach(self, idx)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys) if self.tracker is not None else None)
+        return keys, values
+
+    def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
+        self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
+
+    def layer_fraction(self, layer_idx: int) -> float:
+        """Per-layer budget fraction from attention entropy (layer-aware allocation), fixed at first use."""
+        if self._layer_fractions is None:
+            from smartkv.allocate import entropy_budget_fractions
+            from smartkv.importance import layer_entropies
+
+            spec = self.layers[layer_idx].spec
+            ent = layer_entropies(self.tracker, len(self.layers)) if self.tracker is not None else []
+            self._layer_fractions = entropy_budget_fractions(ent or [float("nan")] * len(self.layers),
+                                                             spec.budget, spec.layer_skew)
+        return self._layer_fractions[layer_idx]
+
+    def memory_report(self) -> dict:
+        """Bytes actually held, per layer and in total, against FP16 for the same tokens."""
+        per_layer = []
+        hist: dict[int, int] = {}
+        for layer in self.layers:
+            h = layer.bits_histogram()
+            for b, n in h.items():
+                hist[b] = hist.get(b, 0) + n
+            per_layer.append({"kv_bytes": layer.nbytes(), "fp16_kv_bytes": layer.fp16_nbytes(), "bits": h})
+        kv = sum(p["kv_bytes"] for p in per_layer)
+        fp16 = sum(p["fp16_kv_bytes"] for p in per_layer)
+        values = sum(hist.values())
+        return {
+            "method": self.method,
+            "kv_bytes": kv,
+            "fp16_kv_bytes": fp16,
+            "ratio": kv / fp16 if fp16 else float("nan"),
+            "tracker_bytes": self.tracker.nbytes if self.tracker is not None else 0,
+            "mean_bits": (sum(b * n for b, n in hist.items()) / values) if values else float("nan"),
+            "bits_histogram": dict(sorted(hist.items())),
+            "seq_len": self.get_seq_length(),
+            "per_layer": per_layer,
+        }

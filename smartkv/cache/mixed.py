@@ -1,0 +1,349 @@
+"""Mixed-precision layer: each stored unit at its own bit width, under a byte budget.
+
+Layout of one layer's tokens, oldest first:
+
+    [ sinks: FP16 ][ quantized region: units at 1..8 bits ][ recent window: FP16 ]
+
+A *unit* is the block of values that shares one precision: a token's K and V over all KV
+heads (`granularity="layer"`), or per KV head (`"head"`), with K and V together or apart
+(`kv_split`). Units are numbered token-major, so numbers never change as tokens arrive.
+For each bit width the layer holds one `QuantizedRows` with the units at that width and an
+int32 index of which units they are (the index is counted in `nbytes`; a single-width
+layer whose units are in order, as uniform INTk, needs none).
+
+Tokens wait in the window at full precision and get their bits when they leave it; a
+re-allocation every `realloc_freq` decode steps may demote stored units to make room.
+Precision never goes up: a demoted unit is re-quantized from its de-quantized values.
+With `budget=None` nothing is allocated: every unit gets the single width in `bit_set`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from smartkv import allocate as alloc
+from smartkv.cache.base import KVLayer
+from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
+
+INDEX_BYTES = 4  # int32 unit index
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    bit_set: tuple[int, ...]
+    group_size: int = 32
+    symmetric: bool = False
+    budget: float | None = None
+    window: int = 0
+    sink_tokens: int = 0
+    allocation: str = "greedy"
+    signal: str = "ema"
+    granularity: str = "layer"
+    kv_split: bool = False
+    key_weight: float = 1.0
+    realloc_freq: int = 16
+    layer_budgets: str = "equal"
+    layer_skew: float = 0.5
+    seed: int = 0
+
+
+class MixedPrecisionLayer(KVLayer):
+    def __init__(self, spec: MixedSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.sink_k = self.sink_v = None
+        self.win_k = self.win_v = None
+        self.n_quant = 0  # tokens in the quantized region
+        self.stores: dict[int, QuantizedRows] = {}  # level -> rows
+        self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
+        self.allocated = spec.budget is None
+        self.decode_steps = 0
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    def attach(self, cache, layer_idx: int) -> None:
+        self.cache, self.layer_idx = cache, layer_idx
+        self.generator.manual_seed(self.spec.seed * 1000003 + layer_idx)
+
+    # --- geometry ---------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        s = self.spec
+        if self.head_dim % s.group_size and s.group_size < self.head_dim:
+            raise ValueError(
+                f"group_size {s.group_size} must divide head_dim {self.head_dim} (or be >= it), "
+                "so that no group straddles two heads"
+            )
+        self.group = min(s.group_size, self.head_dim)
+        per_head = 1 if s.kv_split else 2
+        if s.granularity == "head":
+            self.units_per_token = self.heads * (2 if s.kv_split else 1)
+            self.unit_len = self.head_dim * per_head
+        else:
+            self.units_per_token = 2 if s.kv_split else 1
+            self.unit_len = self.heads * self.head_dim * per_head
+        # token-major permutation of a stacked [2, B, H, n, D] block of K and V
+        self.perm = (3, 1, 2, 0, 4) if s.granularity == "head" else (3, 1, 0, 2, 4)
+        self.costs = [row_nbytes(self.unit_len, b, self.group, s.symmetric) + self._index_bytes() for b in s.bit_set]
+        empty = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.store_dtype, device=self.device)
+        self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()
+
+    def _index_bytes(self) -> int:
+        return 0 if len(self.spec.bit_set) == 1 else INDEX_BYTES
+
+    @property
+    def units_per_row(self) -> int:
+        return self.units_per_token * self.batch
+
+    def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
+        return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
+
+    def _from_units(self, units: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, d = self.batch, self.heads, self.head_dim
+        shape = (n, b, h, 2, d) if self.spec.granularity == "head" else (n, b, 2, h, d)
+        inverse = [self.perm.index(i) for i in range(5)]
+        kv = units.reshape(shape).permute(inverse)
+        return kv[0], kv[1]
+
+    def _unit_importance(self, start: int, n: int) -> torch.Tensor:
+        """Importance of the units of tokens [start, start + n), in unit order."""
+        tracker = self.cache.tracker if self.cache is not None else None
+        if tracker is None or self.layer_idx not in tracker.layers:
+            return torch.zeros(n * self.units_per_row, dtype=torch.float64)
+        score = tracker.layer(self.layer_idx).score(self.spec.signal)
+        if score.shape[-1] < start + n:  # the newest token has not been attended yet
+            score = torch.nn.functional.pad(score, (0, start + n - score.shape[-1]))
+        imp = score[:, :, start : start + n].double().permute(2, 0, 1)  # [n, B, H]
+        if self.spec.granularity == "layer":
+            imp = imp.sum(-1, keepdim=True)  # [n, B, 1]
+        if self.spec.kv_split:
+            imp = torch.stack([imp * self.spec.key_weight, imp], dim=-1)  # K unit, V unit
+        return imp.reshape(-1)
+
+    # --- update -----------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.win_k = torch.cat([self.win_k, key_states.to(self.store_dtype)], dim=-2)
+        self.win_v = torch.cat([self.win_v, value_states.to(self.store_dtype)], dim=-2)
+        self.seq_len += key_states.shape[-2]
+        prefill = key_states.shape[-2] > 1 and not self.allocated
+        if not prefill:
+            if not self.allocated:
+                self._split_sinks()
+                self._reallocate()
+                self.allocated = True
+            else:
+                self.decode_steps += 1
+                f = self.spec.realloc_freq
+                if f and self.decode_steps % f == 0:
+                    self._reallocate()
+                else:
+                    self._release_window()
+        return self._assemble()
+
+    def _split_sinks(self) -> None:
+        s = min(self.spec.sink_tokens, self.win_k.shape[-2])
+        self.sink_k, self.win_k = self.win_k[:, :, :s].contiguous(), self.win_k[:, :, s:].contiguous()
+        self.sink_v, self.win_v = self.win_v[:, :, :s].contiguous(), self.win_v[:, :, s:].contiguous()
+
+    # --- budget -------------------------------------------------------------------------
+    def _fp16_token_bytes(self) -> int:
+        return 2 * 2 * self.batch * self.heads * self.head_dim
+
+    def budget_bytes(self) -> int | None:
+        if self.spec.budget is None:
+            return None
+        frac = self.spec.budget
+        if self.spec.layer_budgets == "entropy" and self.cache is not None:
+            frac = self.cache.layer_fraction(self.layer_idx)
+        return int(math.floor(frac * self.seq_len * self._fp16_token_bytes()))
+
+    def _fixed_bytes(self, window_tokens: int) -> int:
+        return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes()
+
+    def floor_ratio(self) -> float:
+        """Lowest budget this layer can meet now: sinks in FP16, every other token at the lowest width."""
+        n_q = self.seq_len - self.sink_k.shape[-2]
+        floor = self._fixed_bytes(0) + n_q * self.units_per_row * self.costs[0]
+        return floor / (self.seq_len * self._fp16_token_bytes())
+
+    def _window_that_fits(self, budget: int, committed: int) -> int:
+        """Largest window (<= spec.window) that leaves every token outside it room at the lowest width.
+
+        `committed`: bytes of the units already in the quantized region, as they will be held.
+        """
+        w_now = self.win_k.shape[-2]
+        per_token = self.units_per_row * self.costs[0]
+        for w in range(min(self.spec.window, w_now), -1, -1):
+            if self._fixed_bytes(w) + committed + (w_now - w) * per_token <= budget:
+                return w
+        raise alloc.BudgetError(
+            f"budget {self.spec.budget} cannot be met at layer {self.layer_idx} with {self.seq_len} tokens: "
+            f"the floor is {self.floor_ratio():.4f} of FP16 ({self.sink_k.shape[-2]} sink tokens in FP16, every other "
+            f"token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index); "
+            "raise the budget, or lower the sink count or the lowest bit width"
+        )
+
+    # --- allocation ---------------------------------------------------------------------
+    def _held_quant_bytes(self) -> int:
+        return sum(self.costs[lvl] * st.n_rows for lvl, st in self.stores.items())
+
+    def _leaving(self, keep: int) -> torch.Tensor:
+        """Pop the window's oldest tokens beyond `keep`; return their units."""
+        n_out = max(0, self.win_k.shape[-2] - keep)
+        units = self._to_units(self.win_k[:, :, :n_out], self.win_v[:, :, :n_out])
+        self.win_k = self.win_k[:, :, n_out:].contiguous()
+        self.win_v = self.win_v[:, :, n_out:].contiguous()
+        return units
+
+    def _release_window(self) -> None:
+        """Between re-allocations: move tokens out of the window at the widths the slack affords."""
+        s = self.spec
+        if s.budget is None:
+            units = self._leaving(s.window)
+            self._store_new(units, torch.zeros(units.shape[0], dtype=torch.long))
+            return
+        budget = self.budget_bytes()
+        held = self._held_quant_bytes()
+        try:
+            keep = self._window_that_fits(budget, held)
+        except alloc.BudgetError:
+            self._reallocate()  # only demotions can make room
+            return
+        n_out = self.win_k.shape[-2] - keep
+        if n_out <= 0:
+            return
+        imp = self._unit_importance(self.sink_k.shape[-2] + self.n_quant, n_out)
+        caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
+        available = budget - held - self._fixed_bytes(keep)
+        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
+        self._store_new(self._leaving(keep), levels)
+
+    def _reallocate(self) -> None:
+        """Re-allocate every quantized unit (caps: current width) plus the tokens leaving the window."""
+        s = self.spec
+        if s.budget is None:
+            self._release_window()
+            return
+        budget = self.budget_bytes()
+        keep = self._window_that_fits(budget, self.n_quant * self.units_per_row * self.costs[0])
+        first = self.sink_k.shape[-2]
+        n_old = self.n_quant * self.units_per_row
+        n_out = self.win_k.shape[-2] - keep
+        imp = self._unit_importance(first, self.n_quant + n_out)
+        top = len(s.bit_set) - 1
+        caps = torch.full((imp.shape[0],), top)
+        caps[:n_old] = self._current_levels()
+        available = budget - self._fixed_bytes(keep)
+        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
+        self._demote(levels[:n_old])
+        self._store_new(self._leaving(keep), levels[n_old:])
+
+    def _current_levels(self) -> torch.Tensor:
+        levels = torch.zeros(self.n_quant * self.units_per_row, dtype=torch.long)
+        for lvl, idx in self.index.items():
+            if idx is None:
+                levels[:] = lvl
+            else:
+                levels[idx.long()] = lvl
+        return levels
+
+    def _demote(self, new_levels: torch.Tensor) -> None:
+        """Move stored units whose level dropped to their new width (never up)."""
+        for lvl in sorted(self.stores):
+            idx = self._ids(lvl)
+            target = new_levels[idx]
+            moving = target != lvl
+            if not bool(moving.any()):
+                continue
+            if bool((target > lvl).any()):
+                raise AssertionError("re-allocation raised a stored unit's precision")
+            values = self.stores[lvl].select(moving).dequantize(torch.float32)
+            keep = ~moving
+            self.stores[lvl] = self.stores[lvl].select(keep)
+            self.index[lvl] = idx[keep].to(torch.int32)
+            for new in target[moving].unique().tolist():
+                sel = target[moving] == new
+                self._append(new, quantize_rows(values[sel], self.spec.bit_set[new], self.group, self.spec.symmetric),
+                             idx[moving][sel])
+
+    def _ids(self, lvl: int) -> torch.Tensor:
+        idx = self.index[lvl]
+        return torch.arange(self.stores[lvl].n_rows) if idx is None else idx.long()
+
+    def _store_new(self, units: torch.Tensor, levels: torch.Tensor) -> None:
+        if units.shape[0] == 0:
+            return
+        start = self.n_quant * self.units_per_row
+        ids = torch.arange(start, start + units.shape[0])
+        for lvl in levels.unique().tolist():
+            sel = levels == lvl
+            rows = quantize_rows(units[sel], self.spec.bit_set[lvl], self.group, self.spec.symmetric)
+            self._append(lvl, rows, ids[sel])
+        self.n_quant += units.shape[0] // self.units_per_row
+
+    def _append(self, lvl: int, rows: QuantizedRows, ids: torch.Tensor) -> None:
+        single = len(self.spec.bit_set) == 1
+        if lvl in self.stores:
+            self.stores[lvl] = self.stores[lvl].cat_rows(rows)
+            if not single:
+                self.index[lvl] = torch.cat([self.index[lvl], ids.to(torch.int32)])
+        else:
+            self.stores[lvl] = rows
+            self.index[lvl] = None if single else ids.to(torch.int32)
+
+    # --- read -------------------------------------------------------------------------
+    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts_k, parts_v = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
+        if self.n_quant:
+            buf = torch.empty(self.n_quant * self.units_per_row, self.unit_len, dtype=self.dtype, device=self.device)
+            for lvl, rows in self.stores.items():
+                if rows.n_rows == 0:
+                    continue
+                deq = rows.dequantize(self.dtype)
+                idx = self.index[lvl]
+                if idx is None:
+                    buf[: rows.n_rows] = deq
+                else:
+                    buf.index_copy_(0, idx.long(), deq)
+            k, v = self._from_units(buf, self.n_quant)
+            parts_k.append(k)
+            parts_v.append(v)
+        parts_k.append(self.win_k.to(self.dtype))
+        parts_v.append(self.win_v.to(self.dtype))
+        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+    # --- memory -----------------------------------------------------------------------
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        total += sum(r.nbytes for r in self.stores.values())
+        return total + sum(i.nbytes for i in self.index.values() if i is not None)
+
+    def bits_histogram(self) -> dict[int, int]:
+        if not self.is_initialized:
+            return {}
+        hist = {16: sum(t.numel() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))}
+        for lvl, rows in self.stores.items():
+            b = self.spec.bit_set[lvl]
+            hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len
+        return hist
+
+    def bits_map(self) -> torch.Tensor:
+        """Bits of every K/V value position: float [B, H, seq_len, 2] (index -1: 0 = key, 1 = value)."""
+        s = self.sink_k.shape[-2]
+        out = torch.full((self.batch, self.heads, self.seq_len, 2), 16.0)
+        if self.n_quant:
+            per_unit = torch.zeros(self.n_quant * self.units_per_row)
+            for lvl in self.stores:
+                per_unit[self._ids(lvl)] = float(self.spec.bit_set[lvl])
+            expanded = per_unit[:, None].expand(-1, self.unit_len)
+            k, v = self._from_units(expanded, self.n_quant)  # [B, H, n, D] each
+            out[:, :, s : s + self.n_quant, 0] = k[..., 0]
+            out[:, :, s : s + self.n_quant, 1] = v[..., 0]
+        return out

@@ -1,0 +1,31 @@
+"""Validation helpers shared by the method configs: each error names the value and what is allowed."""
+
+from __future__ import annotations
+
+from smartkv.methods.registry import ConfigError
+from smartkv.quantize import SUPPORTED_BITS
+
+
+def check_choice(method: str, key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{method}: {key}={value!r} is not allowed; choose one of {tuple(allowed)}")
+
+
+def check_bits(method: str, key: str, value, allowed=SUPPORTED_BITS) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ConfigError(f"{method}: {key}={value!r} is not a supported bit width; allowed: {tuple(allowed)}")
+
+
+def check_int(method: str, key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{method}: {key}={value!r} must be an integer >= {minimum}")
+
+
+def check_budget(method: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{method}: budget={value!r} must be a fraction of FP16 memory in (0, 1]")
+
+
+def n_layers(model_config) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.num_hidden_layers)

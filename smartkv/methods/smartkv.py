@@ -1,0 +1,96 @@
+"""`smartkv`: attention-guided mixed precision under a memory budget (this project's method).
+
+Every ablation is a setting of this one config: `allocation` random/fixed (no attention
+signal), `realloc_freq=0` (allocation fixed after prefill), `signal` cumulative vs ema,
+greedy vs dp vs layer_aware, `granularity`, `kv_split` with `key_weight`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from smartkv.cache.base import KVCache
+from smartkv.cache.mixed import MixedPrecisionLayer, MixedSpec
+from smartkv.importance import SIGNALS, ImportanceTracker
+from smartkv.methods.common import check_bits, check_budget, check_choice, check_int, n_layers
+from smartkv.methods.registry import ConfigError, register
+
+ALLOCATIONS = ("greedy", "dp", "layer_aware", "random", "fixed")
+# Policies that read no importance: their caches skip attention tracking altogether.
+_NO_SIGNAL = ("random", "fixed")
+
+
+@dataclass(frozen=True)
+class SmartKVConfig:
+    """budget: fraction of the FP16 bytes of the same tokens (metadata, index and FP16 window counted).
+    budget=1.0 keeps every token in FP16 (unbounded window): it reproduces `fp16` exactly."""
+
+    budget: float = 0.3
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int = 32
+    window: int = 32
+    sink_tokens: int = 4
+    allocation: str = "greedy"
+    signal: str = "ema"
+    decay: float = 0.9
+    granularity: str = "layer"
+    kv_split: bool = False
+    key_weight: float = 1.0
+    realloc_freq: int = 16
+    layer_skew: float = 0.5
+    symmetric: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        m = "smartkv"
+        check_budget(m, self.budget)
+        bits = tuple(self.bits) if not isinstance(self.bits, int) else (self.bits,)
+        if not bits:
+            raise ConfigError(f"{m}: bits must list at least one width, got {self.bits!r}")
+        for b in bits:
+            check_bits(m, "bits", b, (1, 2, 3, 4, 5, 6, 7, 8))
+        object.__setattr__(self, "bits", tuple(sorted(set(bits))))
+        check_int(m, "group_size", self.group_size, 1)
+        check_int(m, "window", self.window, 0)
+        check_int(m, "sink_tokens", self.sink_tokens, 0)
+        check_int(m, "realloc_freq", self.realloc_freq, 0)
+        check_choice(m, "allocation", self.allocation, ALLOCATIONS)
+        check_choice(m, "signal", self.signal, SIGNALS)
+        check_choice(m, "granularity", self.granularity, ("layer", "head"))
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"{m}: decay={self.decay!r} must lie in (0, 1)")
+        if self.key_weight <= 0:
+            raise ConfigError(f"{m}: key_weight={self.key_weight!r} must be > 0")
+        if not 0.0 <= self.layer_skew < 1.0:
+            raise ConfigError(f"{m}: layer_skew={self.layer_skew!r} must lie in [0, 1)")
+
+    @property
+    def tracks_attention(self) -> bool:
+        return self.allocation not in _NO_SIGNAL
+
+    def spec(self) -> MixedSpec:
+        return MixedSpec(
+            bit_set=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            budget=self.budget,
+            window=sys.maxsize if self.budget >= 1.0 else self.window,
+            sink_tokens=self.sink_tokens,
+            allocation="greedy" if self.allocation == "layer_aware" else self.allocation,
+            signal=self.signal,
+            granularity=self.granularity,
+            kv_split=self.kv_split,
+            key_weight=self.key_weight,
+            realloc_freq=self.realloc_freq,
+            layer_budgets="entropy" if self.allocation == "layer_aware" else "equal",
+            layer_skew=self.layer_skew,
+            seed=self.seed,
+        )
+
+
+@register("smartkv", SmartKVConfig, "attention-guided mixed precision (bits per token) under a memory budget")
+def build(config: SmartKVConfig, model_config) -> KVCache:
+    spec = config.spec()
+    tracker = ImportanceTracker(config.decay) if config.tracks_attention else None
+    return KVCache([MixedPrecisionLayer(spec) for _ in range(n_layers(model_config))], "smartkv", config, tracker)
