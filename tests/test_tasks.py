@@ -1,0 +1,326 @@
+"""Task generators, LongBench loading and scorers: fast, no model, no network."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from smartkv.scoring import SCORERS, score
+from smartkv.tasks import TASKS, Sample, generate_task, load_longbench, register_task, task_names
+from smartkv.tasks.longbench import truncate_middle
+from smartkv.tasks.niah import needle_text
+
+FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
+
+
+class WordTokenizer:
+    """One token per word with its trailing white space, so decode(encode(x)) == x exactly."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.inv: list[str] = []
+
+    def encode(self, text, add_special_tokens=False):
+        ids = []
+        for piece in re.findall(r"\s+|\S+\s*", text):
+            if piece not in self.vocab:
+                self.vocab[piece] = len(self.inv)
+                self.inv.append(piece)
+            ids.append(self.vocab[piece])
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.inv[i] for i in ids)
+
+
+class CharTokenizer:
+    """One token per character and no decode: exercises the character-truncation fallback."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+TOK = WordTokenizer()
+GENERATED = [n for n in sorted(TASKS) if n != "longbench"]
+LENGTHS = [600, 1500]
+DEPTHS = [0.0, 0.5, 1.0]
+
+
+def ntok(text):
+    return len(TOK.encode(text))
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return {n: generate_task(n, TOK, n_per_cell=2, lengths=LENGTHS, depths=DEPTHS, seed=7) for n in GENERATED}
+
+
+def test_every_task_is_registered():
+    assert set(task_names()) == {
+        "niah", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery",
+        "ruler_vt", "ruler_cwe", "ruler_fwe", "perplexity", "longbench",
+    }
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_samples_are_well_formed(generated, name):
+    samples = generated[name]
+    cells = len(LENGTHS) * 2 * (len(DEPTHS) if TASKS[name].uses_depth else 1)
+    assert len(samples) == cells
+    assert len({s.sample_id for s in samples}) == len(samples)
+    for s in samples:
+        assert s.task == name
+        assert s.metric in SCORERS or s.metric == "perplexity"
+        assert s.context_length in LENGTHS
+        # Sized by tokens: never over the target, at most 3% under it.
+        assert 0.97 * s.context_length <= ntok(s.prompt) <= s.context_length
+        json.dumps(s.meta)
+        if name == "perplexity":
+            assert s.answers == [] and s.depth is None
+        else:
+            assert s.answers and all(isinstance(a, str) and a for a in s.answers)
+            # Every gold answer must be recoverable from the context itself.
+            for a in s.answers:
+                assert a in s.prompt
+            assert score(s.metric, " ".join(s.answers), s.answers, s.meta) == 1.0
+            assert score(s.metric, "I do not know.", s.answers, s.meta) == 0.0
+        if TASKS[name].uses_depth:
+            assert s.depth in DEPTHS
+        else:
+            assert s.depth is None
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_same_seed_same_samples_other_seed_other_values(generated, name):
+    again = generate_task(name, TOK, n_per_cell=2, lengths=LENGTHS, depths=DEPTHS, seed=7)
+    assert again == generated[name]
+    other = generate_task(name, TOK, n_per_cell=2, lengths=LENGTHS, depths=DEPTHS, seed=8)
+    assert [s.prompt for s in other] != [s.prompt for s in generated[name]]
+    if name != "perplexity":
+        assert [s.answers for s in other] != [s.answers for s in generated[name]]
+
+
+@pytest.mark.parametrize("name", ["niah", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery"])
+def test_needle_sits_at_its_depth(generated, name):
+    for s in generated[name]:
+        a, b = s.meta["needle_char_span"]
+        h0, h1 = s.meta["haystack_char_span"]
+        assert s.answers[0] in s.prompt[a:b]
+        # Depth counts filler only: take the other needles (and their separators) out first.
+        others = [(x, y) for x, y in s.meta.get("needle_char_spans", [[a, b]]) if (x, y) != (a, b)]
+        before = sum(y - x + 1 for x, y in others if x < a)
+        filler = (h1 - h0) - (b - a + 1) - sum(y - x + 1 for x, y in others)
+        assert abs((a - h0 - before) / filler - s.depth) < 0.02
+
+
+def test_niah_only_the_needle_moves_along_depth(generated):
+    samples = [s for s in generated["niah"] if s.context_length == 600 and s.sample_id.endswith("-0")]
+    assert [s.depth for s in samples] == DEPTHS
+    needle = needle_text(samples[0].answers[0])
+    assert all(s.prompt.count(needle) == 1 for s in samples)
+    stripped = {s.prompt.replace(needle + " ", "").replace(" " + needle, "") for s in samples}
+    assert len(stripped) == 1
+    assert samples[0].prompt.endswith("What is the pass key? The pass key is")
+
+
+def test_multikey_has_distractor_needles(generated):
+    for s in generated["ruler_multikey"]:
+        spans = s.meta["needle_char_spans"]
+        assert len(spans) == 4
+        values = [re.search(r"\d{6}", s.prompt[a:b]).group() for a, b in spans]
+        assert values[0] == s.answers[0] and len(set(values)) == 4
+        assert s.prompt.count(s.answers[0]) == 1
+
+
+def test_variable_tracking_chain_is_in_order(generated):
+    for s in generated["ruler_vt"]:
+        names = s.answers
+        first = s.prompt.index(f"VAR {names[0]} = {s.meta['value']}.")
+        hops = [s.prompt.index(f"VAR {names[h]} = VAR {names[h - 1]}.") for h in range(1, len(names))]
+        assert [first] + hops == sorted([first] + hops)
+
+
+def test_cwe_common_words_dominate(generated):
+    for s in generated["ruler_cwe"]:
+        body = s.prompt.split("\n\n")[1]
+        counts = Counter(re.findall(r"\d+\. (\S+)", body))
+        assert all(counts[w] == s.meta["freq_common"] for w in s.answers)
+        others = [c for w, c in counts.items() if w not in s.answers]
+        assert max(others) == s.meta["freq_uncommon"] < s.meta["freq_common"]
+
+
+def test_fwe_answers_are_the_most_frequent(generated):
+    for s in generated["ruler_fwe"]:
+        body = s.prompt.split("\n\n")[1]
+        ranked = Counter(body.split()).most_common(4)
+        assert [w for w, _ in ranked[:3]] == s.answers
+        assert ranked[2][1] > ranked[3][1]
+
+
+def test_perplexity_continuation(generated):
+    for s in generated["perplexity"]:
+        cont = s.meta["continuation"]
+        assert cont.startswith(" ") and 0 < ntok(cont) <= 64
+        assert s.meta["continuation_tokens"] == ntok(cont)
+        # Continuation is new text following the context, not a copy of its end.
+        assert not s.prompt.endswith(cont.strip())
+
+
+def test_sample_row_round_trip_through_parquet(tmp_path, generated):
+    pd = pytest.importorskip("pandas")
+    samples = generated["niah"][:2] + generated["perplexity"][:1] + generated["ruler_vt"][:1]
+    rows = [s.to_row() for s in samples]
+    assert all(isinstance(r["answers"], str) and isinstance(r["meta"], str) for r in rows)
+    assert [Sample.from_row(r) for r in rows] == samples
+    path = tmp_path / "tasks.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    back = [Sample.from_row(r) for r in pd.read_parquet(path).to_dict("records")]
+    assert back == samples  # NaN depth from pandas comes back as None
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+def test_unknown_task_is_named():
+    with pytest.raises(ValueError, match="no_such_task") as exc:
+        generate_task("no_such_task", TOK, n_per_cell=1, lengths=[100], depths=[0.5], seed=0)
+    assert "niah" in str(exc.value)
+
+
+def test_empty_grid_keys_are_named():
+    with pytest.raises(ValueError, match="lengths"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[], depths=[0.5], seed=0)
+    with pytest.raises(ValueError, match="depths"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[], seed=0)
+    with pytest.raises(ValueError, match="depths"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[1.5], seed=0)
+    with pytest.raises(ValueError, match="n_per_cell"):
+        generate_task("niah", TOK, n_per_cell=0, lengths=[600], depths=[0.5], seed=0)
+    # Tasks without a needle take no depths.
+    assert len(generate_task("ruler_vt", TOK, n_per_cell=1, lengths=[600], depths=[], seed=0)) == 1
+
+
+def test_too_short_length_is_explained():
+    with pytest.raises(ValueError, match="too short"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[10], depths=[0.5], seed=0)
+
+
+def test_duplicate_registration_refused():
+    with pytest.raises(ValueError, match="niah"):
+        register_task("niah", "again")(lambda *a, **k: [])
+
+
+# ---- LongBench ---------------------------------------------------------------------------
+
+def test_longbench_fixture_loads():
+    tasks = ["hotpotqa", "trec", "passage_retrieval_en"]
+    samples = load_longbench(tasks, FIXTURE, 4000, TOK, n_per_task=2, seed=0)
+    assert len(samples) == 6
+    by_task = {s.task: s for s in samples}
+    assert by_task["longbench_hotpotqa"].metric == "qa_f1"
+    assert by_task["longbench_trec"].metric == "classification"
+    assert by_task["longbench_passage_retrieval_en"].metric == "retrieval"
+    for s in samples:
+        assert not s.meta["truncated"]
+        assert s.meta["dataset"] == s.task.removeprefix("longbench_")
+        assert s.context_length == 4000
+    trec = by_task["longbench_trec"]
+    assert trec.meta["first_line_only"] and "City" in trec.meta["all_classes"]
+    assert load_longbench(tasks, FIXTURE, 4000, TOK, n_per_task=2, seed=0) == samples
+    assert len(load_longbench(["trec"], FIXTURE, 4000, TOK, n_per_task=10, seed=0)) == 3
+
+
+def test_longbench_middle_truncation_keeps_head_and_tail():
+    [full] = [s for s in load_longbench(["hotpotqa"], FIXTURE, 10_000, TOK, 3, 0) if s.sample_id.startswith("hq-001")]
+    [cut] = [s for s in load_longbench(["hotpotqa"], FIXTURE, 40, TOK, 3, 0) if s.sample_id.startswith("hq-001")]
+    assert ntok(full.prompt) > 40 and cut.meta["truncated"]
+    ids = TOK.encode(full.prompt)
+    assert cut.prompt == TOK.decode(ids[:20]) + TOK.decode(ids[-20:])
+    assert cut.prompt.startswith("Answer the question using the passages below.")
+    assert cut.prompt.endswith("Question: Which river flows past the town where the glass museum stands?\nAnswer:")
+
+
+def test_truncation_without_decode_cuts_characters():
+    text = "HEAD " + "filler words " * 200 + " TAIL?"
+    out, truncated = truncate_middle(text, CharTokenizer(), 100)
+    assert truncated and len(out) <= 100 and len(out) > 80
+    assert out.startswith("HEAD ") and out.endswith(" TAIL?")
+    assert truncate_middle("short", CharTokenizer(), 100) == ("short", False)
+
+
+def test_longbench_through_registry_spans_lengths():
+    samples = generate_task("longbench", TOK, n_per_cell=2, lengths=[40, 4000], depths=[], seed=0,
+                            source=FIXTURE, tasks=["hotpotqa", "trec"])
+    assert len(samples) == 8 and len({(s.task, s.sample_id) for s in samples}) == 8
+    assert {s.context_length for s in samples} == {40, 4000}
+
+
+def test_longbench_missing_sources_are_named(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_longbench(["hotpotqa"], missing, 1000, TOK, 1, 0)
+    with pytest.raises(FileNotFoundError, match="qasper.jsonl"):
+        load_longbench(["qasper"], FIXTURE, 1000, TOK, 1, 0)
+    with pytest.raises(ValueError, match="not_a_dataset"):
+        load_longbench(["not_a_dataset"], FIXTURE, 1000, TOK, 1, 0)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(RuntimeError, match="local folder"):
+        load_longbench(["hotpotqa"], None, 1000, TOK, 1, 0)
+
+
+# ---- scorers ------------------------------------------------------------------------------
+
+def test_substring_scorers():
+    assert score("contains", "The pass key is 12345.", ["12345"]) == 1.0
+    assert score("contains", "The pass key is 1234.", ["12345"]) == 0.0
+    assert score("ruler_all", "Numbers: 111, 333", ["111", "222", "333"]) == pytest.approx(2 / 3)
+    assert score("ruler_all", "ABCDE and fghij", ["abcde", "FGHIJ"]) == 1.0  # case-insensitive
+    assert score("ruler_part", "only 222 here", ["111", "222"]) == 1.0
+    assert score("ruler_part", "none here", ["111", "222"]) == 0.0
+
+
+def test_qa_f1_exact_values():
+    # Normalized: pred [cat, sat, on, mat], gold [cat, on, mat]: P = 3/4, R = 1, F1 = 6/7.
+    assert score("qa_f1", "The cat sat on a mat!", ["cat on mat"]) == pytest.approx(6 / 7)
+    assert score("qa_f1", "Paris", ["London", "paris."]) == 1.0  # max over answers
+    assert score("qa_f1", "Berlin", ["Paris"]) == 0.0
+
+
+def test_rouge_l_exact_value():
+    # LCS 5 of 6 predicted and 5 gold tokens: P = 5/6, R = 1, F = 10/11.
+    assert score("rouge_l", "the cat sat on the mat", ["the cat on the mat"]) == pytest.approx(10 / 11)
+    assert score("rouge_l", "", ["the cat"]) == 0.0
+
+
+def test_longbench_classification_retrieval_count_code():
+    classes = {"all_classes": ["City", "Country", "Animal"]}
+    assert score("classification", "City", ["City"], classes) == 1.0
+    assert score("classification", "City or Country", ["City"], classes) == 0.5
+    assert score("classification", "Animal", ["City"], classes) == 0.0
+    nested = {"all_classes": ["city", "other city", "date"]}
+    assert score("classification", "other city", ["other city"], nested) == 1.0
+    with pytest.raises(ValueError, match="all_classes"):
+        score("classification", "City", ["City"], {})
+    assert score("retrieval", "Paragraph 3", ["Paragraph 3"]) == 1.0
+    assert score("retrieval", "Paragraph 3 or Paragraph 4", ["Paragraph 3"]) == 0.5
+    assert score("retrieval", "I cannot tell", ["Paragraph 3"]) == 0.0
+    assert score("count", "There are 5 unique paragraphs.", ["5"]) == 1.0
+    assert score("count", "Either 5 or 6.", ["5"]) == 0.5
+    assert score("code_sim", "```python\n# next\nx = foo(1)\n```", ["x = foo(1)"]) == 1.0
+    assert score("code_sim", "x = foo(2)", ["x = foo(1)"]) == pytest.approx(0.9)
+
+
+def test_first_line_rule_and_unknown_metric():
+    meta = {"all_classes": ["City", "Animal"], "first_line_only": True}
+    pred = "City\nQuestion: Which bird sings?\nType: Animal"
+    assert score("classification", pred, ["City"], meta) == 1.0
+    assert score("classification", pred, ["City"], {**meta, "first_line_only": False}) == 0.5
+    with pytest.raises(ValueError, match="bleu") as exc:
+        score("bleu", "x", ["x"])
+    assert "qa_f1" in str(exc.value)
+    with pytest.raises(ValueError, match="gold answer"):
+        score("qa_f1", "x", [])
