@@ -1,0 +1,130 @@
+"""Prefill once, fork the cache, decode with each method (DESIGN.md decision 7).
+
+Prefill attends at full precision, so it is the same for every KV method: it runs once per
+prompt batch (with importance tracking on), and each method gets a copy of the prefilled
+keys and values (and of the importance statistics, if it tracks attention). The last
+prompt token is left out of the prefill, so that `model.generate` feeds it through the
+method's own cache: from then on every step reads the method's (quantized) cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from smartkv.attention import use_smartkv_attention
+from smartkv.cache.base import _ACTIVE, KVCache
+from smartkv.cache.fp16 import FP16Layer
+from smartkv.importance import ImportanceTracker
+from smartkv.methods.common import n_layers
+from smartkv.methods.registry import build_cache, make_config
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One method with its params, under a label used in results (e.g. "kivi-2", "smartkv-b0.30")."""
+
+    label: str
+    method: str
+    params: dict = field(default_factory=dict, hash=False)
+
+    def config(self):
+        return make_config(self.method, **self.params)
+
+
+@dataclass
+class Prefill:
+    cache: KVCache
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    seconds: float
+
+
+def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask (decoder-only models generate from the right edge)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9) -> Prefill:
+    """Run the prompt minus its last token through an FP16 cache that tracks importance."""
+    if input_ids.shape[1] < 3:
+        raise ValueError(f"prompt too short to prefill: {input_ids.shape[1]} tokens (need at least 3)")
+    use_smartkv_attention(model)
+    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, ImportanceTracker(decay))
+    start = time.perf_counter()
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True)
+    _ACTIVE.set(None)
+    return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
+
+
+def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
+    """A fresh cache of `run`'s method holding the prefilled tokens; returns it and the seconds spent."""
+    start = time.perf_counter()
+    cache = build_cache(run.method, model.config, **run.params)
+    for idx, layer in enumerate(pre.cache.layers):
+        dtype = model.dtype
+        cache.update(layer.keys.to(dtype), layer.values.to(dtype), idx)
+    tracker = getattr(cache, "tracker", None)
+    if tracker is not None:
+        if tracker.decay != pre.cache.tracker.decay:
+            raise ValueError(
+                f"run {run.label!r} uses decay={tracker.decay} but the shared prefill tracked decay="
+                f"{pre.cache.tracker.decay}; prefill separately for each decay"
+            )
+        cache.tracker = pre.cache.tracker.copy()
+    _ACTIVE.set(None)
+    return cache, time.perf_counter() - start
+
+
+def memory_of(cache) -> dict:
+    """kv_bytes / fp16_kv_bytes of any cache this project can build (SmartKV's or transformers' peers)."""
+    if hasattr(cache, "memory_report"):
+        rep = cache.memory_report()
+        return {k: rep[k] for k in ("kv_bytes", "fp16_kv_bytes", "ratio", "tracker_bytes", "mean_bits")}
+    from smartkv.methods.hf_quantized import hf_cache_nbytes
+
+    rep = hf_cache_nbytes(cache)
+    kv, fp16 = rep["kv_bytes"], rep["fp16_kv_bytes"]
+    return {"kv_bytes": kv, "fp16_kv_bytes": fp16, "ratio": kv / fp16 if fp16 else float("nan"),
+            "tracker_bytes": 0, "mean_bits": float("nan")}
+
+
+@torch.no_grad()
+def decode(model, pre: Prefill, cache, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
+           **sampling) -> tuple[torch.Tensor, float]:
+    """Generate up to `max_new_tokens` with `cache`; returns the new token ids [B, n] and seconds."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=pre.input_ids,
+        attention_mask=pre.attention_mask,
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id,
+        **({} if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
+        **sampling,
+    )
+    seconds = time.perf_counter() - start
+    _ACTIVE.set(None)
+    return out[:, pre.input_ids.shape[1]:], seconds
+
+
+@torch.no_grad()
+def continuation_nll(model, pre: Prefill, cache, continuation: torch.Tensor) -> tuple[float, float]:
+    """Mean negative log-likelihood of `continuation` [1, n] teacher-forced through `cache`; and seconds."""
+    feed = torch.cat([pre.input_ids[:, -1:], continuation[:, :-1]], dim=1)
+    nll = 0.0
+    start = time.perf_counter()
+    for i in range(feed.shape[1]):
+        # the prompt (its last token is fed at i = 0) plus the i continuation tokens fed so far
+        mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype)], dim=1)
+        logits = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[continuation[0, i]])
+    _ACTIVE.set(None)
+    return nll / continuation.shape[1], time.perf_counter() - start

@@ -1,0 +1,223 @@
+"""Every registered SmartKV method inside `model.generate`, on tiny models of several architectures."""
+
+import pytest
+import torch
+
+from smartkv.attention import use_smartkv_attention
+from smartkv.methods import ConfigError, build_cache
+from smartkv.models import tiny_model
+from smartkv.runner import RunSpec, decode, fork, prefill
+
+ARCHS = ("llama", "mistral", "qwen2")
+SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+PROMPT_LEN, NEW = 200, 24
+
+METHODS = [
+    ("fp16", {}),
+    ("uniform", {"bits": 8}),
+    ("uniform", {"bits": 4}),
+    ("uniform", {"bits": 3}),
+    ("uniform", {"bits": 2}),
+    ("kivi", {"bits": 2, "residual_length": 64}),
+    ("kivi", {"bits": 4}),
+    ("smartkv", {"budget": 0.35}),
+    ("smartkv", {"budget": 0.3, "allocation": "dp"}),
+    ("smartkv", {"budget": 0.3, "allocation": "layer_aware"}),
+    ("smartkv", {"budget": 0.3, "allocation": "random"}),
+    ("smartkv", {"budget": 0.3, "allocation": "fixed"}),
+    ("smartkv", {"budget": 0.3, "granularity": "head", "kv_split": True, "key_weight": 2.0}),
+    ("smartkv", {"budget": 0.3, "signal": "normalized", "realloc_freq": 0}),
+]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    m = tiny_model(request.param, seed=0, **SHAPE)
+    use_smartkv_attention(m)
+    return m
+
+
+def prompt(batch=1, length=PROMPT_LEN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (batch, length), generator=g)
+
+
+def generate(model, cache, ids, mask=None, new=NEW, **kw):
+    kw.setdefault("do_sample", False)
+    out = model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                         past_key_values=cache, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def expected_ratio(name, params, report, layer):
+    """What the memory formula says for this method, from the token counts the layer reports."""
+    if name == "fp16":
+        return 1.0
+    if name == "uniform":
+        return (params["bits"] + 32 / 32) / 16  # b bits + fp16 scale and zero per 32 values
+    if name == "kivi":
+        hist = report["bits_histogram"]
+        quant, full = hist.get(params["bits"], 0), hist[16]
+        return (quant * (params["bits"] + 1) / 16 + full) / (quant + full)
+    return None
+
+
+@pytest.mark.parametrize("name,params", METHODS, ids=[f"{n}-{p}" for n, p in METHODS])
+def test_method_generates_within_memory(model, name, params):
+    cache = build_cache(name, model.config, **params)
+    out = generate(model, cache, prompt())
+    assert out.shape == (1, NEW)
+    rep = cache.memory_report()
+    assert rep["seq_len"] == PROMPT_LEN + NEW - 1
+    assert rep["fp16_kv_bytes"] == 2 * 2 * model.config.num_hidden_layers * 2 * 32 * rep["seq_len"]
+    ratio = rep["kv_bytes"] / rep["fp16_kv_bytes"]
+    expect = expected_ratio(name, params, rep, cache.layers[0])
+    if expect is not None:
+        assert ratio == pytest.approx(expect, rel=0.01)
+    else:
+        assert params["budget"] - 0.02 <= ratio <= params["budget"]
+        assert set(rep["bits_histogram"]) <= {2, 3, 4, 8, 16}
+        assert rep["bits_histogram"].get(2, 0) > 0  # compression really happened
+
+
+def test_held_bytes_are_the_tensors_held(model):
+    cache = build_cache("smartkv", model.config, budget=0.3)
+    generate(model, cache, prompt())
+    for layer in cache.layers:
+        tensors = [layer.sink_k, layer.sink_v, layer.win_k, layer.win_v]
+        for rows in layer.stores.values():
+            tensors += list(rows.planes) + [rows.scale, rows.zero]
+        tensors += [i for i in layer.index.values() if i is not None]
+        assert layer.nbytes() == sum(t.nbytes for t in tensors)
+        assert all(p.dtype == torch.uint8 for rows in layer.stores.values() for p in rows.planes)
+
+
+def test_budget_one_reproduces_fp16(model):
+    ids = prompt(seed=3)
+    ref = generate(model, build_cache("fp16", model.config), ids)
+    same = generate(model, build_cache("smartkv", model.config, budget=1.0), ids)
+    assert torch.equal(ref, same)
+    # and with sampling, under the same seed
+    torch.manual_seed(7)
+    ref = generate(model, build_cache("fp16", model.config), ids, do_sample=True, top_k=20)
+    torch.manual_seed(7)
+    same = generate(model, build_cache("smartkv", model.config, budget=1.0), ids, do_sample=True, top_k=20)
+    assert torch.equal(ref, same)
+
+
+def test_low_budget_changes_the_cache(model):
+    ids = prompt(seed=4)
+    full = build_cache("fp16", model.config)
+    low = build_cache("smartkv", model.config, budget=0.22)
+    generate(model, full, ids)
+    generate(model, low, ids)
+    n = PROMPT_LEN - 1  # the prompt's keys are the same input for both; generated tokens may differ
+    k_full = full.layers[0].keys.float()[:, :, :n]
+    k_low = low.layers[0]._assemble()[0][:, :, :n]
+    err = (k_full - k_low).abs()
+    # quantized (not merely copied) and yet every value within half a 2-bit step of a +-max range
+    assert float(err.max()) > 0
+    assert float(err.max()) <= 2 * float(k_full.abs().max()) / 3 / 2 + 1e-3
+
+
+def test_batch_with_left_padding(model):
+    ids = prompt(batch=2, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :60] = 0  # second row is 60 tokens shorter
+    ids[1, :60] = 0
+    cache = build_cache("smartkv", model.config, budget=0.3)
+    out = generate(model, cache, ids, mask)
+    assert out.shape == (2, NEW)
+    rep = cache.memory_report()
+    assert 0.28 <= rep["ratio"] <= 0.3
+    imp = cache.tracker.layer(0).cumulative
+    assert float(imp[1, :, :60].abs().sum()) == 0.0  # padded keys receive no attention
+    assert float(imp[0, :, :60].sum()) > 0
+    # padded tokens are worth nothing, so they sit at the lowest width
+    bits = cache.layers[0].bits_map()
+    quantized = bits[1, :, 4:60]
+    assert float(quantized.max()) == 2.0
+
+
+def test_precision_only_goes_down(model):
+    ids = prompt(seed=6)
+    cache = build_cache("smartkv", model.config, budget=0.3, realloc_freq=2, window=8)
+    seen = []
+    generate(model, cache, ids, new=1)
+    for _ in range(12):
+        model(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+        seen.append(cache.layers[1].bits_map()[..., 0].clone())
+    for before, after in zip(seen, seen[1:]):
+        n = before.shape[-1]
+        was_quantized = before < 16
+        assert bool((after[..., :n][was_quantized] <= before[was_quantized]).all())
+
+
+def test_tracker_mass_adds_up(model):
+    cache = build_cache("smartkv", model.config, budget=0.5)
+    ids = prompt(length=64, seed=8)
+    generate(model, cache, ids, new=4)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    layer = cache.tracker.layer(0)
+    # every query's attention sums to one, per query head; the heads of a KV group add up
+    total = layer.cumulative.sum(dim=-1)  # [B, H_kv]
+    n_queries = 64 + 4 - 1
+    assert torch.allclose(total, torch.full_like(total, float(n_queries * groups)), rtol=1e-4)
+    assert float(layer.count[0, 0]) == n_queries  # the first token is seen by every query
+    assert float(layer.count[0, -1]) == 1
+
+
+def test_other_caches_are_not_tracked(model):
+    cache = build_cache("fp16", model.config)
+    generate(model, cache, prompt(length=40), new=2)
+    assert cache.tracker is None
+    random_cache = build_cache("smartkv", model.config, budget=0.5, allocation="random")
+    assert random_cache.tracker is None  # no attention signal read: no tracking cost
+
+
+def test_fork_path_matches_direct_fp16(model):
+    ids = prompt(seed=9)
+    direct = generate(model, build_cache("fp16", model.config), ids, new=10)
+    pre = prefill(model, ids, torch.ones_like(ids))
+    cache, _ = fork(pre, RunSpec("fp16", "fp16"), model)
+    forked, _ = decode(model, pre, cache, 10, min_new_tokens=10)
+    assert torch.equal(direct, forked)
+
+
+def test_budget_below_floor_is_clear(model):
+    cache = build_cache("smartkv", model.config, budget=0.05)
+    with pytest.raises(ValueError, match=r"budget 0.05 cannot be met .* the floor is 0\.\d+"):
+        generate(model, cache, prompt(), new=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    m = tiny_model("llama", seed=1, **SHAPE).to(dtype)
+    use_smartkv_attention(m)
+    for name, params in (("smartkv", {"budget": 0.3}), ("kivi", {"bits": 2}), ("uniform", {"bits": 4})):
+        cache = build_cache(name, m.config, **params)
+        out = generate(m, cache, prompt(length=160), new=8)
+        assert out.shape == (1, 8)
+        layer = cache.layers[0]
+        assert layer.store_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+        assert cache.memory_report()["ratio"] < 0.5
+
+
+@pytest.mark.parametrize(
+    "name,params,message",
+    [
+        ("nope", {}, "unknown method 'nope'"),
+        ("smartkv", {"budget": 0.0}, "budget=0.0"),
+        ("smartkv", {"budget": 1.5}, "budget=1.5"),
+        ("smartkv", {"bits": (2, 16)}, "bits=16"),
+        ("smartkv", {"allocation": "best"}, "allocation='best'"),
+        ("uniform", {"bits": 5}, "bits=5"),
+        ("kivi", {"bits": 3}, "bits=3"),
+        ("smartkv", {"budgett": 0.3}, "no parameter"),
+    ],
+)
+def test_bad_configs_are_named(name, params, message):
+    from transformers import LlamaConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_cache(name, LlamaConfig(num_hidden_layers=2), **params)
