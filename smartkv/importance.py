@@ -22,6 +22,8 @@ import torch
 SIGNALS = ("cumulative", "normalized", "ema")
 # Bound the [B, H, g, q, T] float32 block of scores the prefill materializes at once.
 _MAX_SCORE_ELEMENTS = 1 << 24
+_ENTROPY_ROWS = 256
+_NEG = -1e30  # a finite "minus infinity": softmax gives exactly 0 and p * s stays finite
 
 
 class LayerImportance:
@@ -104,34 +106,51 @@ class ImportanceTracker:
 
         `attention_mask` is what the model passed to attention: None (plain causal, the queries
         are the last q positions), boolean [B, 1, q, T] (True = may attend) or additive float.
+        Work is done in chunks of query rows; with a causal mask a chunk only scores the keys
+        its rows can see, which halves the prefill cost.
         """
         b, hq, q, d = query.shape
         hkv, t = key.shape[1], key.shape[2]
         groups = hq // hkv
         li = self.layer(layer_idx)
         li._grow(b, hkv, t, key.device)
-        qg = query.float().view(b, hkv, groups, q, d)
+        qg = (query.float() * scaling).view(b, hkv, groups, q, d)
         kf = key.float()
         # EMA weights of the q queries in order: the newest gets (1 - decay).
         steps = torch.arange(q - 1, -1, -1, device=key.device, dtype=torch.float32)
         weights = (1.0 - self.decay) * torch.pow(torch.tensor(self.decay), steps)
+        # Entropy (a per-layer sensitivity summary) is sampled on the last rows only.
+        entropy_from = max(0, q - _ENTROPY_ROWS)
         mass = torch.zeros(b, hkv, t, device=key.device)
         ema_add = torch.zeros(b, hkv, t, device=key.device)
         count = torch.zeros(b, t, device=key.device)
         chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, b * hq * t))
         for r0 in range(0, q, chunk):
             r1 = min(q, r0 + chunk)
-            scores = torch.einsum("bhgqd,bhtd->bhgqt", qg[:, :, :, r0:r1], kf) * scaling
-            allowed = _allowed(attention_mask, b, q, t, r0, r1, key.device)  # [B, 1, r, T] bool
-            scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
-            mass += probs.sum(dim=(2, 3))
-            ema_add += torch.einsum("bhgqt,q->bht", probs, weights[r0:r1])
-            count += allowed[:, 0].sum(dim=1).float()
-            ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [B, H, g, r]
-            live = allowed[:, 0].any(-1)  # [B, r]
-            li.entropy_sum += float((ent * live[:, None, None, :]).sum())
-            li.entropy_rows += int(live.sum()) * hkv * groups
+            # keys beyond the chunk's last query are masked for a causal model; skip them
+            visible = t - q + r1
+            scores = torch.einsum("bhgqd,bhtd->bhgqt", qg[:, :, :, r0:r1], kf[:, :, :visible])
+            allowed = _allowed(attention_mask, b, q, t, r0, r1, key.device)[..., :visible]  # [B, 1, r, v]
+            scores.masked_fill_(~allowed.unsqueeze(1), _NEG)
+            probs = torch.softmax(scores, dim=-1)
+            live = allowed[:, 0].any(-1)  # [B, r]: rows with something to attend (left padding)
+            if not bool(live.all()):
+                probs.mul_(live[:, None, None, :, None])
+            # one matmul reduces over (query head, query row) with two weightings: 1 (mass) and EMA
+            rows = r1 - r0
+            w = torch.stack([torch.ones(rows, device=key.device), weights[r0:r1]], dim=1).repeat(groups, 1)
+            red = torch.matmul(w.t(), probs.view(b * hkv, groups * rows, visible))  # [BH, 2, v]
+            mass[..., :visible] += red[:, 0].view(b, hkv, visible)
+            ema_add[..., :visible] += red[:, 1].view(b, hkv, visible)
+            count[:, :visible] += allowed[:, 0].sum(dim=1).float()
+            if r1 > entropy_from:
+                e0 = max(r0, entropy_from) - r0
+                s, p = scores[:, :, :, e0:], probs[:, :, :, e0:]
+                # H = logsumexp(s) - sum(p * s); masked scores are a finite -1e30 with p = 0 there
+                ent = torch.logsumexp(s, dim=-1) - (p * s.clamp_min(-1e4)).sum(-1)
+                lv = live[:, e0:]
+                li.entropy_sum += float((ent * lv[:, None, None, :]).sum())
+                li.entropy_rows += int(lv.sum()) * hkv * groups
         li.cumulative += mass
         li.ema = li.ema * (self.decay**q) + ema_add
         li.count += count

@@ -29,6 +29,7 @@ class RunSpec:
     label: str
     method: str
     params: dict = field(default_factory=dict, hash=False)
+    family: str = "baseline"  # baseline | peer | smartkv | ablation: how results group it
 
     def config(self):
         return make_config(self.method, **self.params)
@@ -57,7 +58,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay:
     use_smartkv_attention(model)
     cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, ImportanceTracker(decay))
     start = time.perf_counter()
-    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
     _ACTIVE.set(None)
     return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
 
