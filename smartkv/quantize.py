@@ -155,6 +155,16 @@ class QuantizedRows:
             out = out[:, :length]
         return out if out.dtype == dtype else out.to(dtype)
 
+    def dequantize_into(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the de-quantized rows into `out[index[i]]` (or `out[i]` when `index` is None).
+
+        Same values as `out.index_copy_(0, index.long(), self.dequantize(out.dtype))`, through the
+        fused CPU kernel of `smartkv.kernels` when it is available. Returns `out`.
+        """
+        from smartkv.kernels import dequantize_into  # lazy: kernels imports this module
+
+        return dequantize_into(self, out, index)
+
     def select(self, index: torch.Tensor) -> "QuantizedRows":
         """The rows at `index` (a bool mask or integer indices)."""
         return QuantizedRows(

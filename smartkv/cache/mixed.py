@@ -48,6 +48,7 @@ class MixedSpec:
     layer_budgets: str = "equal"
     layer_skew: float = 0.5
     seed: int = 0
+    key_smoothing: bool = False
 
 
 class MixedPrecisionLayer(KVLayer):
@@ -56,6 +57,7 @@ class MixedPrecisionLayer(KVLayer):
         self.spec = spec
         self.sink_k = self.sink_v = None
         self.win_k = self.win_v = None
+        self.k_scale = None  # [B, H, 1, D] FP16 per-channel key scale (key_smoothing), counted in nbytes
         self.n_quant = 0  # tokens in the quantized region
         self.stores: dict[int, QuantizedRows] = {}  # level -> rows
         self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
@@ -99,13 +101,18 @@ class MixedPrecisionLayer(KVLayer):
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
+        if self.k_scale is not None:
+            k = k.float() / self.k_scale.float()
+            v = v.float()
         return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
 
-    def _from_units(self, units: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _from_units(self, units: torch.Tensor, n: int, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, d = self.batch, self.heads, self.head_dim
         shape = (n, b, h, 2, d) if self.spec.granularity == "head" else (n, b, 2, h, d)
         inverse = [self.perm.index(i) for i in range(5)]
         kv = units.reshape(shape).permute(inverse)
+        if self.k_scale is not None and rescale:
+            return kv[0] * self.k_scale.to(kv.dtype), kv[1]
         return kv[0], kv[1]
 
     def _unit_importance(self, start: int, n: int) -> torch.Tensor:
@@ -146,6 +153,12 @@ class MixedPrecisionLayer(KVLayer):
         return self._assemble()
 
     def _split_sinks(self) -> None:
+        if self.spec.key_smoothing:
+            # Keys have outlier channels (KIVI, KVQuant): per-token groups would spend their range on
+            # them. Dividing each channel by its prefill absmax balances the channels before
+            # per-token quantization; the scale is multiplied back on read.
+            amax = self.win_k.float().abs().amax(dim=-2, keepdim=True)
+            self.k_scale = amax.clamp_min(1e-4).to(self.store_dtype)
         s = min(self.spec.sink_tokens, self.win_k.shape[-2])
         self.sink_k, self.win_k = self.win_k[:, :, :s].contiguous(), self.win_k[:, :, s:].contiguous()
         self.sink_v, self.win_v = self.win_v[:, :, :s].contiguous(), self.win_v[:, :, s:].contiguous()
@@ -163,7 +176,8 @@ class MixedPrecisionLayer(KVLayer):
         return int(math.floor(frac * self.seq_len * self._fp16_token_bytes()))
 
     def _fixed_bytes(self, window_tokens: int) -> int:
-        return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes()
+        scale = self.k_scale.nbytes if self.k_scale is not None else 0
+        return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
 
     def floor_ratio(self) -> float:
         """Lowest budget this layer can meet now: sinks in FP16, every other token at the lowest width."""
@@ -322,7 +336,7 @@ class MixedPrecisionLayer(KVLayer):
         if not self.is_initialized:
             return 0
         total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        total += sum(r.nbytes for r in self.stores.values())
+        total += sum(r.nbytes for r in self.stores.values()) + (self.k_scale.nbytes if self.k_scale is not None else 0)
         return total + sum(i.nbytes for i in self.index.values() if i is not None)
 
     def bits_histogram(self) -> dict[int, int]:
@@ -343,7 +357,7 @@ class MixedPrecisionLayer(KVLayer):
             for lvl in self.stores:
                 per_unit[self._ids(lvl)] = float(self.spec.bit_set[lvl])
             expanded = per_unit[:, None].expand(-1, self.unit_len)
-            k, v = self._from_units(expanded, self.n_quant)  # [B, H, n, D] each
+            k, v = self._from_units(expanded, self.n_quant, rescale=False)  # [B, H, n, D] each
             out[:, :, s : s + self.n_quant, 0] = k[..., 0]
             out[:, :, s : s + self.n_quant, 1] = v[..., 0]
         return out

@@ -41,6 +41,7 @@ class SmartKVConfig:
     layer_skew: float = 0.5
     symmetric: bool = False
     seed: int = 0
+    key_smoothing: bool = True
 
     def __post_init__(self):
         m = "smartkv"
@@ -86,6 +87,7 @@ class SmartKVConfig:
             layer_budgets="entropy" if self.allocation == "layer_aware" else "equal",
             layer_skew=self.layer_skew,
             seed=self.seed,
+            key_smoothing=self.key_smoothing,
         )
 
 
