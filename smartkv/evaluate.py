@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from smartkv import scoring
 from smartkv.allocate import BudgetError
 from smartkv.methods.registry import config_dict
-from smartkv.runner import RunSpec, continuation_nll, decode, encode, fork, memory_of, prefill
+from smartkv.runner import RunSpec, continuation_nll, decode, encode, fork, memory_of, oracle_tracker, prefill
 from smartkv.tasks.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,18 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
         cont = None
         if sample.metric == "perplexity":
             cont = tokenizer(sample.meta["continuation"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        limit = int(sample.meta.get("max_new_tokens", max_new_tokens))
+        oracle = oracle_tracker(model, pre, limit) if any(r.oracle for r in runs) and cont is None else None
         for run in runs:
             row = {**_run_fields(run), **base, "prefill_s": pre.seconds, "error": ""}
             try:
                 cache, fork_s = fork(pre, run, model)
+                if run.oracle and oracle is not None and getattr(cache, "tracker", None) is not None:
+                    cache.tracker = oracle.copy()
                 if cont is not None:
                     nll, dec_s = continuation_nll(model, pre, cache, cont)
                     row.update(prediction="", score=math.nan, nll=nll, new_tokens=int(cont.shape[1]))
                 else:
-                    limit = int(sample.meta.get("max_new_tokens", max_new_tokens))
                     new, dec_s = decode(model, pre, cache, limit)
                     pred = tokenizer.decode(new[0], skip_special_tokens=True)
                     row.update(prediction=pred, nll=math.nan, new_tokens=int(new.shape[1]),

@@ -151,6 +151,10 @@ class ImportanceTracker:
                 lv = live[:, e0:]
                 li.entropy_sum += float((ent * lv[:, None, None, :]).sum())
                 li.entropy_rows += int(lv.sum()) * hkv * groups
+        extra = li.n_tokens - t  # an oracle tracker may already know tokens this cache has not seen yet
+        if extra > 0:
+            mass, ema_add = (torch.nn.functional.pad(x, (0, extra)) for x in (mass, ema_add))
+            count = torch.nn.functional.pad(count, (0, extra))
         li.cumulative += mass
         li.ema = li.ema * (self.decay**q) + ema_add
         li.count += count

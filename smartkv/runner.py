@@ -30,6 +30,9 @@ class RunSpec:
     method: str
     params: dict = field(default_factory=dict, hash=False)
     family: str = "baseline"  # baseline | peer | smartkv | ablation: how results group it
+    # Oracle ablation: importance from the attention of the whole FP16 generation (future
+    # queries included), known before the first decode step. An upper reference, not a method.
+    oracle: bool = False
 
     def config(self):
         return make_config(self.method, **self.params)
@@ -81,6 +84,16 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
         cache.tracker = pre.cache.tracker.copy()
     _ACTIVE.set(None)
     return cache, time.perf_counter() - start
+
+
+@torch.no_grad()
+def oracle_tracker(model, pre: Prefill, max_new_tokens: int):
+    """Importance seen by an FP16 generation from start to end: the prefill statistics plus decode's."""
+    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "oracle", None, pre.cache.tracker.copy())
+    for idx, layer in enumerate(pre.cache.layers):
+        cache.update(layer.keys.to(model.dtype), layer.values.to(model.dtype), idx)
+    decode(model, pre, cache, max_new_tokens)
+    return cache.tracker
 
 
 def memory_of(cache) -> dict:
