@@ -58,8 +58,10 @@ class KIVILayer(KVLayer):
         b, h, d, n = self.batch, self.heads, self.head_dim, self.n_quant
         if n == 0:
             return self.keys.to(self.dtype), self.values.to(self.dtype)
-        k = self.qkeys.dequantize(self.dtype).view(b, h, d, n).transpose(2, 3)
-        v = self.qvalues.dequantize(self.dtype).view(n, b, h, d).permute(1, 2, 0, 3)
+        k = self.qkeys.dequantize_into(torch.empty(b * h * d, n, dtype=self.dtype, device=self.device))
+        v = self.qvalues.dequantize_into(torch.empty(n * b * h, d, dtype=self.dtype, device=self.device))
+        k = k.view(b, h, d, n).transpose(2, 3)
+        v = v.view(n, b, h, d).permute(1, 2, 0, 3)
         return (torch.cat([k, self.keys.to(self.dtype)], dim=-2), torch.cat([v, self.values.to(self.dtype)], dim=-2))
 
     def nbytes(self) -> int:

@@ -198,7 +198,8 @@ class MixedPrecisionLayer(KVLayer):
         raise alloc.BudgetError(
             f"budget {self.spec.budget} cannot be met at layer {self.layer_idx} with {self.seq_len} tokens: "
             f"the floor is {self.floor_ratio():.4f} of FP16 ({self.sink_k.shape[-2]} sink tokens in FP16, every other "
-            f"token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index); "
+            f"token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index, plus the "
+            f"per-channel key scale when key smoothing is on); "
             "raise the budget, or lower the sink count or the lowest bit width"
         )
 
@@ -316,14 +317,8 @@ class MixedPrecisionLayer(KVLayer):
         if self.n_quant:
             buf = torch.empty(self.n_quant * self.units_per_row, self.unit_len, dtype=self.dtype, device=self.device)
             for lvl, rows in self.stores.items():
-                if rows.n_rows == 0:
-                    continue
-                deq = rows.dequantize(self.dtype)
-                idx = self.index[lvl]
-                if idx is None:
-                    buf[: rows.n_rows] = deq
-                else:
-                    buf.index_copy_(0, idx.long(), deq)
+                if rows.n_rows:
+                    rows.dequantize_into(buf, self.index[lvl])  # fused unpack + scale + scatter
             k, v = self._from_units(buf, self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
