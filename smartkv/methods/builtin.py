@@ -1,6 +1,6 @@
 """Importing this module registers every built-in method."""
 
-from smartkv.methods import fp16, kivi, smartkv, uniform  # noqa: F401
+from smartkv.methods import fp16, hf_dynamic, kivi, smartkv, uniform  # noqa: F401
 
 try:  # transformers' QuantizedCache peers; their backends are an optional extra
     from smartkv.methods import hf_quantized  # noqa: F401

@@ -1,0 +1,5 @@
+import sys
+
+from smartkv.cli import main
+
+sys.exit(main())

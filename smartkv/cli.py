@@ -1,0 +1,164 @@
+"""Command line: `python -m smartkv generate ...` for one-off use, `python -m smartkv bench` for decode speed.
+
+Bad input (unknown method, bad budget or bit width, missing file) prints one line on stderr
+and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from smartkv.methods.registry import ConfigError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _method_params(args) -> dict:
+    """Turn --budget/--bits/--param into the method's config params (validated by the registry)."""
+    params: dict = {}
+    if args.budget is not None:
+        params["budget"] = args.budget
+    if args.bits is not None:
+        key = "nbits" if args.method.startswith("hf_") else "bits"
+        params[key] = args.bits
+    for item in args.param or []:
+        if "=" not in item:
+            raise UsageError(f"--param {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+        if isinstance(params[key], list):
+            params[key] = tuple(params[key])
+    return params
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="Hugging Face id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def cmd_generate(args) -> int:
+    from smartkv.methods import make_config
+
+    params = _method_params(args)
+    config = make_config(args.method, **params)  # validate before loading anything
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {str(path)!r} does not exist or is not a file")
+        prompt = path.read_text()
+    else:
+        prompt = args.prompt
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+
+    import torch
+
+    from smartkv.methods.registry import config_dict
+    from smartkv.models import load_model
+    from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    ids, mask = encode(tok, [prompt])
+    pre = prefill(model, ids, mask)
+    cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)
+    new, seconds = decode(model, pre, cache, args.max_new_tokens, do_sample=args.sample, seed=args.seed)
+    text = tok.decode(new[0], skip_special_tokens=True)
+    mem = memory_of(cache)
+    out = {
+        "text": text,
+        "method": args.method,
+        "config": config_dict(config),
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": int(new.shape[1]),
+        "kv_bytes": int(mem["kv_bytes"]),
+        "fp16_kv_bytes": int(mem["fp16_kv_bytes"]),
+        "kv_ratio": float(mem["ratio"]),
+        "mean_bits": float(mem["mean_bits"]),
+        "prefill_s": pre.seconds,
+        "decode_s": seconds,
+    }
+    if args.json:
+        print(json.dumps(out, default=list))
+    else:
+        print(text)
+        print(
+            f"[{args.method}] KV cache: {out['kv_bytes'] / 2**20:.2f} MiB held vs {out['fp16_kv_bytes'] / 2**20:.2f} MiB "
+            f"in FP16 (ratio {out['kv_ratio']:.4f}, {out['mean_bits']:.2f} bits/value) for "
+            f"{out['prompt_tokens'] + out['new_tokens'] - 1} tokens",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from smartkv.bench import DEFAULT_RUNS, parse_runs, run_bench
+
+    runs = parse_runs(args.run) if args.run else DEFAULT_RUNS
+    for r in runs:
+        r.config()  # validate first
+    if args.context < 16:
+        raise UsageError(f"--context {args.context} must be >= 16 tokens")
+    result = run_bench(args.model, args.dtype, runs, args.context, args.new_tokens, args.repeats, args.threads)
+    text = json.dumps(result, indent=2, default=list)
+    if args.out:
+        from smartkv.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text if args.json else result["table"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m smartkv", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate with one KV method and report its measured memory")
+    g.add_argument("--method", required=True, help="registered method: fp16, uniform, kivi, smartkv, hf_quanto, hf_hqq")
+    g.add_argument("--budget", type=float, default=None, help="smartkv: fraction of FP16 KV bytes, in (0, 1]")
+    g.add_argument("--bits", type=int, default=None, help="uniform/kivi/hf_*: bit width")
+    g.add_argument("--param", action="append", help="any other config field, key=value (JSON value), repeatable")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="decode tokens/s of each method relative to fp16, measured in one run")
+    b.add_argument("--context", type=int, default=4096, help="prompt length in tokens")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
+    b.add_argument("--run", action="append", help="LABEL=METHOD[:key=value,...], repeatable (default: the standard set)")
+    b.add_argument("--out", default=None, help="also write the JSON result here")
+    b.add_argument("--json", action="store_true")
+    _add_model_args(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as err:  # e.g. a budget below what the context allows
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
