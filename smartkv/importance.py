@@ -114,6 +114,9 @@ class ImportanceTracker:
         groups = hq // hkv
         li = self.layer(layer_idx)
         li._grow(b, hkv, t, key.device)
+        if q == 1 and li.n_tokens == t:
+            self._observe_step(li, query, key, attention_mask, scaling)
+            return
         qg = (query.float() * scaling).view(b, hkv, groups, q, d)
         kf = key.float()
         # EMA weights of the q queries in order: the newest gets (1 - decay).
@@ -158,6 +161,22 @@ class ImportanceTracker:
         li.cumulative += mass
         li.ema = li.ema * (self.decay**q) + ema_add
         li.count += count
+
+
+    def _observe_step(self, li: LayerImportance, query, key, attention_mask, scaling: float) -> None:
+        """One decode query: the same statistics with a handful of ops (this runs every step and layer)."""
+        b, hq, _, d = query.shape
+        hkv, t = key.shape[1], key.shape[2]
+        qg = query.float().view(b, hkv, hq // hkv, d) * scaling
+        scores = torch.matmul(qg, key.float().transpose(-1, -2))  # [B, Hkv, g, T]
+        allowed = None
+        if attention_mask is not None:
+            allowed = _allowed(attention_mask, b, 1, t, 0, 1, key.device)[:, :, 0]  # [B, 1, T]
+            scores = scores.masked_fill(~allowed.unsqueeze(2), _NEG)
+        mass = torch.softmax(scores, dim=-1).sum(dim=2)  # [B, Hkv, T]
+        li.cumulative += mass
+        li.ema.mul_(self.decay).add_(mass, alpha=1.0 - self.decay)
+        li.count += 1.0 if allowed is None else allowed[:, 0].float()
 
 
 def _allowed(mask, b: int, q: int, t: int, r0: int, r1: int, device) -> torch.Tensor:

@@ -148,7 +148,7 @@ class MixedPrecisionLayer(KVLayer):
                 f = self.spec.realloc_freq
                 if f and self.decode_steps % f == 0:
                     self._reallocate()
-                else:
+                elif self.spec.budget is None or self._over_budget() or self.win_k.shape[-2] > self.spec.window + f:
                     self._release_window()
         return self._assemble()
 
@@ -167,13 +167,20 @@ class MixedPrecisionLayer(KVLayer):
     def _fp16_token_bytes(self) -> int:
         return 2 * 2 * self.batch * self.heads * self.head_dim
 
-    def budget_bytes(self) -> int | None:
+    def budget_bytes(self, ahead: int = 0) -> int | None:
+        """Bytes allowed now; with `ahead`, what is left now if `ahead` more FP16 tokens must still fit later."""
         if self.spec.budget is None:
             return None
         frac = self.spec.budget
         if self.spec.layer_budgets == "entropy" and self.cache is not None:
             frac = self.cache.layer_fraction(self.layer_idx)
-        return int(math.floor(frac * self.seq_len * self._fp16_token_bytes()))
+        tok = self._fp16_token_bytes()
+        return int(math.floor(frac * (self.seq_len + ahead) * tok)) - ahead * tok
+
+    def _over_budget(self) -> bool:
+        if self.spec.budget is None:
+            return False
+        return self._held_quant_bytes() + self._fixed_bytes(self.win_k.shape[-2]) > self.budget_bytes()
 
     def _fixed_bytes(self, window_tokens: int) -> int:
         scale = self.k_scale.nbytes if self.k_scale is not None else 0
@@ -244,8 +251,17 @@ class MixedPrecisionLayer(KVLayer):
         if s.budget is None:
             self._release_window()
             return
-        budget = self.budget_bytes()
-        keep = self._window_that_fits(budget, self.n_quant * self.units_per_row * self.costs[0])
+        # Leave room for the tokens that will wait in the window until the next re-allocation, so
+        # that the steps in between need no work at all (and the budget still holds at each one).
+        # The reserve is capped at 1% of the FP16 bytes, so short contexts do not pay for it.
+        committed = self.n_quant * self.units_per_row * self.costs[0]
+        ahead = min(self.spec.realloc_freq, int(0.01 * self.seq_len / max(1e-9, 1.0 - s.budget)))
+        budget = self.budget_bytes(ahead=ahead)
+        try:
+            keep = self._window_that_fits(budget, committed)
+        except alloc.BudgetError:  # too short a context to plan ahead: meet today's budget
+            budget = self.budget_bytes()
+            keep = self._window_that_fits(budget, committed)
         first = self.sink_k.shape[-2]
         n_old = self.n_quant * self.units_per_row
         n_out = self.win_k.shape[-2] - keep
