@@ -33,7 +33,7 @@ repro: setup
 	$(VENV)/bin/dvc repro
 
 bench: setup
-	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out benchmarks/bench_4k.json
+	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out metrics/bench_decode_4k.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -88,7 +88,7 @@ def test_held_bytes_are_the_tensors_held(model):
         for rows in layer.stores.values():
             tensors += list(rows.planes) + [rows.scale, rows.zero]
         tensors += [i for i in layer.index.values() if i is not None]
-        tensors += [layer.k_scale]  # per-channel key scale (key smoothing)
+        tensors += [layer.k_scale, layer.k_shift]  # per-channel key centre and scale (key smoothing)
         assert layer.nbytes() == sum(t.nbytes for t in tensors)
         assert all(p.dtype == torch.uint8 for rows in layer.stores.values() for p in rows.planes)
 

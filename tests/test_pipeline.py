@@ -27,12 +27,12 @@ STAGES = ["prepare", "baselines", "smartkv", "ablations", "stats", "figures", "r
 
 
 def tiny_params(params: dict) -> dict:
-    """Smallest study that still exercises every stage: 2 seeds (for a std), 192-token prompts."""
+    """Smallest study that still exercises every stage: 2 seeds (for a std), 160-token prompts."""
     p = dict(params)
     p["seeds"] = [0, 1]
     p["tasks"] = {
-        "niah": {"lengths": [192], "depths": [0.2, 0.8], "n_per_cell": 1, "max_new_tokens": 8},
-        "perplexity": {"lengths": [192], "n_per_cell": 1, "kwargs": {"continuation_tokens": 8}},
+        "niah": {"lengths": [160], "depths": [0.5], "n_per_cell": 1, "max_new_tokens": 6},
+        "perplexity": {"lengths": [160], "n_per_cell": 1, "kwargs": {"continuation_tokens": 8}},
     }
     p["longbench"] = {**p["longbench"], "enabled": False}
     p["budget"] = 0.5
@@ -46,7 +46,7 @@ def tiny_params(params: dict) -> dict:
     p["ablations"] = [{"label": "random-alloc", "params": {"allocation": "random"}},
                       {"label": "oracle", "oracle": True}]
     p["figures"] = {"heatmap_runs": ["fp16", "int2", "smartkv"]}
-    p["allocation_example"] = {"length": 96, "depth": 0.5, "seed": 0, "max_new_tokens": 4}
+    p["allocation_example"] = {"length": 80, "depth": 0.5, "seed": 0, "max_new_tokens": 4}
     return p
 
 

@@ -57,7 +57,8 @@ class MixedPrecisionLayer(KVLayer):
         self.spec = spec
         self.sink_k = self.sink_v = None
         self.win_k = self.win_v = None
-        self.k_scale = None  # [B, H, 1, D] FP16 per-channel key scale (key_smoothing), counted in nbytes
+        # key_smoothing: per-channel FP16 centre and half-range of the keys, [B, H, 1, D], counted in nbytes
+        self.k_scale = self.k_shift = None
         self.n_quant = 0  # tokens in the quantized region
         self.stores: dict[int, QuantizedRows] = {}  # level -> rows
         self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
@@ -102,7 +103,7 @@ class MixedPrecisionLayer(KVLayer):
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
         if self.k_scale is not None:
-            k = k.float() / self.k_scale.float()
+            k = (k.float() - self.k_shift.float()) / self.k_scale.float()
             v = v.float()
         return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
 
@@ -112,7 +113,7 @@ class MixedPrecisionLayer(KVLayer):
         inverse = [self.perm.index(i) for i in range(5)]
         kv = units.reshape(shape).permute(inverse)
         if self.k_scale is not None and rescale:
-            return kv[0] * self.k_scale.to(kv.dtype), kv[1]
+            return torch.addcmul(self.k_shift.to(kv.dtype), kv[0], self.k_scale.to(kv.dtype)), kv[1]
         return kv[0], kv[1]
 
     def _unit_importance(self, start: int, n: int) -> torch.Tensor:
@@ -154,11 +155,13 @@ class MixedPrecisionLayer(KVLayer):
 
     def _split_sinks(self) -> None:
         if self.spec.key_smoothing:
-            # Keys have outlier channels (KIVI, KVQuant): per-token groups would spend their range on
-            # them. Dividing each channel by its prefill absmax balances the channels before
-            # per-token quantization; the scale is multiplied back on read.
-            amax = self.win_k.float().abs().amax(dim=-2, keepdim=True)
-            self.k_scale = amax.clamp_min(1e-4).to(self.store_dtype)
+            # Keys have outlier channels with large offsets (KIVI, KVQuant): per-token groups would
+            # spend their range on them. Centering each channel on its prefill mid-range and dividing
+            # by its half-range balances the channels before per-token quantization (undone on read).
+            kf = self.win_k.float()
+            hi, lo = kf.amax(dim=-2, keepdim=True), kf.amin(dim=-2, keepdim=True)
+            self.k_shift = ((hi + lo) / 2).to(self.store_dtype)
+            self.k_scale = ((hi - lo) / 2).clamp_min(1e-4).to(self.store_dtype)
         s = min(self.spec.sink_tokens, self.win_k.shape[-2])
         self.sink_k, self.win_k = self.win_k[:, :, :s].contiguous(), self.win_k[:, :, s:].contiguous()
         self.sink_v, self.win_v = self.win_v[:, :, :s].contiguous(), self.win_v[:, :, s:].contiguous()
@@ -183,7 +186,7 @@ class MixedPrecisionLayer(KVLayer):
         return self._held_quant_bytes() + self._fixed_bytes(self.win_k.shape[-2]) > self.budget_bytes()
 
     def _fixed_bytes(self, window_tokens: int) -> int:
-        scale = self.k_scale.nbytes if self.k_scale is not None else 0
+        scale = self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0
         return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
 
     def floor_ratio(self) -> float:
@@ -347,7 +350,7 @@ class MixedPrecisionLayer(KVLayer):
         if not self.is_initialized:
             return 0
         total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        total += sum(r.nbytes for r in self.stores.values()) + (self.k_scale.nbytes if self.k_scale is not None else 0)
+        total += sum(r.nbytes for r in self.stores.values()) + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
         return total + sum(i.nbytes for i in self.index.values() if i is not None)
 
     def bits_histogram(self) -> dict[int, int]:

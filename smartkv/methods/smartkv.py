@@ -87,7 +87,7 @@ class SmartKVConfig:
             layer_budgets="entropy" if self.allocation == "layer_aware" else "equal",
             layer_skew=self.layer_skew,
             seed=self.seed,
-            key_smoothing=self.key_smoothing,
+            key_smoothing=self.key_smoothing and self.budget < 1.0,  # nothing is quantized at 1.0
         )
 
 
