@@ -49,6 +49,7 @@ class MixedSpec:
     layer_skew: float = 0.5
     seed: int = 0
     key_smoothing: bool = False
+    prior: float = 0.0
 
 
 class MixedPrecisionLayer(KVLayer):
@@ -129,7 +130,14 @@ class MixedPrecisionLayer(KVLayer):
             imp = imp.sum(-1, keepdim=True)  # [n, B, 1]
         if self.spec.kv_split:
             imp = torch.stack([imp * self.spec.key_weight, imp], dim=-1)  # K unit, V unit
-        return imp.reshape(-1)
+        imp = imp.reshape(-1)
+        if self.spec.prior > 0 and imp.numel():
+            # Attention seen so far is an estimate of what decoding will need: mix in a uniform
+            # share so that no token is written off on the strength of the prompt alone.
+            total = imp.sum()
+            share = imp / total if total > 0 else torch.full_like(imp, 1.0 / imp.numel())
+            imp = (1.0 - self.spec.prior) * share + self.spec.prior / imp.numel()
+        return imp
 
     # --- update -----------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):

@@ -42,6 +42,7 @@ class SmartKVConfig:
     symmetric: bool = False
     seed: int = 0
     key_smoothing: bool = True
+    prior: float = 0.0
 
     def __post_init__(self):
         m = "smartkv"
@@ -63,6 +64,8 @@ class SmartKVConfig:
             raise ConfigError(f"{m}: decay={self.decay!r} must lie in (0, 1)")
         if self.key_weight <= 0:
             raise ConfigError(f"{m}: key_weight={self.key_weight!r} must be > 0")
+        if not 0.0 <= self.prior <= 1.0:
+            raise ConfigError(f"{m}: prior={self.prior!r} must lie in [0, 1]")
         if not 0.0 <= self.layer_skew < 1.0:
             raise ConfigError(f"{m}: layer_skew={self.layer_skew!r} must lie in [0, 1)")
 
@@ -88,6 +91,7 @@ class SmartKVConfig:
             layer_skew=self.layer_skew,
             seed=self.seed,
             key_smoothing=self.key_smoothing and self.budget < 1.0,  # nothing is quantized at 1.0
+            prior=self.prior,
         )
 
 
