@@ -29,8 +29,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH
 repro: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 bench: setup
 	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out metrics/bench_decode_4k.json

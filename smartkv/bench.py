@@ -71,7 +71,7 @@ def run_bench(model_name: str, dtype: str, runs: list[RunSpec], context: int, ne
     if threads:
         torch.set_num_threads(threads)
     model, tok = load_model(model_name, dtype=dtype)
-    ids, mask = encode(tok, [_prompt(tok, context)])
+    ids, mask = encode(tok, [_prompt(tok, context)], device=model.device)
     pre = prefill(model, ids, mask)
     timings: dict[str, list[float]] = {r.label: [] for r in runs}
     memory: dict[str, dict] = {}

@@ -71,7 +71,7 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype)
-    ids, mask = encode(tok, [prompt])
+    ids, mask = encode(tok, [prompt], device=model.device)
     pre = prefill(model, ids, mask)
     cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)
     new, seconds = decode(model, pre, cache, args.max_new_tokens, do_sample=args.sample, seed=args.seed)

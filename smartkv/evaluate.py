@@ -59,12 +59,13 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
     rows = []
     bar = tqdm(total=len(samples) * len(runs), desc=desc, disable=not progress, unit="run")
     for sample in samples:
-        ids, mask = encode(tokenizer, [sample.prompt])
+        ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
         pre = prefill(model, ids, mask, decay)
         base = _sample_fields(sample, seed, ids.shape[1])
         cont = None
         if sample.metric == "perplexity":
-            cont = tokenizer(sample.meta["continuation"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+            cont = tokenizer(sample.meta["continuation"], add_special_tokens=False,
+                             return_tensors="pt")["input_ids"].to(model.device)
         limit = int(sample.meta.get("max_new_tokens", max_new_tokens))
         oracle = oracle_tracker(model, pre, limit) if any(r.oracle for r in runs) and cont is None else None
         for run in runs:
@@ -105,7 +106,7 @@ def allocation_snapshot(model, tokenizer, sample: Sample, run: RunSpec, max_new_
     Returns {"bits": float [layers, tokens] (mean over heads and K/V; 16 = full precision),
     "tokens": token strings, "needle": (first, last) token span of the needle or None, "prediction"}.
     """
-    ids, mask = encode(tokenizer, [sample.prompt])
+    ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
     pre = prefill(model, ids, mask, decay)
     cache, _ = fork(pre, run, model)
     new, _ = decode(model, pre, cache, max_new_tokens)

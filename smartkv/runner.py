@@ -138,7 +138,7 @@ def continuation_nll(model, pre: Prefill, cache, continuation: torch.Tensor) -> 
     start = time.perf_counter()
     for i in range(feed.shape[1]):
         # the prompt (its last token is fed at i = 0) plus the i continuation tokens fed so far
-        mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype)], dim=1)
+        mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype, device=pre.attention_mask.device)], dim=1)
         logits = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
         nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[continuation[0, i]])
     _ACTIVE.set(None)

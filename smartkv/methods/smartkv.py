@@ -42,7 +42,7 @@ class SmartKVConfig:
     symmetric: bool = False
     seed: int = 0
     key_smoothing: bool = True
-    prior: float = 0.0
+    prior: float = 0.5
 
     def __post_init__(self):
         m = "smartkv"

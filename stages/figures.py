@@ -1,0 +1,140 @@
+"""Stage `figures`: every figure as PNG and PDF under plots/, and CSV data for `dvc plots`.
+
+- pareto: accuracy vs measured KV memory of every method (+ plots/pareto.csv);
+- needle_heatmaps: needle score over context length x depth, one panel per chosen run;
+- allocation_map: bits per token x layer for a short needle prompt, needle outlined, the
+  prompt's tokens as labels (a fresh SmartKV run at the headline settings);
+- ablations: ablation bars; regret: accuracy lost against the oracle allocation;
+- latency: decode throughput relative to FP16 (+ plots/latency.csv; wall-clock, not deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+from stages.common import (DATA, HEADLINE, PLOTS, ParamError, ablation_runs, device_setting, get, model_settings,
+                           read_results, section, smartkv_runs, stage_main)
+
+log = logging.getLogger("stages.figures")
+
+
+def figure_settings(params: dict) -> dict:
+    f = section(params, "figures")
+    runs = f.get("heatmap_runs", ["fp16", "kivi-2", HEADLINE])
+    if not isinstance(runs, list) or not runs:
+        raise ParamError(f"figures.heatmap_runs={runs!r} must list at least one run label")
+    ex = section(params, "allocation_example")
+    length = ex.get("length", 200)
+    if not isinstance(length, int) or length < 64:
+        raise ParamError(f"allocation_example.length={length!r} must be an integer >= 64 tokens")
+    depth = ex.get("depth", 0.5)
+    if not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise ParamError(f"allocation_example.depth={depth!r} must lie in [0, 1]")
+    return {"heatmap_runs": runs, "length": length, "depth": float(depth), "seed": int(ex.get("seed", 0)),
+            "max_new_tokens": int(ex.get("max_new_tokens", 8))}
+
+
+def placeholder(stem, text: str):
+    from matplotlib.figure import Figure
+
+    from smartkv.plots import _save
+
+    fig = Figure(figsize=(5, 1.5))
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    return _save(fig, stem)
+
+
+def regret_bars(abl: pd.DataFrame, oracle: str, stem):
+    """Accuracy each allocation policy loses against the oracle allocation (higher = worse)."""
+    from matplotlib.figure import Figure
+
+    from smartkv.plots import _save, _styled
+
+    @_styled
+    def draw():
+        ref = abl.set_index("run")
+        runs = [r for r in ref.index if r != oracle]
+        regret = [ref.loc[oracle, "score_mean"] - ref.loc[r, "score_mean"] for r in runs]
+        fig = Figure(figsize=(max(5.0, 0.7 * len(runs) + 1.5), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        bars = ax.bar(range(len(runs)), regret, color="#D55E00")
+        ax.bar_label(bars, labels=[f"{v:+.3f}" for v in regret], fontsize=7, padding=2)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right")
+        ax.set_ylabel(f"Regret: {oracle} − run (accuracy)")
+        ax.set_title("Allocation regret against the oracle")
+        ax.grid(axis="x", visible=False)
+        return _save(fig, stem)
+
+    return draw()
+
+
+def allocation_example(params: dict, settings: dict):
+    from smartkv.evaluate import allocation_snapshot
+    from smartkv.models import load_model
+    from smartkv.plots import allocation_map
+    from smartkv.tasks import generate_task
+
+    head = smartkv_runs(params)[0]
+    model_name, dtype = model_settings(params)
+    model, tok = load_model(model_name, dtype=dtype, device=device_setting(params))
+    sample = generate_task("niah", tok, n_per_cell=1, lengths=[settings["length"]], depths=[settings["depth"]],
+                           seed=settings["seed"])[0]
+    snap = allocation_snapshot(model, tok, sample, head, settings["max_new_tokens"], decay=head.config().decay)
+    span = None if snap["needle"] is None else (snap["needle"][0], snap["needle"][1] + 1)
+    log.info("allocation example: answer %s, predicted %r", sample.answers, snap["prediction"])
+    return allocation_map(snap["bits"], snap["tokens"], span, PLOTS / "allocation_map", max_labels=settings["length"] + 8)
+
+
+@stage_main
+def main(params: dict) -> None:
+    from smartkv.io import read_parquet_with_meta
+    from smartkv.plots import ablation_bars, latency_bars, needle_heatmaps, pareto, write_plot_data
+    from smartkv.stats import overall
+
+    settings = figure_settings(params)
+    smartkv_runs(params), ablation_runs(params)  # validate before any work
+    main_df = read_results("baselines", "smartkv")
+    abl_df = read_results("ablations")
+    summary, _ = read_parquet_with_meta(DATA / "summary.parquet")
+    abl_summary, _ = read_parquet_with_meta(DATA / "ablation_summary.parquet")
+
+    ov = overall(main_df)
+    pareto(main_df, PLOTS / "pareto")
+    write_plot_data(ov[["run", "method", "family", "budget", "kv_ratio", "score_mean", "score_std"]]
+                    .sort_values(["family", "kv_ratio"]), PLOTS / "pareto.csv")
+
+    runs = [r for r in settings["heatmap_runs"] if r in set(main_df["run"])]
+    if runs and main_df["depth"].notna().any():
+        needle_heatmaps(main_df, runs, PLOTS / "needle_heatmaps")
+    else:
+        placeholder(PLOTS / "needle_heatmaps", "no needle task (or none of figures.heatmap_runs) in this study")
+
+    allocation_example(params, settings)
+
+    abl_runs = [HEADLINE, *dict.fromkeys(abl_df["run"])]
+    ablation_bars(abl_summary, abl_runs, PLOTS / "ablations")
+    abl_ov = overall(pd.concat([main_df[main_df["run"] == HEADLINE], abl_df], ignore_index=True))
+    oracle = [r for r in abl_runs if "oracle" in r]
+    if oracle:
+        regret_bars(abl_ov, oracle[0], PLOTS / "regret")
+    else:
+        placeholder(PLOTS / "regret", "no oracle ablation in this study")
+    write_plot_data(abl_ov[["run", "score_mean", "score_std", "kv_ratio"]], PLOTS / "ablations.csv")
+
+    lat = pd.concat([summary, abl_summary[abl_summary["run"] != HEADLINE]], ignore_index=True)
+    latency_bars(lat, PLOTS / "latency")
+    fp = lat[lat["method"] == "fp16"].groupby("task")["tokens_per_s"].mean()
+    lat = lat[lat["task"].isin(fp.index)].assign(rel=lambda d: d["tokens_per_s"] / d["task"].map(fp))
+    lat_run = lat.groupby("run", sort=False).agg(family=("family", "first"), tokens_per_s=("tokens_per_s", "mean"),
+                                                 rel_to_fp16=("rel", "mean")).reset_index()
+    write_plot_data(lat_run, PLOTS / "latency.csv")
+    log.info("figures written under %s", PLOTS)
+
+
+if __name__ == "__main__":
+    main()
