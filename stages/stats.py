@@ -98,7 +98,13 @@ def main(params: dict) -> None:
     abl_all = pd.concat([head, abl_df], ignore_index=True)
     abl_summary = summarize(abl_all)
     abl_ov = overall(abl_all)
-    abl_tests = paired_tests(abl_all, HEADLINE, list(dict.fromkeys(abl_df["run"])), seed=settings["bootstrap_seed"])
+    # A run whose every row fell below its budget's floor has nothing to pair: it stays in the
+    # summary (with its error rows counted) and is left out of the tests, with a warning.
+    scored = [r for r in dict.fromkeys(abl_df["run"]) if abl_df.loc[abl_df["run"] == r, "score"].notna().any()]
+    for r in dict.fromkeys(abl_df["run"]):
+        if r not in scored:
+            log.warning("ablation %s has no scored rows (all below the budget floor); not tested", r)
+    abl_tests = paired_tests(abl_all, HEADLINE, scored, seed=settings["bootstrap_seed"])
 
     prov = provenance({"stats": settings})
     atomic_write_parquet(summary, DATA / "summary.parquet", prov)
