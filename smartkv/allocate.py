@@ -128,23 +128,48 @@ _SOLVERS = {
 }
 
 
-def entropy_budget_fractions(entropies: list[float], budget: float, skew: float) -> list[float]:
+def entropy_budget_fractions(entropies: list[float], budget: float, skew: float,
+                             floors: list[float] | None = None) -> list[float]:
     """Per-layer budgets whose mean is `budget`, tilted towards layers with higher attention entropy.
 
     A layer whose attention is spread over many tokens (high entropy) cannot protect a few
     tokens and let the rest go cheap, so it gets more of the budget; a layer that attends to
     a few tokens gets less (PyramidKV makes the same argument for per-layer cache sizes).
-    f_l = budget * (1 + skew * (e_l / mean(e) - 1)), clipped to [budget*(1-skew), min(1, budget*(1+skew))],
-    then rescaled so that the mean is exactly `budget` (never above 1).
+
+    Every layer first gets its `floors[l]` (the least it can hold: sinks in FP16, every
+    other token at the lowest width); only the spare budget above the mean floor is tilted:
+    weight w_l = 1 + skew * (e_l / mean(e) - 1), clipped to [1 - skew, 1 + skew] and
+    normalised to mean 1, and f_l = floor_l + spare * w_l, capped at 1 with the excess shared
+    among the uncapped layers. A budget at or below the mean floor is returned unchanged for
+    every layer, so the layer that cannot meet it raises its own `BudgetError`.
     """
     import math as _m
 
+    n = len(entropies)
+    floors = [0.0] * n if floors is None else list(floors)
+    if len(floors) != n:
+        raise ValueError(f"floors has {len(floors)} entries for {n} layers")
     known = [e for e in entropies if not _m.isnan(e)]
-    if not known or skew == 0:
-        return [budget] * len(entropies)
+    spare = budget * n - sum(floors)
+    if not known or skew == 0 or spare <= 0:
+        return [budget] * n
     mean = sum(known) / len(known)
-    raw = [budget if _m.isnan(e) else budget * (1 + skew * (e / mean - 1)) for e in entropies]
-    lo, hi = budget * (1 - skew), min(1.0, budget * (1 + skew))
-    clipped = [min(hi, max(lo, f)) for f in raw]
-    scale = budget * len(clipped) / sum(clipped)
-    return [min(1.0, f * scale) for f in clipped]
+    if mean <= 0:
+        return [budget] * n
+    w = [1.0 if _m.isnan(e) else min(1 + skew, max(1 - skew, 1 + skew * (e / mean - 1))) for e in entropies]
+    out = [0.0] * n
+    free = list(range(n))
+    # Water-filling: layers whose share would pass 1 are pinned at 1, the rest share what is left.
+    while free:
+        total_w = sum(w[i] for i in free)
+        left = spare - sum(out[i] - floors[i] for i in range(n) if i not in free)
+        share = {i: floors[i] + left * w[i] / total_w for i in free}
+        over = [i for i in free if share[i] > 1.0]
+        if not over:
+            for i in free:
+                out[i] = share[i]
+            break
+        for i in over:
+            out[i] = 1.0
+        free = [i for i in free if i not in over]
+    return out

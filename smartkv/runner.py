@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from smartkv.attention import use_smartkv_attention
-from smartkv.cache.base import _ACTIVE, KVCache
+from smartkv.cache.base import KVCache, clear_active_update
 from smartkv.cache.fp16 import FP16Layer
 from smartkv.importance import ImportanceTracker
 from smartkv.methods.common import n_layers
@@ -63,7 +63,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay:
     start = time.perf_counter()
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
           logits_to_keep=1)
-    _ACTIVE.set(None)
+    clear_active_update()
     return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
 
 
@@ -82,7 +82,7 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
                 f"{pre.cache.tracker.decay}; prefill separately for each decay"
             )
         cache.tracker = pre.cache.tracker.copy()
-    _ACTIVE.set(None)
+    clear_active_update()
     return cache, time.perf_counter() - start
 
 
@@ -126,7 +126,7 @@ def decode(model, pre: Prefill, cache, max_new_tokens: int, do_sample: bool = Fa
         **sampling,
     )
     seconds = time.perf_counter() - start
-    _ACTIVE.set(None)
+    clear_active_update()
     return out[:, pre.input_ids.shape[1]:], seconds
 
 
@@ -141,5 +141,5 @@ def continuation_nll(model, pre: Prefill, cache, continuation: torch.Tensor) -> 
         mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype, device=pre.attention_mask.device)], dim=1)
         logits = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
         nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[continuation[0, i]])
-    _ACTIVE.set(None)
+    clear_active_update()
     return nll / continuation.shape[1], time.perf_counter() - start

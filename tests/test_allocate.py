@@ -77,3 +77,18 @@ def test_entropy_fractions_keep_the_mean():
     assert abs(sum(f) / len(f) - 0.3) < 1e-9
     assert f[0] < f[1] < f[2]
     assert entropy_budget_fractions([1.0, 2.0], 0.3, 0.0) == [0.3, 0.3]
+
+
+def test_entropy_fractions_give_each_layer_its_floor_first():
+    ent, floors = [0.5, 1.0, 4.0, 2.0], [0.2, 0.2, 0.2, 0.2]
+    f = entropy_budget_fractions(ent, 0.24, 0.5, floors)
+    assert sum(f) / len(f) == pytest.approx(0.24)
+    assert all(x >= 0.2 for x in f)  # the whole-budget tilt would give 0.24 * 0.5 = 0.12 to layer 0
+    assert f[0] < f[1] < f[3] < f[2]
+    # near 1, shares are capped at 1 and the rest goes to the other layers, mean kept
+    g = entropy_budget_fractions([1.0, 1.0, 10.0], 0.9, 0.9, [0.2] * 3)
+    assert max(g) == 1.0 and sum(g) / 3 == pytest.approx(0.9)
+    # at or below the mean floor nothing is tilted: each layer meets (or fails) the budget itself
+    assert entropy_budget_fractions(ent, 0.19, 0.5, floors) == [0.19] * 4
+    with pytest.raises(ValueError, match="3 entries for 4 layers"):
+        entropy_budget_fractions(ent, 0.3, 0.5, [0.2] * 3)

@@ -191,6 +191,33 @@ def test_budget_below_floor_is_clear(model):
         generate(model, cache, prompt(), new=2)
 
 
+def test_floor_ratio_is_the_bytes_at_the_lowest_width(model):
+    # everything at 2 bits (window 0, sinks in FP16): the bytes held are exactly the floor
+    cache = build_cache("smartkv", model.config, budget=0.3, bits=(2,), window=0)
+    generate(model, cache, prompt(), new=2)  # the first decode step allocates
+    layer = cache.layers[0]
+    assert layer.nbytes() / layer.fp16_nbytes() == pytest.approx(layer.floor_ratio(), rel=1e-9)
+    assert layer.floor_ratio(10 * layer.seq_len) < layer.floor_ratio()  # sinks weigh less in longer contexts
+
+
+def test_layer_aware_budgets_respect_every_layer_floor(model):
+    # A budget a little above the floor: tilting the whole budget by entropy (skew 0.5) would put
+    # some layer under its floor; sharing only the spare above the floors keeps every layer valid.
+    probe = build_cache("smartkv", model.config, budget=0.3)
+    generate(model, probe, prompt(), new=2)
+    floor = max(layer.floor_ratio() for layer in probe.layers)
+    budget = round(floor + 0.03, 3)
+    assert budget * (1 - 0.5) < floor
+    cache = build_cache("smartkv", model.config, budget=budget, allocation="layer_aware", layer_skew=0.5)
+    generate(model, cache, prompt())
+    fractions = [cache.layer_fraction(i) for i in range(len(cache.layers))]
+    assert sum(fractions) / len(fractions) == pytest.approx(budget, abs=1e-9)
+    for layer, frac in zip(cache.layers, fractions):
+        assert frac >= layer.floor_ratio(PROMPT_LEN - 1)
+        assert layer.nbytes() <= frac * layer.fp16_nbytes() + 1
+    assert cache.memory_report()["ratio"] <= budget
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models(dtype):
     m = tiny_model("llama", seed=1, **SHAPE).to(dtype)

@@ -134,6 +134,7 @@ def test_peers_registered():
         ("hf_hqq", {"axis_value": -1}, "axis_value=-1"),
         ("hf_hqq", {"residual_length": -2}, "residual_length=-2"),
         ("hf_hqq", {"nbits": True}, "nbits=True"),
+        ("hf_hqq", {"axis_key": True}, "axis_key=True"),
     ],
 )
 def test_peer_config_validation(name, params, bad):

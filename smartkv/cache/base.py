@@ -38,6 +38,11 @@ def active_update() -> ActiveUpdate | None:
     return _ACTIVE.get()
 
 
+def clear_active_update() -> None:
+    """Forget the last update, so that no later attention call reports to a finished cache."""
+    _ACTIVE.set(None)
+
+
 def storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """Full-precision tokens are held in 16 bits whatever the model computes in (bf16 stays bf16)."""
     return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float16
@@ -139,10 +144,14 @@ class KVCache(Cache):
             from smartkv.allocate import entropy_budget_fractions
             from smartkv.importance import layer_entropies
 
-            spec = self.layers[layer_idx].spec
+            me = self.layers[layer_idx]
             ent = layer_entropies(self.tracker, len(self.layers)) if self.tracker is not None else []
+            # Each layer's floor at the current length (layers not yet initialised share the
+            # caller's geometry), plus a hair for rounding bytes down, comes off the top.
+            floors = [(layer if getattr(layer, "is_initialized", False) else me).floor_ratio(me.seq_len) + 1e-3
+                      for layer in self.layers]
             self._layer_fractions = entropy_budget_fractions(ent or [float("nan")] * len(self.layers),
-                                                             spec.budget, spec.layer_skew)
+                                                             me.spec.budget, me.spec.layer_skew, floors)
         return self._layer_fractions[layer_idx]
 
     def memory_report(self) -> dict:

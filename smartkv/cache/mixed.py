@@ -197,11 +197,18 @@ class MixedPrecisionLayer(KVLayer):
         scale = self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0
         return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
 
-    def floor_ratio(self) -> float:
-        """Lowest budget this layer can meet now: sinks in FP16, every other token at the lowest width."""
-        n_q = self.seq_len - self.sink_k.shape[-2]
-        floor = self._fixed_bytes(0) + n_q * self.units_per_row * self.costs[0]
-        return floor / (self.seq_len * self._fp16_token_bytes())
+    def floor_ratio(self, seq_len: int | None = None) -> float:
+        """Lowest budget this layer can meet with `seq_len` tokens (default: now).
+
+        Sinks in FP16, every other token at the lowest width, plus the per-channel key centre
+        and scale when key smoothing is on. Computed from the geometry, so it is known before
+        the sinks are split off (layer-aware budgets need every layer's floor up front).
+        """
+        n = self.seq_len if seq_len is None else seq_len
+        sinks = min(self.spec.sink_tokens, n)
+        key_stats = 2 * self.batch * self.heads * self.head_dim * self.store_dtype.itemsize if self.spec.key_smoothing else 0
+        floor = sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
+        return floor / (n * self._fp16_token_bytes())
 
     def _window_that_fits(self, budget: int, committed: int) -> int:
         """Largest window (<= spec.window) that leaves every token outside it room at the lowest width.

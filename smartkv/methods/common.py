@@ -7,7 +7,8 @@ from smartkv.quantize import SUPPORTED_BITS
 
 
 def check_choice(method: str, key: str, value, allowed) -> None:
-    if value not in allowed:
+    # the type must match too: `True in (0, 1)` holds in Python, but `axis=True` is a mistake
+    if value not in allowed or type(value) not in {type(a) for a in allowed}:
         raise ConfigError(f"{method}: {key}={value!r} is not allowed; choose one of {tuple(allowed)}")
 
 

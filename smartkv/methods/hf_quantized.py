@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import Cache, PreTrainedConfig, QuantizedCache
 
-from smartkv.methods.registry import ConfigError, register
+from smartkv.methods.common import check_bits, check_choice, check_int
+from smartkv.methods.registry import register
 
 # What transformers 5.23's QuantoQuantizedLayer / HQQQuantizedLayer accept.
 QUANTO_NBITS = (2, 4)
@@ -33,54 +34,44 @@ _BACKEND_PACKAGES = {
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class _QuantizedCacheConfig:
+    """QuantizedCache's knobs; each backend's subclass names the values it accepts."""
 
+    METHOD: ClassVar[str]
+    NBITS: ClassVar[tuple[int, ...]]
+    AXES: ClassVar[tuple[int, ...]]
 
-def _check_choice(method: str, field: str, value: Any, allowed: tuple) -> None:
-    if not _is_int(value) or value not in allowed:
-        raise ConfigError(f"{method}: {field}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    nbits: int = 4
+    q_group_size: int = 64
+    residual_length: int = 128
+    axis_key: int = 0
+    axis_value: int = 0
 
-
-def _check_int(method: str, field: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ConfigError(f"{method}: {field}={value!r} is not allowed; it must be an integer >= {minimum}")
+    def __post_init__(self):
+        check_bits(self.METHOD, "nbits", self.nbits, self.NBITS)
+        check_int(self.METHOD, "q_group_size", self.q_group_size, 1)
+        check_int(self.METHOD, "residual_length", self.residual_length, 0)
+        check_choice(self.METHOD, "axis_key", self.axis_key, self.AXES)
+        check_choice(self.METHOD, "axis_value", self.axis_value, self.AXES)
 
 
 @dataclass(frozen=True)
-class HfQuantoConfig:
+class HfQuantoConfig(_QuantizedCacheConfig):
     """transformers' QuantizedCache with the optimum-quanto backend (per-group, asymmetric)."""
 
-    nbits: int = 4
-    q_group_size: int = 64
-    residual_length: int = 128
-    axis_key: int = 0
-    axis_value: int = 0
-
-    def __post_init__(self):
-        _check_choice("hf_quanto", "nbits", self.nbits, QUANTO_NBITS)
-        _check_int("hf_quanto", "q_group_size", self.q_group_size, 1)
-        _check_int("hf_quanto", "residual_length", self.residual_length, 0)
-        _check_choice("hf_quanto", "axis_key", self.axis_key, QUANTO_AXES)
-        _check_choice("hf_quanto", "axis_value", self.axis_value, QUANTO_AXES)
+    METHOD: ClassVar[str] = "hf_quanto"
+    NBITS: ClassVar[tuple[int, ...]] = QUANTO_NBITS
+    AXES: ClassVar[tuple[int, ...]] = QUANTO_AXES
 
 
 @dataclass(frozen=True)
-class HfHqqConfig:
+class HfHqqConfig(_QuantizedCacheConfig):
     """transformers' QuantizedCache with the HQQ backend (half-quadratic, per-group)."""
 
-    nbits: int = 4
-    q_group_size: int = 64
-    residual_length: int = 128
-    axis_key: int = 0
-    axis_value: int = 0
-
-    def __post_init__(self):
-        _check_choice("hf_hqq", "nbits", self.nbits, HQQ_NBITS)
-        _check_int("hf_hqq", "q_group_size", self.q_group_size, 1)
-        _check_int("hf_hqq", "residual_length", self.residual_length, 0)
-        _check_choice("hf_hqq", "axis_key", self.axis_key, HQQ_AXES)
-        _check_choice("hf_hqq", "axis_value", self.axis_value, HQQ_AXES)
+    METHOD: ClassVar[str] = "hf_hqq"
+    NBITS: ClassVar[tuple[int, ...]] = HQQ_NBITS
+    AXES: ClassVar[tuple[int, ...]] = HQQ_AXES
 
 
 def backend_available(backend: str) -> bool:
