@@ -38,6 +38,9 @@ class MixedSpec:
     symmetric: bool = False
     budget: float | None = None
     window: int = 0
+    # The FP16 window may hold at most this share of the layer's budget bytes: at short
+    # contexts a fixed window would otherwise eat the budget the quantized tokens need.
+    window_share: float = 1.0
     sink_tokens: int = 0
     allocation: str = "greedy"
     signal: str = "ema"
@@ -210,6 +213,12 @@ class MixedPrecisionLayer(KVLayer):
         floor = sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
         return floor / (n * self._fp16_token_bytes())
 
+    def window_cap(self, budget: int) -> int:
+        """Most FP16 window tokens for `budget` bytes: `window`, or fewer where the window
+        would take more than `window_share` of the budget."""
+        share_tokens = int(self.spec.window_share * budget // self._fp16_token_bytes()) if budget > 0 else 0
+        return min(self.spec.window, share_tokens) if self.spec.window_share < 1.0 else self.spec.window
+
     def _window_that_fits(self, budget: int, committed: int) -> int:
         """Largest window (<= spec.window) that leaves every token outside it room at the lowest width.
 
@@ -217,7 +226,7 @@ class MixedPrecisionLayer(KVLayer):
         """
         w_now = self.win_k.shape[-2]
         per_token = self.units_per_row * self.costs[0]
-        for w in range(min(self.spec.window, w_now), -1, -1):
+        for w in range(min(self.window_cap(budget), w_now), -1, -1):
             if self._fixed_bytes(w) + committed + (w_now - w) * per_token <= budget:
                 return w
         raise alloc.BudgetError(

@@ -30,6 +30,7 @@ class SmartKVConfig:
     bits: tuple[int, ...] = (2, 3, 4, 8)
     group_size: int = 32
     window: int = 32
+    window_share: float = 0.1
     sink_tokens: int = 4
     allocation: str = "greedy"
     signal: str = "ema"
@@ -66,6 +67,8 @@ class SmartKVConfig:
             raise ConfigError(f"{m}: key_weight={self.key_weight!r} must be > 0")
         if not 0.0 <= self.prior <= 1.0:
             raise ConfigError(f"{m}: prior={self.prior!r} must lie in [0, 1]")
+        if isinstance(self.window_share, bool) or not 0.0 <= self.window_share <= 1.0:
+            raise ConfigError(f"{m}: window_share={self.window_share!r} must lie in [0, 1]")
         if not 0.0 <= self.layer_skew < 1.0:
             raise ConfigError(f"{m}: layer_skew={self.layer_skew!r} must lie in [0, 1)")
 
@@ -80,6 +83,7 @@ class SmartKVConfig:
             symmetric=self.symmetric,
             budget=self.budget,
             window=sys.maxsize if self.budget >= 1.0 else self.window,
+            window_share=1.0 if self.budget >= 1.0 else self.window_share,
             sink_tokens=self.sink_tokens,
             allocation="greedy" if self.allocation == "layer_aware" else self.allocation,
             signal=self.signal,
