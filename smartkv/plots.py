@@ -115,38 +115,50 @@ def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
 
 
 @_styled
+def needle_grid(df: pd.DataFrame, run: str, task: str) -> pd.DataFrame:
+    """Mean score of one run on one needle task: rows are depths, columns context lengths."""
+    cell = df[(df["run"] == run) & (df["task"] == task) & df["depth"].notna()]
+    if cell.empty:
+        return pd.DataFrame()
+    return cell.pivot_table(index="depth", columns="context_length", values="score", aggfunc="mean").sort_index()
+
+
 def needle_heatmaps(df: pd.DataFrame, runs: Sequence[str], out_stem: str | Path) -> list[Path]:
-    """Needle-in-a-haystack grids: mean score per (context length, needle depth), one panel per run."""
+    """Needle grids: mean score per (context length, needle depth); a row of panels per needle
+    task (each task on its own: their scores must not be pooled), a column per run."""
     d = df[df["run"].isin(runs) & df["depth"].notna()]
     runs = [r for r in runs if r in set(d["run"])]
     if not runs:
         raise ValueError("needle_heatmaps: none of the runs has rows with a needle depth")
-    ncols = min(3, len(runs))
-    nrows = math.ceil(len(runs) / ncols)
-    fig = Figure(figsize=(3.6 * ncols + 0.8, 3.0 * nrows), layout="constrained")
+    tasks = list(dict.fromkeys(sorted(d["task"])))
+    nrows, ncols = len(tasks), len(runs)
+    fig = Figure(figsize=(3.0 * ncols + 0.8, 2.6 * nrows + 0.3), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     depth_pct = 100.0 if d["depth"].max() <= 1.0 else 1.0  # depths stored as fractions or %
     im = None
-    for ax, run in zip(axes.flat, runs):
-        grid = d[d["run"] == run].pivot_table(
-            index="depth", columns="context_length", values="score", aggfunc="mean"
-        ).sort_index()
-        im = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto",
-                       interpolation="nearest")
-        ax.set_xticks(range(grid.shape[1]), [f"{c // 1000}k" if c >= 1000 and c % 1000 == 0
-                                             else str(c) for c in grid.columns])
-        ax.set_yticks(range(grid.shape[0]), [f"{v * depth_pct:.0f}%" for v in grid.index])
-        ax.set_xlabel("Context length (tokens)")
-        ax.set_ylabel("Needle depth")
-        ax.set_title(run)
-        ax.grid(False)
-        if grid.size <= 100:  # numbers are readable only on small grids
-            for (i, j), v in np.ndenumerate(grid.to_numpy()):
-                if not np.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 0.6 else "black")
-    for ax in list(axes.flat)[len(runs):]:
-        ax.set_visible(False)
+    for row, task in enumerate(tasks):
+        for col, run in enumerate(runs):
+            ax = axes[row, col]
+            grid = needle_grid(d, run, task)
+            ax.set_title(f"{run} · {task}", fontsize=9)
+            ax.grid(False)
+            if grid.empty:
+                ax.set_axis_off()
+                continue
+            im = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto",
+                           interpolation="nearest")
+            ax.set_xticks(range(grid.shape[1]), [f"{c // 1000}k" if c >= 1000 and c % 1000 == 0
+                                                 else str(c) for c in grid.columns])
+            ax.set_yticks(range(grid.shape[0]), [f"{v * depth_pct:.0f}%" for v in grid.index])
+            if row == nrows - 1:
+                ax.set_xlabel("Context length (tokens)")
+            if col == 0:
+                ax.set_ylabel("Needle depth")
+            if grid.size <= 100:  # numbers are readable only on small grids
+                for (i, j), v in np.ndenumerate(grid.to_numpy()):
+                    if not np.isnan(v):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=axes, shrink=0.9, label="Mean score (0–1)")
     return _save(fig, out_stem)
 

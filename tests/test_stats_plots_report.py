@@ -207,6 +207,16 @@ def test_needle_heatmaps(df, tmp_path):
         plots.needle_heatmaps(df, ["missing"], tmp_path / "none")
 
 
+def test_needle_grid_keeps_tasks_apart():
+    # two needle tasks at the same (length, depth): their scores must not be averaged together
+    rows = [dict(run="r", task=t, context_length=256, depth=0.5, score=v)
+            for t, v in (("niah", 1.0), ("niah", 1.0), ("ruler_multikey", 0.0))]
+    d = pd.DataFrame(rows)
+    assert plots.needle_grid(d, "r", "niah").loc[0.5, 256] == 1.0
+    assert plots.needle_grid(d, "r", "ruler_multikey").loc[0.5, 256] == 0.0
+    assert plots.needle_grid(d, "r", "perplexity").empty
+
+
 def test_allocation_map(tmp_path):
     rng = np.random.default_rng(0)
     bits = rng.choice([2, 3, 4, 8], size=(30, 120))
