@@ -114,7 +114,6 @@ def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
     return _save(fig, out_stem)
 
 
-@_styled
 def needle_grid(df: pd.DataFrame, run: str, task: str) -> pd.DataFrame:
     """Mean score of one run on one needle task: rows are depths, columns context lengths."""
     cell = df[(df["run"] == run) & (df["task"] == task) & df["depth"].notna()]
@@ -123,6 +122,7 @@ def needle_grid(df: pd.DataFrame, run: str, task: str) -> pd.DataFrame:
     return cell.pivot_table(index="depth", columns="context_length", values="score", aggfunc="mean").sort_index()
 
 
+@_styled
 def needle_heatmaps(df: pd.DataFrame, runs: Sequence[str], out_stem: str | Path) -> list[Path]:
     """Needle grids: mean score per (context length, needle depth); a row of panels per needle
     task (each task on its own: their scores must not be pooled), a column per run."""
