@@ -79,12 +79,13 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from smartkv.methods.registry import config_dict
+    from smartkv.methods.registry import build_cache, config_dict
     from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = _load_model(args.model, args.dtype)
+    build_cache(args.method, model.config, **params)  # a method this model cannot run fails before prefill
     ids, mask = encode(tok, [prompt], device=model.device)
     pre = prefill(model, ids, mask)
     cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)

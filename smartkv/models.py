@@ -310,6 +310,7 @@ _TINY_COMMON = dict(
 
 def _config_classes() -> dict:
     from transformers import (
+        Gemma3TextConfig,
         GemmaConfig,
         LlamaConfig,
         MistralConfig,
@@ -323,10 +324,14 @@ def _config_classes() -> dict:
         "qwen2": (Qwen2Config, {"use_sliding_window": False}),
         "phi3": (Phi3Config, {"pad_token_id": 0}),
         "gemma": (GemmaConfig, {}),
+        # Gemma-3's shape in small: one KV head, sliding-window layers with a full layer every
+        # third (the real model: 5 sliding of every 6, window 512); layer_types follow num_hidden_layers.
+        "gemma3": (Gemma3TextConfig, {"num_hidden_layers": 3, "num_key_value_heads": 1, "sliding_window": 16,
+                                      "query_pre_attn_scalar": 16}),
     }
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma3")
 
 
 def tiny_config(arch: str, **overrides):
@@ -335,6 +340,9 @@ def tiny_config(arch: str, **overrides):
         raise ValueError(f"unknown tiny model architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
     config_cls, extra = _config_classes()[arch]
     kwargs = {**_TINY_COMMON, **extra, **overrides}
+    if arch == "gemma3" and "layer_types" not in overrides:
+        kwargs["layer_types"] = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                 for i in range(kwargs["num_hidden_layers"])]
     return config_cls(**kwargs)
 
 
