@@ -1,7 +1,7 @@
 """Command line: `python -m smartkv generate ...` for one-off use, `python -m smartkv bench` for decode speed.
 
-Bad input (unknown method, bad budget or bit width, missing file) prints one line on stderr
-and exits with status 2, without a traceback.
+Bad input (unknown method, bad budget or bit width, missing file or model folder) prints one
+line on stderr and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -42,9 +42,24 @@ def _method_params(args) -> dict:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="Hugging Face id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="default",
+                   help="default (embedded SmolLM2-135M-Instruct), gemma3-270m (embedded Gemma-3-270M), "
+                        "a local model folder or a Hugging Face id")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _load_model(name: str, dtype: str):
+    """`load_model`, with a model that cannot be found or read turned into one line (exit 2)."""
+    from smartkv.models import load_model
+
+    try:
+        return load_model(name, dtype=dtype)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # transformers: not a model folder, or a hub id it cannot reach offline
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {name!r} cannot be loaded: {first}") from None
 
 
 def cmd_generate(args) -> int:
@@ -64,13 +79,13 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from smartkv.methods.registry import config_dict
-    from smartkv.models import load_model
+    from smartkv.methods.registry import build_cache, config_dict
     from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = _load_model(args.model, args.dtype)
+    build_cache(args.method, model.config, **params)  # a method this model cannot run fails before prefill
     ids, mask = encode(tok, [prompt], device=model.device)
     pre = prefill(model, ids, mask)
     cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)
@@ -111,6 +126,9 @@ def cmd_bench(args) -> int:
         r.config()  # validate first
     if args.context < 16:
         raise UsageError(f"--context {args.context} must be >= 16 tokens")
+    from smartkv.models import resolve_model_path
+
+    resolve_model_path(args.model)  # a missing model folder is one line, before any work
     result = run_bench(args.model, args.dtype, runs, args.context, args.new_tokens, args.repeats, args.threads)
     text = json.dumps(result, indent=2, default=list)
     if args.out:

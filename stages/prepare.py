@@ -17,10 +17,9 @@ log = logging.getLogger("stages.prepare")
 def load_tokenizer(model_name: str):
     from transformers import AutoTokenizer
 
-    from smartkv.models import DEFAULT_MODEL, ensure_default_model
+    from smartkv.models import resolve_model_path
 
-    path = str(ensure_default_model()) if model_name == DEFAULT_MODEL else model_name
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve_model_path(model_name))
 
 
 @stage_main

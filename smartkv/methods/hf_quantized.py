@@ -20,7 +20,7 @@ import torch
 from transformers import Cache, PreTrainedConfig, QuantizedCache
 
 from smartkv.methods.common import check_bits, check_choice, check_int
-from smartkv.methods.registry import register
+from smartkv.methods.registry import ConfigError, register
 
 # What transformers 5.23's QuantoQuantizedLayer / HQQQuantizedLayer accept.
 QUANTO_NBITS = (2, 4)
@@ -92,7 +92,21 @@ def _require_backend(method: str, backend: str) -> None:
         )
 
 
+def _refuse_sliding_layers(method: str, model_config: PreTrainedConfig) -> None:
+    """QuantizedCache holds only full-attention layers: say so by name before any work (e.g. Gemma-3)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    kinds = list(getattr(text, "layer_types", None) or [])
+    sliding = sum(kind != "full_attention" for kind in kinds)
+    if sliding:
+        raise ConfigError(
+            f"{method}: transformers' QuantizedCache supports only full-attention models, and this "
+            f"{text.model_type} model has {sliding} of {len(kinds)} layers with other attention "
+            f"({', '.join(sorted(set(kinds) - {'full_attention'}))}); use kivi, uniform or smartkv"
+        )
+
+
 def _quantized_cache(backend: str, config, model_config: PreTrainedConfig) -> Cache:
+    _refuse_sliding_layers(config.METHOD, model_config)
     return QuantizedCache(
         backend=backend,
         config=model_config,
