@@ -103,14 +103,23 @@ def fp16_bytes(cache, n_positions: int) -> int:
     return total
 
 
-def _feed(model, cache, token_ids: list[int], start: int):
-    """Feed `token_ids` one by one at positions start, start+1, ...; yields each step's logits."""
+def _walk(model, cache, token: int, start: int, limit: int, next_token) -> int:
+    """Feed `token` at position `start`, then each token `next_token(step, logits)` returns at the
+    following positions, for at most `limit` steps (None stops early); returns the steps fed.
+
+    Greedy decoding and teacher-forced NLL share this loop, so both feed at the same positions:
+    the true ones, which after eviction lie beyond the cache's length.
+    """
     import torch
 
-    for i, tok in enumerate(token_ids):
-        ids = torch.tensor([[tok]], device=model.device)
-        pos = torch.tensor([[start + i]], device=model.device)
-        yield model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[0, -1]
+    for step in range(limit):
+        ids = torch.tensor([[token]], device=model.device)
+        pos = torch.tensor([[start + step]], device=model.device)
+        logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[0, -1]
+        token = next_token(step, logits)
+        if token is None:
+            return step + 1
+    return limit
 
 
 def _eos_ids(model) -> set[int]:
@@ -144,22 +153,23 @@ def run_sample(model, tokenizer, sample: Sample, spec: PeerSpec, max_new_tokens:
     with torch.no_grad():
         if sample.metric == "perplexity":
             cont = tokenizer(sample.meta["continuation"], add_special_tokens=False)["input_ids"]
-            feed = [int(ids[0, -1])] + cont[:-1]
-            nll = 0.0
-            for i, logits in enumerate(_feed(model, cache, feed, n - 1)):
-                nll -= float(torch.log_softmax(logits.float(), -1)[cont[i]])
-            fed = len(feed)
-            row.update(prediction="", score=math.nan, nll=nll / len(cont), new_tokens=len(cont))
+            nll = []
+
+            def teacher(step, logits):
+                nll.append(-float(torch.log_softmax(logits.float(), -1)[cont[step]]))
+                return cont[step]
+
+            fed = _walk(model, cache, int(ids[0, -1]), n - 1, len(cont), teacher)
+            row.update(prediction="", score=math.nan, nll=sum(nll) / len(cont), new_tokens=len(cont))
         else:
             eos, new = _eos_ids(model), []
-            nxt = int(ids[0, -1])
-            for step in range(max_new_tokens):
-                logits = next(_feed(model, cache, [nxt], n - 1 + step))
-                nxt = int(logits.argmax())
-                new.append(nxt)
-                if nxt in eos:
-                    break
-            fed = len(new)  # the last prompt token plus every new token but the last one
+
+            def greedy(step, logits):
+                new.append(int(logits.argmax()))
+                return None if new[-1] in eos else new[-1]
+
+            # fed: the last prompt token and every new token but the last one
+            fed = _walk(model, cache, int(ids[0, -1]), n - 1, max_new_tokens, greedy)
             pred = tokenizer.decode(new, skip_special_tokens=True)
             row.update(prediction=pred, nll=math.nan, new_tokens=len(new),
                        score=scoring.score(sample.metric, pred, sample.answers, sample.meta))

@@ -127,6 +127,10 @@ def kvpress_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peers")
     _, tokenizer = load_model("default")
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    with torch.no_grad():  # random init attends almost uniformly, blind to positions: sharpen it so
+        for layer in model.model.layers:  # that a token fed at a wrong position changes the NLL
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     samples = (generate_task("niah", tokenizer, n_per_cell=1, lengths=[200], depths=[0.5], seed=100)
@@ -170,7 +174,8 @@ def test_stage_in_kvpress_venv_matches_our_protocol(kvpress_run):
         assert peer["n_tokens"] == row.n_tokens
         assert peer["kv_ratio"] == 1.0 and peer["kv_bytes"] == peer["fp16_kv_bytes"] == row.fp16_kv_bytes
         if row.metric == "perplexity":
-            assert math.isclose(peer["nll"], row.nll, rel_tol=1e-4)
+            # one position off moves this NLL by ~2e-3 (relative) on this model
+            assert math.isclose(peer["nll"], row.nll, rel_tol=1e-5), (peer["nll"], row.nll)
         else:
             assert peer["prediction"] == row.prediction
 
