@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()+b'$(TORCH)').hexdigest()[:12])")
 
-.PHONY: setup test test-fast repro bench demo clean-venv
+.PHONY: setup venv-kvpress test test-fast repro bench demo clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ $(STAMP): pyproject.toml
 	touch $@
 
 setup: $(STAMP)
+
+# The eviction peers (NVIDIA kvpress) in their own venv: kvpress pins transformers<5.3 and
+# pandas<3. Same idempotence as above, the stamp keyed on requirements-kvpress.txt.
+KVPRESS_VENV := .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.installed-$(shell $(PYTHON) -c "import hashlib;print(hashlib.sha1(open('requirements-kvpress.txt','rb').read()).hexdigest()[:12])")
+
+$(KVPRESS_STAMP): requirements-kvpress.txt
+	test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/python -m pip install -q -r requirements-kvpress.txt
+	rm -f $(KVPRESS_VENV)/.installed-*
+	touch $@
+
+venv-kvpress: $(KVPRESS_STAMP)
 
 test: setup
 	$(PY) -m pytest -q
@@ -37,4 +51,4 @@ bench: setup
 	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out metrics/bench_decode_4k.json
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(KVPRESS_VENV)
