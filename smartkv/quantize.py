@@ -1,6 +1,6 @@
 """Group-wise integer quantization with real bit packing.
 
-One quantizer serves every method (DESIGN.md decision 4): uniform INTk, KIVI and SmartKV
+One quantizer serves every method (docs/DESIGN.md decision 4): uniform INTk, KIVI and SmartKV
 differ only in how they lay a KV tensor out as rows, never in how a row is quantized.
 
 A row of `length` values is cut into groups of `group_size` along the row (the last group

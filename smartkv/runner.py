@@ -1,4 +1,4 @@
-"""Prefill once, fork the cache, decode with each method (DESIGN.md decision 7).
+"""Prefill once, fork the cache, decode with each method (docs/DESIGN.md decision 7).
 
 Prefill attends at full precision, so it is the same for every KV method: it runs once per
 prompt batch (with importance tracking on), and each method gets a copy of the prefilled

@@ -1,7 +1,7 @@
 """Methods by name: a validated config dataclass and a builder that makes a `transformers` cache.
 
 Stages and the command line ask for a method by name and a dict of params; dispatch is a
-dictionary look-up (DESIGN.md decision 5), never an if/elif over strings.
+dictionary look-up (docs/DESIGN.md decision 5), never an if/elif over strings.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tasks by name: a generator per task, dispatched by dictionary look-up (DESIGN.md decision 5).
+"""Tasks by name: a generator per task, dispatched by dictionary look-up (docs/DESIGN.md decision 5).
 
 Every generator has the signature
 ``generate(tokenizer, *, n_per_cell, lengths, depths, seed, **kw) -> list[Sample]``;

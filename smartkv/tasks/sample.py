@@ -1,7 +1,7 @@
 """One evaluation sample, the unit every task generator produces and every stage consumes.
 
 A sample is plain data (prompt text, gold answers, scorer name) so that a prepared task set
-can be written to parquet once and evaluated by any KV method later (DESIGN.md: prepare
+can be written to parquet once and evaluated by any KV method later (docs/DESIGN.md: prepare
 tasks -> runs). `answers` and `meta` are JSON-encoded in a parquet row because their shapes
 vary by task and parquet wants one type per column.
 """
