@@ -86,12 +86,12 @@ def test_held_bytes_are_the_tensors_held(model):
     generate(model, cache, prompt())
     for layer in cache.layers:
         tensors = [layer.sink_k, layer.sink_v, layer.win_k, layer.win_v]
-        for rows in layer.stores.values():
+        for rows in layer.store.rows.values():
             tensors += list(rows.planes) + [rows.scale, rows.zero]
-        tensors += [i for i in layer.index.values() if i is not None]
+        tensors += [i for i in layer.store.index.values() if i is not None]
         tensors += [layer.k_scale, layer.k_shift]  # per-channel key centre and scale (key smoothing)
         assert layer.nbytes() == sum(t.nbytes for t in tensors)
-        assert all(p.dtype == torch.uint8 for rows in layer.stores.values() for p in rows.planes)
+        assert all(p.dtype == torch.uint8 for rows in layer.store.rows.values() for p in rows.planes)
 
 
 def test_budget_one_reproduces_fp16(model):

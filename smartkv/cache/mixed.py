@@ -7,9 +7,9 @@ Layout of one layer's tokens, oldest first:
 A *unit* is the block of values that shares one precision: a token's K and V over all KV
 heads (`granularity="layer"`), or per KV head (`"head"`), with K and V together or apart
 (`kv_split`). Units are numbered token-major, so numbers never change as tokens arrive.
-For each bit width the layer holds one `QuantizedRows` with the units at that width and an
-int32 index of which units they are (the index is counted in `nbytes`; a single-width
-layer whose units are in order, as uniform INTk, needs none).
+The quantized region is a `PackedStore` (smartkv/cache/packed_store.py): per width, the
+packed rows and an int32 index of which units they are. This file is the layer's policy:
+sinks, window, budget, and when to allocate.
 
 Tokens wait in the window at full precision and get their bits when they leave it; a
 re-allocation every `realloc_freq` decode steps may demote stored units to make room.
@@ -26,9 +26,7 @@ import torch
 
 from smartkv import allocate as alloc
 from smartkv.cache.base import KVLayer
-from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
-
-INDEX_BYTES = 4  # int32 unit index
+from smartkv.cache.packed_store import PackedStore
 
 
 @dataclass(frozen=True)
@@ -63,9 +61,7 @@ class MixedPrecisionLayer(KVLayer):
         self.win_k = self.win_v = None
         # key_smoothing: per-channel FP16 centre and half-range of the keys, [B, H, 1, D], counted in nbytes
         self.k_scale = self.k_shift = None
-        self.n_quant = 0  # tokens in the quantized region
-        self.stores: dict[int, QuantizedRows] = {}  # level -> rows
-        self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
+        self.store: PackedStore | None = None  # the quantized region, built once the geometry is known
         self.allocated = spec.budget is None
         self.decode_steps = 0
         self.generator = torch.Generator().manual_seed(spec.seed)
@@ -93,16 +89,19 @@ class MixedPrecisionLayer(KVLayer):
             self.unit_len = self.heads * self.head_dim * per_head
         # token-major permutation of a stacked [2, B, H, n, D] block of K and V
         self.perm = (3, 1, 2, 0, 4) if s.granularity == "head" else (3, 1, 0, 2, 4)
-        self.costs = [row_nbytes(self.unit_len, b, self.group, s.symmetric) + self._index_bytes() for b in s.bit_set]
+        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric)
+        self.costs = self.store.costs
         empty = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.store_dtype, device=self.device)
         self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()
-
-    def _index_bytes(self) -> int:
-        return 0 if len(self.spec.bit_set) == 1 else INDEX_BYTES
 
     @property
     def units_per_row(self) -> int:
         return self.units_per_token * self.batch
+
+    @property
+    def n_quant(self) -> int:
+        """Tokens in the quantized region."""
+        return self.store.n_units // self.units_per_row if self.store is not None else 0
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
@@ -239,7 +238,7 @@ class MixedPrecisionLayer(KVLayer):
 
     # --- allocation ---------------------------------------------------------------------
     def _held_quant_bytes(self) -> int:
-        return sum(self.costs[lvl] * st.n_rows for lvl, st in self.stores.items())
+        return self.store.held_bytes()
 
     def _leaving(self, keep: int) -> torch.Tensor:
         """Pop the window's oldest tokens beyond `keep`; return their units."""
@@ -254,7 +253,7 @@ class MixedPrecisionLayer(KVLayer):
         s = self.spec
         if s.budget is None:
             units = self._leaving(s.window)
-            self._store_new(units, torch.zeros(units.shape[0], dtype=torch.long))
+            self.store.append(units, torch.zeros(units.shape[0], dtype=torch.long))
             return
         budget = self.budget_bytes()
         held = self._held_quant_bytes()
@@ -270,7 +269,7 @@ class MixedPrecisionLayer(KVLayer):
         caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
         available = budget - held - self._fixed_bytes(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
-        self._store_new(self._leaving(keep), levels)
+        self.store.append(self._leaving(keep), levels)
 
     def _reallocate(self) -> None:
         """Re-allocate every quantized unit (caps: current width) plus the tokens leaving the window."""
@@ -295,74 +294,18 @@ class MixedPrecisionLayer(KVLayer):
         imp = self._unit_importance(first, self.n_quant + n_out)
         top = len(s.bit_set) - 1
         caps = torch.full((imp.shape[0],), top)
-        caps[:n_old] = self._current_levels()
+        caps[:n_old] = self.store.levels()
         available = budget - self._fixed_bytes(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
-        self._demote(levels[:n_old])
-        self._store_new(self._leaving(keep), levels[n_old:])
-
-    def _current_levels(self) -> torch.Tensor:
-        levels = torch.zeros(self.n_quant * self.units_per_row, dtype=torch.long)
-        for lvl, idx in self.index.items():
-            if idx is None:
-                levels[:] = lvl
-            else:
-                levels[idx.long()] = lvl
-        return levels
-
-    def _demote(self, new_levels: torch.Tensor) -> None:
-        """Move stored units whose level dropped to their new width (never up)."""
-        for lvl in sorted(self.stores):
-            idx = self._ids(lvl)
-            target = new_levels[idx]
-            moving = target != lvl
-            if not bool(moving.any()):
-                continue
-            if bool((target > lvl).any()):
-                raise AssertionError("re-allocation raised a stored unit's precision")
-            values = self.stores[lvl].select(moving).dequantize(torch.float32)
-            keep = ~moving
-            self.stores[lvl] = self.stores[lvl].select(keep)
-            self.index[lvl] = idx[keep].to(torch.int32)
-            for new in target[moving].unique().tolist():
-                sel = target[moving] == new
-                self._append(new, quantize_rows(values[sel], self.spec.bit_set[new], self.group, self.spec.symmetric),
-                             idx[moving][sel])
-
-    def _ids(self, lvl: int) -> torch.Tensor:
-        idx = self.index[lvl]
-        return torch.arange(self.stores[lvl].n_rows) if idx is None else idx.long()
-
-    def _store_new(self, units: torch.Tensor, levels: torch.Tensor) -> None:
-        if units.shape[0] == 0:
-            return
-        start = self.n_quant * self.units_per_row
-        ids = torch.arange(start, start + units.shape[0])
-        for lvl in levels.unique().tolist():
-            sel = levels == lvl
-            rows = quantize_rows(units[sel], self.spec.bit_set[lvl], self.group, self.spec.symmetric)
-            self._append(lvl, rows, ids[sel])
-        self.n_quant += units.shape[0] // self.units_per_row
-
-    def _append(self, lvl: int, rows: QuantizedRows, ids: torch.Tensor) -> None:
-        single = len(self.spec.bit_set) == 1
-        if lvl in self.stores:
-            self.stores[lvl] = self.stores[lvl].cat_rows(rows)
-            if not single:
-                self.index[lvl] = torch.cat([self.index[lvl], ids.to(torch.int32)])
-        else:
-            self.stores[lvl] = rows
-            self.index[lvl] = None if single else ids.to(torch.int32)
+        self.store.demote(levels[:n_old])
+        self.store.append(self._leaving(keep), levels[n_old:])
 
     # --- read -------------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts_k, parts_v = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
         if self.n_quant:
-            buf = torch.empty(self.n_quant * self.units_per_row, self.unit_len, dtype=self.dtype, device=self.device)
-            for lvl, rows in self.stores.items():
-                if rows.n_rows:
-                    rows.dequantize_into(buf, self.index[lvl])  # fused unpack + scale + scatter
-            k, v = self._from_units(buf, self.n_quant)
+            buf = torch.empty(self.store.n_units, self.unit_len, dtype=self.dtype, device=self.device)
+            k, v = self._from_units(self.store.dequantize_into(buf), self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
         parts_k.append(self.win_k.to(self.dtype))
@@ -374,16 +317,15 @@ class MixedPrecisionLayer(KVLayer):
         if not self.is_initialized:
             return 0
         total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        total += sum(r.nbytes for r in self.stores.values()) + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
-        return total + sum(i.nbytes for i in self.index.values() if i is not None)
+        total += self.store.nbytes
+        return total + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
 
     def bits_histogram(self) -> dict[int, int]:
         if not self.is_initialized:
             return {}
         hist = {16: sum(t.numel() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))}
-        for lvl, rows in self.stores.items():
-            b = self.spec.bit_set[lvl]
-            hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len
+        for b, n in self.store.values_per_width().items():
+            hist[b] = hist.get(b, 0) + n
         return hist
 
     def bits_map(self) -> torch.Tensor:
@@ -391,9 +333,7 @@ class MixedPrecisionLayer(KVLayer):
         s = self.sink_k.shape[-2]
         out = torch.full((self.batch, self.heads, self.seq_len, 2), 16.0)
         if self.n_quant:
-            per_unit = torch.zeros(self.n_quant * self.units_per_row)
-            for lvl in self.stores:
-                per_unit[self._ids(lvl)] = float(self.spec.bit_set[lvl])
+            per_unit = self.store.unit_bits()
             expanded = per_unit[:, None].expand(-1, self.unit_len)
             k, v = self._from_units(expanded, self.n_quant, rescale=False)  # [B, H, n, D] each
             out[:, :, s : s + self.n_quant, 0] = k[..., 0]
