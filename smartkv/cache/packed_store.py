@@ -114,3 +114,20 @@ class PackedStore:
             b = self.bit_set[lvl]
             hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len
         return hist
+
+    # --- beam search / cropping ---------------------------------------------------------
+    def gather(self, src: torch.Tensor) -> "PackedStore":
+        """A store whose unit j is this store's unit `src[j]`, at its width (repeats allowed: beams)."""
+        levels = self.levels()
+        pos = torch.empty(self.n_units, dtype=torch.long)  # row of each unit within its width's rows
+        for lvl, rows in self.rows.items():
+            pos[self.ids(lvl)] = torch.arange(rows.n_rows)
+        src = src.long().cpu()
+        new_levels, new_pos = levels[src], pos[src]
+        out = PackedStore(self.bit_set, self.unit_len, self.group, self.symmetric)
+        for lvl in new_levels.unique().tolist():
+            at = (new_levels == lvl).nonzero().squeeze(1)
+            out.rows[lvl] = self.rows[lvl].select(new_pos[at].to(self.rows[lvl].scale.device))
+            out.index[lvl] = None if self.single else at.to(torch.int32)
+        out.n_units = int(src.numel())
+        return out
