@@ -110,6 +110,10 @@ class KVLayer(CacheLayerMixin):
         """Fewest tokens from which the budget can be met (0: no budget, None: at no length)."""
         return 0
 
+    def awaiting_allocation(self) -> bool:
+        """Whether the layer still holds its prompt as given, its budget not yet applied."""
+        return False
+
     # --- beam search / cropping: a layer that cannot move its tokens says so -------------
     def _unsupported(self, what: str):
         raise NotImplementedError(
@@ -232,18 +236,21 @@ class KVCache(Cache):
             "budget": budget,
             "budget_met": met,
             "budget_holds_from": holds_from,
-            "budget_note": _budget_note(met, holds_from, self.get_seq_length()),
+            "budget_note": _budget_note(met, holds_from, self.get_seq_length(),
+                                        any(layer.awaiting_allocation() for layer in self.layers)),
         }
 
 
-def _budget_note(met: bool, holds_from: int | None, seq_len: int) -> str:
+def _budget_note(met: bool, holds_from: int | None, seq_len: int, awaiting: bool) -> str:
     """Why a budget is not met, in a line ("" when it is)."""
     if met:
         return ""
+    if awaiting:
+        return ("allocation runs at the first decode step and generation stopped before it "
+                "(the first new token ended it): every token is still in FP16")
     if holds_from is None:
         return "the budget is below what the lowest bit width costs per token: it is met at no length"
     if seq_len < holds_from:
         return (f"{seq_len} tokens are too few for the budget, which holds from {holds_from} tokens on; "
                 "meanwhile the cache holds its floor (sinks in FP16, every other token at the lowest width)")
-    return ("allocation runs at the first decode step and generation stopped before it "
-            "(the first new token ended it): every token is still in FP16")
+    return "the cache holds more than its budget"  # not reached by the layers here; said rather than hidden

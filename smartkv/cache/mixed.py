@@ -244,6 +244,9 @@ class MixedPrecisionLayer(KVLayer):
             n += 1
         return n
 
+    def awaiting_allocation(self) -> bool:
+        return self.is_initialized and not self.allocated
+
     def budget_met(self) -> bool:
         """Whether the bytes held now are within this layer's budget (always, without a budget)."""
         if self.spec.budget is None or not self.is_initialized:
