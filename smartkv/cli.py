@@ -79,6 +79,7 @@ def cmd_generate(args) -> int:
 
     import torch
 
+    from smartkv.methods.budget_check import check_budget_reachable
     from smartkv.methods.registry import build_cache, config_dict
     from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
 
@@ -87,11 +88,14 @@ def cmd_generate(args) -> int:
     model, tok = _load_model(args.model, args.dtype)
     build_cache(args.method, model.config, **params)  # a method this model cannot run fails before prefill
     ids, mask = encode(tok, [prompt], device=model.device)
+    # The cache ends holding prompt + new tokens - 1 (the last token is never fed back).
+    check_budget_reachable(args.method, params, model.config, ids.shape[1] + args.max_new_tokens - 1, model.dtype)
     pre = prefill(model, ids, mask)
     cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)
     new, seconds = decode(model, pre, cache, args.max_new_tokens, do_sample=args.sample, seed=args.seed)
     text = tok.decode(new[0], skip_special_tokens=True)
     mem = memory_of(cache)
+    report = cache.memory_report() if hasattr(cache, "memory_report") else {}
     out = {
         "text": text,
         "method": args.method,
@@ -102,6 +106,11 @@ def cmd_generate(args) -> int:
         "fp16_kv_bytes": int(mem["fp16_kv_bytes"]),
         "kv_ratio": float(mem["ratio"]),
         "mean_bits": float(mem["mean_bits"]),
+        # False while the context is too short for the budget (the cache holds its floor), or when
+        # generation stopped before the first decode step; budget_holds_from: tokens from which it holds
+        "budget_met": bool(report.get("budget_met", True)),
+        "budget_holds_from": report.get("budget_holds_from", 0),
+        "budget_note": report.get("budget_note", ""),
         "prefill_s": pre.seconds,
         "decode_s": seconds,
     }
@@ -115,6 +124,9 @@ def cmd_generate(args) -> int:
             f"{out['prompt_tokens'] + out['new_tokens'] - 1} tokens",
             file=sys.stderr,
         )
+        if not out["budget_met"]:
+            print(f"[{args.method}] budget {config_dict(config).get('budget')} NOT met: {out['budget_note']}",
+                  file=sys.stderr)
     return 0
 
 

@@ -53,6 +53,24 @@ class LayerImportance:
             self.ema = torch.nn.functional.pad(self.ema, (0, extra))
             self.count = torch.nn.functional.pad(self.count, (0, extra))
 
+    # --- beam search / cropping: statistics follow the batch rows and tokens they belong to ---
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.cumulative is not None:
+            index = index.to(self.cumulative.device)
+            self.cumulative, self.ema, self.count = (t.index_select(0, index) for t in (self.cumulative, self.ema, self.count))
+
+    def repeat_rows(self, repeats: int) -> None:
+        if self.cumulative is not None:
+            self.cumulative, self.ema, self.count = (t.repeat_interleave(repeats, dim=0)
+                                                     for t in (self.cumulative, self.ema, self.count))
+
+    def crop(self, n_tokens: int) -> None:
+        """Forget tokens from `n_tokens` on. What the dropped tokens' queries added to the kept
+        tokens stays (an EMA cannot be unwound): assisted decoding's rejected drafts leave that trace."""
+        if self.cumulative is not None and self.n_tokens > n_tokens:
+            self.cumulative, self.ema, self.count = (t[..., :n_tokens].contiguous()
+                                                     for t in (self.cumulative, self.ema, self.count))
+
     def score(self, signal: str) -> torch.Tensor:
         if signal == "cumulative":
             return self.cumulative
@@ -84,6 +102,19 @@ class ImportanceTracker:
     @property
     def nbytes(self) -> int:
         return sum(li.nbytes for li in self.layers.values())
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows `index` in every layer (beam search's reorder)."""
+        for li in self.layers.values():
+            li.select_rows(index)
+
+    def repeat_rows(self, repeats: int) -> None:
+        for li in self.layers.values():
+            li.repeat_rows(repeats)
+
+    def crop(self, layer_idx: int, n_tokens: int) -> None:
+        if layer_idx in self.layers:
+            self.layers[layer_idx].crop(n_tokens)
 
     def copy(self) -> "ImportanceTracker":
         out = ImportanceTracker(self.decay)

@@ -86,12 +86,12 @@ def test_held_bytes_are_the_tensors_held(model):
     generate(model, cache, prompt())
     for layer in cache.layers:
         tensors = [layer.sink_k, layer.sink_v, layer.win_k, layer.win_v]
-        for rows in layer.stores.values():
+        for rows in layer.store.rows.values():
             tensors += list(rows.planes) + [rows.scale, rows.zero]
-        tensors += [i for i in layer.index.values() if i is not None]
+        tensors += [i for i in layer.store.index.values() if i is not None]
         tensors += [layer.k_scale, layer.k_shift]  # per-channel key centre and scale (key smoothing)
         assert layer.nbytes() == sum(t.nbytes for t in tensors)
-        assert all(p.dtype == torch.uint8 for rows in layer.stores.values() for p in rows.planes)
+        assert all(p.dtype == torch.uint8 for rows in layer.store.rows.values() for p in rows.planes)
 
 
 def test_budget_one_reproduces_fp16(model):
@@ -186,10 +186,24 @@ def test_fork_path_matches_direct_fp16(model):
     assert torch.equal(direct, forked)
 
 
-def test_budget_below_floor_is_clear(model):
+def test_budget_below_floor_is_refused_before_work_and_flagged_inside_generate(model):
+    from smartkv.allocate import BudgetError
+    from smartkv.cache.base import BudgetWarning
+    from smartkv.methods.budget_check import check_budget_reachable
+
+    # What the user can fix is refused before any work (the CLI and the pipeline call this) ...
+    with pytest.raises(BudgetError, match=r"budget 0.05 cannot be met with 201 tokens: the floor there is 0\.\d+"):
+        check_budget_reachable("smartkv", {"budget": 0.05}, model.config, PROMPT_LEN + 1)
+    check_budget_reachable("smartkv", {"budget": 0.3}, model.config, PROMPT_LEN + 1)  # reachable: no error
+    # ... while inside generate the cache holds its floor, warns once and flags it.
     cache = build_cache("smartkv", model.config, budget=0.05)
-    with pytest.raises(ValueError, match=r"budget 0.05 cannot be met .* the floor is 0\.\d+"):
-        generate(model, cache, prompt(), new=2)
+    with pytest.warns(BudgetWarning, match="budget 0.05 cannot be met") as caught:
+        generate(model, cache, prompt(), new=4)
+    assert len([w for w in caught if w.category is BudgetWarning]) == 1
+    rep = cache.memory_report()
+    assert rep["budget_met"] is False and rep["budget_holds_from"] is None and rep["budget_note"]
+    layer = cache.layers[0]
+    assert layer.nbytes() == layer.floor_bytes(layer.seq_len)
 
 
 def test_floor_ratio_is_the_bytes_at_the_lowest_width(model):

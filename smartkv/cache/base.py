@@ -9,12 +9,16 @@ A cache is a list of layers (as in `transformers.cache_utils`); a layer's one jo
   and SmartKV's attention function (registered through `AttentionInterface`) feeds the
   attention that the layer's queries pay back to the tracker. The marker holds the very
   key tensor `update` returned, so the attention function only reports to the cache whose
-  keys it is attending over.
+  keys it is attending over;
+- beam search and cropping (`reorder_cache`, `batch_repeat_interleave`, `batch_select_indices`,
+  `crop`, what `generate` calls): each layer moves its own tokens, the cache moves the
+  tracker's per-token statistics with them.
 """
 
 from __future__ import annotations
 
 import contextvars
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +50,10 @@ def clear_active_update() -> None:
 def storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """Full-precision tokens are held in 16 bits whatever the model computes in (bf16 stays bf16)."""
     return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float16
+
+
+class BudgetWarning(UserWarning):
+    """A cache holds more than its budget (too short a context for it); it says until when."""
 
 
 class KVLayer(CacheLayerMixin):
@@ -94,11 +102,23 @@ class KVLayer(CacheLayerMixin):
         """Number of K/V values held at each bit width (16 = full precision)."""
         raise NotImplementedError
 
-    # --- operations SmartKV's layers do not offer ----------------------------------------
+    def budget_met(self) -> bool:
+        """Whether the bytes held are within the layer's budget (layers without one: always)."""
+        return True
+
+    def budget_holds_from(self) -> int | None:
+        """Fewest tokens from which the budget can be met (0: no budget, None: at no length)."""
+        return 0
+
+    def awaiting_allocation(self) -> bool:
+        """Whether the layer still holds its prompt as given, its budget not yet applied."""
+        return False
+
+    # --- beam search / cropping: a layer that cannot move its tokens says so -------------
     def _unsupported(self, what: str):
         raise NotImplementedError(
             f"{type(self).__name__} does not support {what} (beam search / cache cropping); "
-            "use greedy or sampled decoding"
+            "use greedy or sampled decoding, or the fp16, uniform or smartkv methods, which support both"
         )
 
     def reorder_cache(self, beam_idx):
@@ -135,6 +155,36 @@ class KVCache(Cache):
         _ACTIVE.set(ActiveUpdate(self, layer_idx, keys) if self.tracker is not None else None)
         return keys, values
 
+    def warn_once(self, key: str, message: str) -> None:
+        """One warning per cache and kind (not one per layer and step)."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, BudgetWarning, stacklevel=3)
+
+    # --- beam search / cropping: the tracker's per-token statistics follow the tokens ----
+    # The tracker moves first: a layer that must re-allocate after the move reads its rows.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.tracker is not None:
+            self.tracker.select_rows(beam_idx)
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.tracker is not None and repeats != 1:
+            self.tracker.repeat_rows(repeats)
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.tracker is not None:
+            self.tracker.select_rows(torch.as_tensor(indices, dtype=torch.long))
+        super().batch_select_indices(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.tracker is not None:
+            for idx, layer in enumerate(self.layers):
+                self.tracker.crop(idx, layer.get_seq_length())
+
     def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
         self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
 
@@ -166,6 +216,10 @@ class KVCache(Cache):
         kv = sum(p["kv_bytes"] for p in per_layer)
         fp16 = sum(p["fp16_kv_bytes"] for p in per_layer)
         values = sum(hist.values())
+        budget = getattr(self.config, "budget", None)
+        froms = [layer.budget_holds_from() for layer in self.layers if layer.is_initialized]
+        met = all(layer.budget_met() for layer in self.layers)
+        holds_from = None if any(f is None for f in froms) else max(froms, default=0)
         return {
             "method": self.method,
             "kv_bytes": kv,
@@ -176,4 +230,27 @@ class KVCache(Cache):
             "bits_histogram": dict(sorted(hist.items())),
             "seq_len": self.get_seq_length(),
             "per_layer": per_layer,
+            # Methods without a budget always meet it. A budget is not met while the context is
+            # shorter than `budget_holds_from` tokens (the cache holds its floor meanwhile), or
+            # before the first decode step (allocation runs there: a prompt answered by EOS at once).
+            "budget": budget,
+            "budget_met": met,
+            "budget_holds_from": holds_from,
+            "budget_note": _budget_note(met, holds_from, self.get_seq_length(),
+                                        any(layer.awaiting_allocation() for layer in self.layers)),
         }
+
+
+def _budget_note(met: bool, holds_from: int | None, seq_len: int, awaiting: bool) -> str:
+    """Why a budget is not met, in a line ("" when it is)."""
+    if met:
+        return ""
+    if awaiting:
+        return ("allocation runs at the first decode step and generation stopped before it "
+                "(the first new token ended it): every token is still in FP16")
+    if holds_from is None:
+        return "the budget is below what the lowest bit width costs per token: it is met at no length"
+    if seq_len < holds_from:
+        return (f"{seq_len} tokens are too few for the budget, which holds from {holds_from} tokens on; "
+                "meanwhile the cache holds its floor (sinks in FP16, every other token at the lowest width)")
+    return "the cache holds more than its budget"  # not reached by the layers here; said rather than hidden

@@ -7,14 +7,20 @@ Layout of one layer's tokens, oldest first:
 A *unit* is the block of values that shares one precision: a token's K and V over all KV
 heads (`granularity="layer"`), or per KV head (`"head"`), with K and V together or apart
 (`kv_split`). Units are numbered token-major, so numbers never change as tokens arrive.
-For each bit width the layer holds one `QuantizedRows` with the units at that width and an
-int32 index of which units they are (the index is counted in `nbytes`; a single-width
-layer whose units are in order, as uniform INTk, needs none).
+The quantized region is a `PackedStore` (smartkv/cache/packed_store.py): per width, the
+packed rows and an int32 index of which units they are. This file is the layer's policy:
+sinks, window, budget, and when to allocate.
 
 Tokens wait in the window at full precision and get their bits when they leave it; a
 re-allocation every `realloc_freq` decode steps may demote stored units to make room.
 Precision never goes up: a demoted unit is re-quantized from its de-quantized values.
 With `budget=None` nothing is allocated: every unit gets the single width in `bit_set`.
+
+Short contexts: below `budget_holds_from()` tokens no layout meets the budget (the sinks
+alone may weigh more). The layer then holds its floor (sinks in FP16, every other token at
+the lowest width), warns once per cache, and reports `budget_met: False`; from that length
+on the budget holds again. Beam search and cropping (`reorder_cache`, `batch_*`, `crop`)
+move the packed units with their tokens.
 """
 
 from __future__ import annotations
@@ -26,9 +32,8 @@ import torch
 
 from smartkv import allocate as alloc
 from smartkv.cache.base import KVLayer
-from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
-
-INDEX_BYTES = 4  # int32 unit index
+from smartkv.cache.fp16 import crop_length
+from smartkv.cache.packed_store import PackedStore
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,7 @@ class MixedPrecisionLayer(KVLayer):
         self.win_k = self.win_v = None
         # key_smoothing: per-channel FP16 centre and half-range of the keys, [B, H, 1, D], counted in nbytes
         self.k_scale = self.k_shift = None
-        self.n_quant = 0  # tokens in the quantized region
-        self.stores: dict[int, QuantizedRows] = {}  # level -> rows
-        self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
+        self.store: PackedStore | None = None  # the quantized region, built once the geometry is known
         self.allocated = spec.budget is None
         self.decode_steps = 0
         self.generator = torch.Generator().manual_seed(spec.seed)
@@ -93,16 +96,19 @@ class MixedPrecisionLayer(KVLayer):
             self.unit_len = self.heads * self.head_dim * per_head
         # token-major permutation of a stacked [2, B, H, n, D] block of K and V
         self.perm = (3, 1, 2, 0, 4) if s.granularity == "head" else (3, 1, 0, 2, 4)
-        self.costs = [row_nbytes(self.unit_len, b, self.group, s.symmetric) + self._index_bytes() for b in s.bit_set]
+        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric)
+        self.costs = self.store.costs
         empty = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.store_dtype, device=self.device)
         self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()
-
-    def _index_bytes(self) -> int:
-        return 0 if len(self.spec.bit_set) == 1 else INDEX_BYTES
 
     @property
     def units_per_row(self) -> int:
         return self.units_per_token * self.batch
+
+    @property
+    def n_quant(self) -> int:
+        """Tokens in the quantized region."""
+        return self.store.n_units // self.units_per_row if self.store is not None else 0
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
@@ -181,15 +187,21 @@ class MixedPrecisionLayer(KVLayer):
     def _fp16_token_bytes(self) -> int:
         return 2 * 2 * self.batch * self.heads * self.head_dim
 
-    def budget_bytes(self, ahead: int = 0) -> int | None:
+    def _fraction(self, fix: bool = True) -> float:
+        """This layer's share of FP16 bytes. Layer-aware shares are fixed at their first use, so
+        a report (`fix=False`) reads them only once allocation has fixed them."""
+        frac = self.spec.budget
+        if self.spec.layer_budgets == "entropy" and self.cache is not None:
+            if fix or self.cache._layer_fractions is not None:
+                frac = self.cache.layer_fraction(self.layer_idx)
+        return frac
+
+    def budget_bytes(self, ahead: int = 0, fix: bool = True) -> int | None:
         """Bytes allowed now; with `ahead`, what is left now if `ahead` more FP16 tokens must still fit later."""
         if self.spec.budget is None:
             return None
-        frac = self.spec.budget
-        if self.spec.layer_budgets == "entropy" and self.cache is not None:
-            frac = self.cache.layer_fraction(self.layer_idx)
         tok = self._fp16_token_bytes()
-        return int(math.floor(frac * (self.seq_len + ahead) * tok)) - ahead * tok
+        return int(math.floor(self._fraction(fix) * (self.seq_len + ahead) * tok)) - ahead * tok
 
     def _over_budget(self) -> bool:
         if self.spec.budget is None:
@@ -200,18 +212,54 @@ class MixedPrecisionLayer(KVLayer):
         scale = self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0
         return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
 
-    def floor_ratio(self, seq_len: int | None = None) -> float:
-        """Lowest budget this layer can meet with `seq_len` tokens (default: now).
+    def floor_bytes(self, seq_len: int) -> int:
+        """Least bytes this layer can hold `seq_len` tokens in: its floor.
 
         Sinks in FP16, every other token at the lowest width, plus the per-channel key centre
         and scale when key smoothing is on. Computed from the geometry, so it is known before
         the sinks are split off (layer-aware budgets need every layer's floor up front).
         """
-        n = self.seq_len if seq_len is None else seq_len
+        n = seq_len
         sinks = min(self.spec.sink_tokens, n)
         key_stats = 2 * self.batch * self.heads * self.head_dim * self.store_dtype.itemsize if self.spec.key_smoothing else 0
-        floor = sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
-        return floor / (n * self._fp16_token_bytes())
+        return sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
+
+    def floor_ratio(self, seq_len: int | None = None) -> float:
+        """Lowest budget this layer can meet with `seq_len` tokens (default: now)."""
+        n = self.seq_len if seq_len is None else seq_len
+        return self.floor_bytes(n) / (n * self._fp16_token_bytes())
+
+    def budget_holds_from(self, fix: bool = False) -> int | None:
+        """Fewest tokens from which this layer's budget can be met (and is, from then on); None: at no length."""
+        if self.spec.budget is None:
+            return 0
+        tok, per_token = self._fp16_token_bytes(), self.units_per_row * self.costs[0]
+        frac = self._fraction(fix)
+        slope = frac * tok - per_token  # what the budget gains over the floor with each token
+        if slope < 1:  # rounding bytes down eats less than a byte per token
+            return None
+        sinks = self.spec.sink_tokens
+        n = max(1, int((self.floor_bytes(sinks) - sinks * per_token) // slope) - 2)
+        while self.floor_bytes(n) > math.floor(frac * n * tok):
+            n += 1
+        return n
+
+    def awaiting_allocation(self) -> bool:
+        return self.is_initialized and not self.allocated
+
+    def budget_met(self) -> bool:
+        """Whether the bytes held now are within this layer's budget (always, without a budget)."""
+        if self.spec.budget is None or not self.is_initialized:
+            return True
+        return self.nbytes() <= self.budget_bytes(fix=False)
+
+    def floor_message(self, seq_len: int) -> str:
+        return (
+            f"budget {self.spec.budget} cannot be met with {seq_len} tokens: the floor there is "
+            f"{self.floor_ratio(seq_len):.4f} of FP16 ({min(self.spec.sink_tokens, seq_len)} sink tokens in FP16, every "
+            f"other token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index, plus the "
+            "per-channel key scale when key smoothing is on)"
+        )
 
     def window_cap(self, budget: int) -> int:
         """Most FP16 window tokens for `budget` bytes: `window`, or fewer where the window
@@ -219,8 +267,9 @@ class MixedPrecisionLayer(KVLayer):
         share_tokens = int(self.spec.window_share * budget // self._fp16_token_bytes()) if budget > 0 else 0
         return min(self.spec.window, share_tokens) if self.spec.window_share < 1.0 else self.spec.window
 
-    def _window_that_fits(self, budget: int, committed: int) -> int:
-        """Largest window (<= spec.window) that leaves every token outside it room at the lowest width.
+    def _window_that_fits(self, budget: int, committed: int) -> int | None:
+        """Largest window (<= spec.window) that leaves every token outside it room at the lowest width;
+        None where not even an empty window fits (too short a context for the budget).
 
         `committed`: bytes of the units already in the quantized region, as they will be held.
         """
@@ -229,17 +278,26 @@ class MixedPrecisionLayer(KVLayer):
         for w in range(min(self.window_cap(budget), w_now), -1, -1):
             if self._fixed_bytes(w) + committed + (w_now - w) * per_token <= budget:
                 return w
-        raise alloc.BudgetError(
-            f"budget {self.spec.budget} cannot be met at layer {self.layer_idx} with {self.seq_len} tokens: "
-            f"the floor is {self.floor_ratio():.4f} of FP16 ({self.sink_k.shape[-2]} sink tokens in FP16, every other "
-            f"token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index, plus the "
-            f"per-channel key scale when key smoothing is on); "
-            "raise the budget, or lower the sink count or the lowest bit width"
-        )
+        return None
+
+    def _hold_floor(self) -> None:
+        """Too short a context for the budget: hold the least this layer can, and say so once per cache."""
+        self.store.demote(torch.zeros(self.store.n_units, dtype=torch.long))
+        units = self._leaving(0)
+        self.store.append(units, torch.zeros(units.shape[0], dtype=torch.long))
+        if self.cache is not None:
+            frm = self.budget_holds_from()
+            self.cache.warn_once(
+                "short_context",
+                f"smartkv: {self.floor_message(self.seq_len)}; holding that floor instead (sinks in FP16, the rest at "
+                f"{self.spec.bit_set[0]} bits) " + (f"until the context reaches {frm} tokens, from which the budget holds"
+                                                    if frm is not None else "at every length: the budget is below the lowest width")
+                + "; memory_report()['budget_met'] says whether it holds now",
+            )
 
     # --- allocation ---------------------------------------------------------------------
     def _held_quant_bytes(self) -> int:
-        return sum(self.costs[lvl] * st.n_rows for lvl, st in self.stores.items())
+        return self.store.held_bytes()
 
     def _leaving(self, keep: int) -> torch.Tensor:
         """Pop the window's oldest tokens beyond `keep`; return their units."""
@@ -254,13 +312,12 @@ class MixedPrecisionLayer(KVLayer):
         s = self.spec
         if s.budget is None:
             units = self._leaving(s.window)
-            self._store_new(units, torch.zeros(units.shape[0], dtype=torch.long))
+            self.store.append(units, torch.zeros(units.shape[0], dtype=torch.long))
             return
         budget = self.budget_bytes()
         held = self._held_quant_bytes()
-        try:
-            keep = self._window_that_fits(budget, held)
-        except alloc.BudgetError:
+        keep = self._window_that_fits(budget, held)
+        if keep is None:
             self._reallocate()  # only demotions can make room
             return
         n_out = self.win_k.shape[-2] - keep
@@ -270,7 +327,7 @@ class MixedPrecisionLayer(KVLayer):
         caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
         available = budget - held - self._fixed_bytes(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
-        self._store_new(self._leaving(keep), levels)
+        self.store.append(self._leaving(keep), levels)
 
     def _reallocate(self) -> None:
         """Re-allocate every quantized unit (caps: current width) plus the tokens leaving the window."""
@@ -284,85 +341,82 @@ class MixedPrecisionLayer(KVLayer):
         committed = self.n_quant * self.units_per_row * self.costs[0]
         ahead = min(self.spec.realloc_freq, int(0.01 * self.seq_len / max(1e-9, 1.0 - s.budget)))
         budget = self.budget_bytes(ahead=ahead)
-        try:
-            keep = self._window_that_fits(budget, committed)
-        except alloc.BudgetError:  # too short a context to plan ahead: meet today's budget
+        keep = self._window_that_fits(budget, committed)
+        if keep is None:  # too short a context to plan ahead: meet today's budget
             budget = self.budget_bytes()
             keep = self._window_that_fits(budget, committed)
+        if keep is None:  # too short a context for the budget at all
+            self._hold_floor()
+            return
         first = self.sink_k.shape[-2]
         n_old = self.n_quant * self.units_per_row
         n_out = self.win_k.shape[-2] - keep
         imp = self._unit_importance(first, self.n_quant + n_out)
         top = len(s.bit_set) - 1
         caps = torch.full((imp.shape[0],), top)
-        caps[:n_old] = self._current_levels()
+        caps[:n_old] = self.store.levels()
         available = budget - self._fixed_bytes(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
-        self._demote(levels[:n_old])
-        self._store_new(self._leaving(keep), levels[n_old:])
+        self.store.demote(levels[:n_old])
+        self.store.append(self._leaving(keep), levels[n_old:])
 
-    def _current_levels(self) -> torch.Tensor:
-        levels = torch.zeros(self.n_quant * self.units_per_row, dtype=torch.long)
-        for lvl, idx in self.index.items():
-            if idx is None:
-                levels[:] = lvl
-            else:
-                levels[idx.long()] = lvl
-        return levels
+    # --- beam search / cropping: every per-token tensor follows its tokens -----------------
+    is_croppable = True
 
-    def _demote(self, new_levels: torch.Tensor) -> None:
-        """Move stored units whose level dropped to their new width (never up)."""
-        for lvl in sorted(self.stores):
-            idx = self._ids(lvl)
-            target = new_levels[idx]
-            moving = target != lvl
-            if not bool(moving.any()):
-                continue
-            if bool((target > lvl).any()):
-                raise AssertionError("re-allocation raised a stored unit's precision")
-            values = self.stores[lvl].select(moving).dequantize(torch.float32)
-            keep = ~moving
-            self.stores[lvl] = self.stores[lvl].select(keep)
-            self.index[lvl] = idx[keep].to(torch.int32)
-            for new in target[moving].unique().tolist():
-                sel = target[moving] == new
-                self._append(new, quantize_rows(values[sel], self.spec.bit_set[new], self.group, self.spec.symmetric),
-                             idx[moving][sel])
-
-    def _ids(self, lvl: int) -> torch.Tensor:
-        idx = self.index[lvl]
-        return torch.arange(self.stores[lvl].n_rows) if idx is None else idx.long()
-
-    def _store_new(self, units: torch.Tensor, levels: torch.Tensor) -> None:
-        if units.shape[0] == 0:
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        """Batch row j becomes old row `rows[j]` (beam search repeats and reorders rows)."""
+        if not self.is_initialized:
             return
-        start = self.n_quant * self.units_per_row
-        ids = torch.arange(start, start + units.shape[0])
-        for lvl in levels.unique().tolist():
-            sel = levels == lvl
-            rows = quantize_rows(units[sel], self.spec.bit_set[lvl], self.group, self.spec.symmetric)
-            self._append(lvl, rows, ids[sel])
-        self.n_quant += units.shape[0] // self.units_per_row
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        upt, upr = self.units_per_token, self.units_per_row
+        src = (torch.arange(self.n_quant)[:, None, None] * upr + rows[None, :, None] * upt
+               + torch.arange(upt)[None, None, :]).reshape(-1)
+        self.store = self.store.gather(src)
+        on = rows.to(self.device)
+        self.sink_k, self.sink_v, self.win_k, self.win_v = (t.index_select(0, on) for t in
+                                                            (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        if self.k_scale is not None:
+            self.k_scale, self.k_shift = self.k_scale.index_select(0, on), self.k_shift.index_select(0, on)
+        self.batch = int(rows.numel())
+        self._back_under_budget()
 
-    def _append(self, lvl: int, rows: QuantizedRows, ids: torch.Tensor) -> None:
-        single = len(self.spec.bit_set) == 1
-        if lvl in self.stores:
-            self.stores[lvl] = self.stores[lvl].cat_rows(rows)
-            if not single:
-                self.index[lvl] = torch.cat([self.index[lvl], ids.to(torch.int32)])
-        else:
-            self.stores[lvl] = rows
-            self.index[lvl] = None if single else ids.to(torch.int32)
+    def _back_under_budget(self) -> None:
+        """Rows share one budget: copying the rows that hold wider units (beams), or dropping cheap
+        tokens (crop), can pass it. Demote at once, so that the budget holds after every call."""
+        if self.allocated and self._over_budget():
+            self._reallocate()
+
+    def reorder_cache(self, beam_idx):
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices):
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats):
+        self._select_rows(torch.arange(self.batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove):
+        """Drop the newest tokens (assisted decoding rejects drafts): window first, then quantized units, then sinks."""
+        n = crop_length(self.seq_len, tokens_to_remove)
+        if not self.is_initialized or n >= self.seq_len:
+            return
+        s, q = self.sink_k.shape[-2], self.n_quant
+        self.win_k, self.win_v = self.win_k[:, :, : max(0, n - s - q)], self.win_v[:, :, : max(0, n - s - q)]
+        if n < s + q:
+            self.store = self.store.gather(torch.arange(max(0, n - s) * self.units_per_row))
+        if n < s:
+            self.sink_k, self.sink_v = self.sink_k[:, :, :n], self.sink_v[:, :, :n]
+        self.sink_k, self.sink_v, self.win_k, self.win_v = (t.contiguous() for t in
+                                                            (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        self.seq_len = n
+        self._back_under_budget()
 
     # --- read -------------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts_k, parts_v = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
         if self.n_quant:
-            buf = torch.empty(self.n_quant * self.units_per_row, self.unit_len, dtype=self.dtype, device=self.device)
-            for lvl, rows in self.stores.items():
-                if rows.n_rows:
-                    rows.dequantize_into(buf, self.index[lvl])  # fused unpack + scale + scatter
-            k, v = self._from_units(buf, self.n_quant)
+            buf = torch.empty(self.store.n_units, self.unit_len, dtype=self.dtype, device=self.device)
+            k, v = self._from_units(self.store.dequantize_into(buf), self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
         parts_k.append(self.win_k.to(self.dtype))
@@ -374,16 +428,15 @@ class MixedPrecisionLayer(KVLayer):
         if not self.is_initialized:
             return 0
         total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        total += sum(r.nbytes for r in self.stores.values()) + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
-        return total + sum(i.nbytes for i in self.index.values() if i is not None)
+        total += self.store.nbytes
+        return total + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
 
     def bits_histogram(self) -> dict[int, int]:
         if not self.is_initialized:
             return {}
         hist = {16: sum(t.numel() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))}
-        for lvl, rows in self.stores.items():
-            b = self.spec.bit_set[lvl]
-            hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len
+        for b, n in self.store.values_per_width().items():
+            hist[b] = hist.get(b, 0) + n
         return hist
 
     def bits_map(self) -> torch.Tensor:
@@ -391,9 +444,7 @@ class MixedPrecisionLayer(KVLayer):
         s = self.sink_k.shape[-2]
         out = torch.full((self.batch, self.heads, self.seq_len, 2), 16.0)
         if self.n_quant:
-            per_unit = torch.zeros(self.n_quant * self.units_per_row)
-            for lvl in self.stores:
-                per_unit[self._ids(lvl)] = float(self.spec.bit_set[lvl])
+            per_unit = self.store.unit_bits()
             expanded = per_unit[:, None].expand(-1, self.unit_len)
             k, v = self._from_units(expanded, self.n_quant, rescale=False)  # [B, H, n, D] each
             out[:, :, s : s + self.n_quant, 0] = k[..., 0]

@@ -1,0 +1,133 @@
+"""Packed store: quantized units, each at its own bit width, addressed by unit number.
+
+A *unit* is a row of `unit_len` values that shares one precision (what a unit covers, a
+token's K and V or one head of it, is the owning layer's business). Units are numbered
+0, 1, 2, ... in the order the layer hands them over. For each width the store holds one
+`QuantizedRows` with the units at that width and an int32 index of which units they are.
+A store with a single width holds its units in order and needs no index (uniform INTk).
+
+Every tensor held is counted by `nbytes`, index included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
+
+INDEX_BYTES = 4  # int32 unit index
+
+
+class PackedStore:
+    def __init__(self, bit_set: tuple[int, ...], unit_len: int, group: int, symmetric: bool) -> None:
+        self.bit_set, self.unit_len, self.group, self.symmetric = bit_set, unit_len, group, symmetric
+        self.single = len(bit_set) == 1
+        self.rows: dict[int, QuantizedRows] = {}  # level -> rows at bit_set[level]
+        self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
+        self.n_units = 0
+        # bytes one unit costs at each level, index included
+        self.costs = [row_nbytes(unit_len, b, group, symmetric) + (0 if self.single else INDEX_BYTES) for b in bit_set]
+
+    # --- write --------------------------------------------------------------------------
+    def append(self, units: torch.Tensor, levels: torch.Tensor) -> None:
+        """Quantize new units [n, unit_len] (numbered after the ones held) at `levels` [n]."""
+        if units.shape[0] == 0:
+            return
+        ids = torch.arange(self.n_units, self.n_units + units.shape[0])
+        for lvl in levels.unique().tolist():
+            sel = levels == lvl
+            self._add(lvl, quantize_rows(units[sel], self.bit_set[lvl], self.group, self.symmetric), ids[sel])
+        self.n_units += units.shape[0]
+
+    def _add(self, lvl: int, rows: QuantizedRows, ids: torch.Tensor) -> None:
+        if lvl in self.rows:
+            self.rows[lvl] = self.rows[lvl].cat_rows(rows)
+            if not self.single:
+                self.index[lvl] = torch.cat([self.index[lvl], ids.to(torch.int32)])
+        else:
+            self.rows[lvl] = rows
+            self.index[lvl] = None if self.single else ids.to(torch.int32)
+
+    def demote(self, new_levels: torch.Tensor) -> None:
+        """Move units whose level dropped to their new width (never up).
+
+        A demoted unit is re-quantized from its de-quantized values.
+        """
+        for lvl in sorted(self.rows):
+            idx = self.ids(lvl)
+            target = new_levels[idx]
+            moving = target != lvl
+            if not bool(moving.any()):
+                continue
+            if bool((target > lvl).any()):
+                raise AssertionError("re-allocation raised a stored unit's precision")
+            values = self.rows[lvl].select(moving).dequantize(torch.float32)
+            keep = ~moving
+            self.rows[lvl] = self.rows[lvl].select(keep)
+            self.index[lvl] = idx[keep].to(torch.int32)
+            for new in target[moving].unique().tolist():
+                sel = target[moving] == new
+                self._add(new, quantize_rows(values[sel], self.bit_set[new], self.group, self.symmetric),
+                          idx[moving][sel])
+
+    # --- read ---------------------------------------------------------------------------
+    def ids(self, lvl: int) -> torch.Tensor:
+        """Unit numbers held at level `lvl`, int64."""
+        idx = self.index[lvl]
+        return torch.arange(self.rows[lvl].n_rows) if idx is None else idx.long()
+
+    def levels(self) -> torch.Tensor:
+        """Level of every unit held, int64 [n_units]."""
+        levels = torch.zeros(self.n_units, dtype=torch.long)
+        for lvl in self.index:
+            levels[self.ids(lvl)] = lvl
+        return levels
+
+    def unit_bits(self) -> torch.Tensor:
+        """Bit width of every unit held, float [n_units]."""
+        out = torch.zeros(self.n_units)
+        for lvl in self.rows:
+            out[self.ids(lvl)] = float(self.bit_set[lvl])
+        return out
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """De-quantize every unit into row `unit number` of `out` [n_units, unit_len]."""
+        for lvl, rows in self.rows.items():
+            if rows.n_rows:
+                rows.dequantize_into(out, self.index[lvl])  # fused unpack + scale + scatter
+        return out
+
+    # --- memory -------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Bytes of the units held as the allocator counts them (`costs` per unit)."""
+        return sum(self.costs[lvl] * rows.n_rows for lvl, rows in self.rows.items())
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(r.nbytes for r in self.rows.values())
+        return total + sum(i.nbytes for i in self.index.values() if i is not None)
+
+    def values_per_width(self) -> dict[int, int]:
+        """Number of values held at each bit width."""
+        hist: dict[int, int] = {}
+        for lvl, rows in self.rows.items():
+            b = self.bit_set[lvl]
+            hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len
+        return hist
+
+    # --- beam search / cropping ---------------------------------------------------------
+    def gather(self, src: torch.Tensor) -> "PackedStore":
+        """A store whose unit j is this store's unit `src[j]`, at its width (repeats allowed: beams)."""
+        levels = self.levels()
+        pos = torch.empty(self.n_units, dtype=torch.long)  # row of each unit within its width's rows
+        for lvl, rows in self.rows.items():
+            pos[self.ids(lvl)] = torch.arange(rows.n_rows)
+        src = src.long().cpu()
+        new_levels, new_pos = levels[src], pos[src]
+        out = PackedStore(self.bit_set, self.unit_len, self.group, self.symmetric)
+        for lvl in new_levels.unique().tolist():
+            at = (new_levels == lvl).nonzero().squeeze(1)
+            out.rows[lvl] = self.rows[lvl].select(new_pos[at].to(self.rows[lvl].scale.device))
+            out.index[lvl] = None if self.single else at.to(torch.int32)
+        out.n_units = int(src.numel())
+        return out
