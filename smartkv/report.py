@@ -13,7 +13,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from smartkv.stats import PERPLEXITY_TASK, comparison_table, markdown_table
+from smartkv.stats import PERPLEXITY_TASK, comparison_table, markdown_table, run_memory
 
 SMALL_N = 30  # below this, a paired test has little power for a few-point difference
 FEW_SEEDS = 3
@@ -49,10 +49,10 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping) -> l
         if seeds < FEW_SEEDS:
             out.append(f"Only {seeds} seed(s) for some runs: the ± spreads are "
                        + ("undefined (shown as none)." if seeds < 2 else "rough."))
-        over = summary[summary["budget"].notna() & (summary["kv_ratio"] > summary["budget"] + 1e-9)]
-        for run, g in over.groupby("run", sort=False):
-            out.append(f"`{run}` measured {g['kv_ratio'].max():.3f} × FP16 memory, above its "
-                       f"budget {g['budget'].iloc[0]:.3f}.")
+        memory, budget = run_memory(summary), summary.groupby("run", sort=False)["budget"].first()
+        for run, b in budget.dropna().items():
+            if memory[run] > b + 1e-9:
+                out.append(f"`{run}` measured {memory[run]:.3f} × FP16 memory, above its budget {b:.3f}.")
         fp = summary[(summary["method"] == "fp16") & (summary["task"] != PERPLEXITY_TASK)]
         hard = fp[fp["score_mean"] < 0.5]
         if len(hard):

@@ -155,7 +155,7 @@ def paired_tests(
     Rows are aligned on `key` (one prompt of one seed); rows present in only one run are
     dropped and counted in `n_unpaired`. task = "all" pools every paired prompt (a
     per-prompt mean, so a task with more prompts weighs more); `per_task` adds one row per
-    task. Each row carries the measured `kv_ratio` of both sides averaged over exactly the
+    task (when there are several). Each row carries the measured `kv_ratio` of both sides averaged over exactly the
     paired prompts. Bootstrap clusters come from the `cluster` column when the frame has
     one (rows sharing a value resample together), else each prompt is its own cluster.
     `p_holm` and the verdict are set by `multiplicity.apply_holm` over a whole family.
@@ -169,7 +169,8 @@ def paired_tests(
         pairs = target.add_suffix("_t").join(baseline.add_suffix("_b"), how="inner")
         n_unpaired = len(target) + len(baseline) - 2 * len(pairs)
         groups = [("all", pairs)]
-        if per_task and "task" in key:
+        tasks = pairs.index.get_level_values("task").unique() if "task" in key else []
+        if per_task and len(tasks) > 1:  # with one task its row would repeat "all"
             groups += list(pairs.groupby(level="task", sort=False))
         for task, p in groups:
             clusters = p["cluster_t"].to_numpy() if "cluster_t" in p else None
