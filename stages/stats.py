@@ -66,8 +66,7 @@ def matched_tests(df: pd.DataFrame, overall: pd.DataFrame, settings: dict) -> pd
             sub = df[df["run"].isin([m["target"], m["baseline"]])]
             if not (sub.groupby("run")[measure].count() > 0).all() or sub["run"].nunique() < 2:
                 continue  # one side has no value for this measure (e.g. a peer without perplexity)
-            t = paired_tests(sub, m["target"], [m["baseline"]], per_task=True, family=MATCHED,
-                             **_test_kwargs(settings, measure))
+            t = paired_tests(sub, m["target"], [m["baseline"]], per_task=True, **_test_kwargs(settings, measure))
             t["family"] = [_family(MATCHED, measure, task != "all") for task in t["task"]]
             frames.append(t.assign(**{k: m[k] for k in ("match", "match_reason", "memory_gap")}))
     if not frames:
@@ -89,31 +88,6 @@ def ablation_tests(df: pd.DataFrame, runs: list[str], settings: dict) -> pd.Data
     return apply_holm(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), settings["alpha"])
 
 
-def main_table(summary: pd.DataFrame, tests: pd.DataFrame, power: dict) -> str:
-    from smartkv.stats import comparison_table, markdown_table
-
-    md = ["## Results per task", "Score mean ± std over seeds; the mean over tasks is the mean of per-task "
-          "means (each task weighs the same); KV memory is the mean over accuracy prompts (perplexity "
-          "rows excluded), as everywhere in this study.", "", markdown_table(summary)]
-    pooled = tests[tests["task"] == "all"] if len(tests) else tests
-    md += ["## Baselines vs matched-memory SmartKV", "Pooled over prompts (task = all; a task with more "
-           "prompts weighs more). Exact McNemar for 0/1 outcomes, paired t for continuous ones; CI by "
-           "cluster bootstrap; bold = significant after Holm within its family, else inconclusive.", "",
-           comparison_table(pooled)]
-    if len(pooled):
-        md += ["How each SmartKV run was chosen:", ""]
-        md += [f"- `{b}` → `{r['target']}` ({r['match']}): {r['match_reason']}"
-               for b, r in pooled.drop_duplicates("baseline").set_index("baseline").iterrows()]
-        md.append("")
-    d = power.get("design")
-    if d:
-        md += ["## Power", f"At the median comparison (n = {d['n_pairs']} pairs, discordance "
-               f"{d['discordance_observed']:.2f}), the exact McNemar test has power {d['power']:.2f} to detect a "
-               f"{power['effect']:.2f} difference at alpha {power['alpha']}; {power['target_power']:.0%} power "
-               f"needs n = {d['n_for_target_power']} independent pairs (more with clustered prompts).", ""]
-    return "\n".join(md)
-
-
 def strip_timing(obj):
     if isinstance(obj, dict):
         return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
@@ -131,7 +105,7 @@ def overall_json(ov: pd.DataFrame) -> dict:
 @stage_main
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance
-    from smartkv.stats import markdown_table, metrics_json, overall, power_report, summarize
+    from smartkv.stats import main_table, markdown_table, metrics_json, overall, power_report, summarize
 
     settings = stats_settings(params)
     main_df = read_results("baselines", "smartkv")

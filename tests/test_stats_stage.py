@@ -30,7 +30,8 @@ def frame() -> pd.DataFrame:
                                  sample_id=f"s{i}", seed=0, cluster=f"{task}-h{i // 3}",
                                  score=np.nan if ppl else float(difficulty[ti, i] < p),
                                  nll=2 + (1 - p) + 0.1 * rng.random() if ppl else np.nan,
-                                 kv_ratio=ratio * (1.3 if ppl else 1.0), tokens_per_s=1.0))
+                                 kv_ratio=ratio * (1.3 if ppl else 1.0), kv_bytes=int(1000 * ratio),
+                                 tokens_per_s=1.0))
     return pd.DataFrame(rows)
 
 
@@ -45,6 +46,7 @@ def test_matched_tests_pair_exact_labels_and_adjust_per_family(frame):
     # Memory of both sides over the same prompts: accuracy rows for score, perplexity rows for NLL.
     assert pooled.loc[("int3", "score"), "baseline_kv_ratio"] == pytest.approx(0.25)
     assert pooled.loc[("int3", "nll"), "baseline_kv_ratio"] == pytest.approx(0.25 * 1.3)
+    assert pooled.loc[("int3", "score"), "target_kv_bytes"] == 249
     assert (pooled.xs("score", level="measure")["test"] == "mcnemar_exact").all()
     assert (pooled.xs("score", level="measure")["n_clusters"] == 20).all()  # 2 tasks x 10 haystacks
     # Holm within each family: recompute one family by hand.
@@ -53,7 +55,7 @@ def test_matched_tests_pair_exact_labels_and_adjust_per_family(frame):
     assert (tests["significant"] == (tests["p_holm"] < 0.05)).all()
     assert set(tests.loc[~tests["significant"], "verdict"]) <= {"inconclusive"}
     power = stats.power_report(tests)
-    md = stage.main_table(stats.summarize(main), tests, power)
+    md = stats.main_table(stats.summarize(main), tests, power)
     assert md.count("**") == 4 * int(tests.loc[tests["task"] == "all", "significant"].sum())
     assert "exact_label" in md and "mean of per-task means" in md and "## Power" in md
 

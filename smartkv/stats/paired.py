@@ -155,9 +155,10 @@ def paired_tests(
     Rows are aligned on `key` (one prompt of one seed); rows present in only one run are
     dropped and counted in `n_unpaired`. task = "all" pools every paired prompt (a
     per-prompt mean, so a task with more prompts weighs more); `per_task` adds one row per
-    task (when there are several). Each row carries the measured `kv_ratio` of both sides averaged over exactly the
-    paired prompts. Bootstrap clusters come from the `cluster` column when the frame has
-    one (rows sharing a value resample together), else each prompt is its own cluster.
+    task (when there are several). Each row carries both sides' measured `kv_ratio` (and
+    `kv_bytes`, when the frame has it) averaged over exactly the paired prompts. Bootstrap
+    clusters come from the `cluster` column when the frame has one (rows sharing a value
+    resample together), else each prompt is its own cluster.
     `p_holm` and the verdict are set by `multiplicity.apply_holm` over a whole family.
     """
     key = list(key)
@@ -178,8 +179,9 @@ def paired_tests(
                             seed, n_resamples, alpha, margin)
             rows.append({"family": family, "target": target_run, "baseline": base, "task": task, **stats,
                          "n_unpaired": n_unpaired if task == "all" else 0,
-                         "target_kv_ratio": float(p["kv_t"].mean()) if len(p) else math.nan,
-                         "baseline_kv_ratio": float(p["kv_b"].mean()) if len(p) else math.nan})
+                         **{f"{side}_{name}": float(p[f"{col}_{s}"].mean()) if len(p) else math.nan
+                            for side, s in (("target", "t"), ("baseline", "b"))
+                            for name, col in (("kv_ratio", "kv"), ("kv_bytes", "bytes"))}})
     return pd.DataFrame(rows)
 
 
@@ -188,12 +190,13 @@ def _keyed(df: pd.DataFrame, run: str, key: list[str], measure: str) -> pd.DataF
     if r.empty:
         raise ValueError(f"run {run!r} has no rows with a {measure!r} value")
     cols = {measure: "value"}
-    for src, dst in (("kv_ratio", "kv"), (CLUSTER, "cluster")):
+    for src, dst in (("kv_ratio", "kv"), ("kv_bytes", "bytes"), (CLUSTER, "cluster")):
         if src in r.columns:
             cols[src] = dst
     out = r.set_index(key)[list(cols)].rename(columns=cols)
-    if "kv" not in out:
-        out["kv"] = math.nan
+    for col in ("kv", "bytes"):
+        if col not in out:
+            out[col] = math.nan
     if out.index.duplicated().any():
         raise ValueError(f"run {run!r}: key {key} does not identify rows uniquely")
     return out

@@ -10,7 +10,8 @@ from smartkv.stats.summary import PERPLEXITY_TASK, run_memory
 
 TEST_LEAVES = ["n_pairs", "n_unpaired", "n_clusters", "n_target_only", "n_baseline_only", "target_mean",
                "baseline_mean", "mean_diff", "ci_lo", "ci_hi", "p", "p_holm", "p_t", "p_wilcoxon",
-               "significant", "noninferior", "equivalent", "margin", "target_kv_ratio", "baseline_kv_ratio"]
+               "significant", "noninferior", "equivalent", "margin", "target_kv_ratio", "baseline_kv_ratio",
+               "target_kv_bytes", "baseline_kv_bytes"]
 MEMORY_HEADER = "KV memory (× FP16, accuracy prompts)"
 TASK_MEAN_HEADER = "mean over tasks (mean of per-task means)"
 
@@ -131,3 +132,28 @@ def comparison_table(tests: pd.DataFrame) -> str:
             t.get("family", ""), t.get("note", "") or "",
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main_table(summary: pd.DataFrame, tests: pd.DataFrame, power: dict) -> str:
+    """`metrics/main_table.md`: the per-task table, the pooled comparisons with how each
+    SmartKV partner was chosen, and the power the design reaches (`power_report`'s dict)."""
+    md = ["## Results per task", "Score mean ± std over seeds; the mean over tasks is the mean of per-task "
+          "means (each task weighs the same); KV memory is the mean over accuracy prompts (perplexity "
+          "rows excluded), as everywhere in this study.", "", markdown_table(summary)]
+    pooled = tests[tests["task"] == "all"] if len(tests) else tests
+    md += ["## Baselines vs matched-memory SmartKV", "Pooled over prompts (task = all; a task with more "
+           "prompts weighs more). Exact McNemar for 0/1 outcomes, paired t for continuous ones; CI by "
+           "cluster bootstrap; bold = significant after Holm within its family, else inconclusive.", "",
+           comparison_table(pooled)]
+    if len(pooled):
+        md += ["How each SmartKV run was chosen:", ""]
+        md += [f"- `{b}` → `{r['target']}` ({r['match']}): {r['match_reason']}"
+               for b, r in pooled.drop_duplicates("baseline").set_index("baseline").iterrows()]
+        md.append("")
+    d = power.get("design")
+    if d:
+        md += ["## Power", f"At the median comparison (n = {d['n_pairs']} pairs, discordance "
+               f"{d['discordance_observed']:.2f}), the exact McNemar test has power {d['power']:.2f} to detect a "
+               f"{power['effect']:.2f} difference at alpha {power['alpha']}; {power['target_power']:.0%} power "
+               f"needs n = {d['n_for_target_power']} independent pairs (more with clustered prompts).", ""]
+    return "\n".join(md)
