@@ -153,7 +153,7 @@ def main_table(summary: pd.DataFrame, tests: pd.DataFrame, power: dict) -> str:
     d = power.get("design")
     if d:
         md += ["## Power", f"At the median comparison (n = {d['n_pairs']} pairs, discordance "
-               f"{d['discordance_observed']:.2f}), the exact McNemar test has power {d['power']:.2f} to detect a "
+               f"{d['discordance_observed']:.2f}, taken as {d['discordance_assumed']:.2f}), the exact McNemar test has power {d['power']:.2f} to detect a "
                f"{power['effect']:.2f} difference at alpha {power['alpha']}; {power['target_power']:.0%} power "
                f"needs n = {d['n_for_target_power']} independent pairs (more with clustered prompts).", ""]
     return "\n".join(md)
