@@ -1,45 +1,26 @@
 """REPORT.md generator: every number, figure link and caveat comes from pipeline outputs.
 
 The limitations section is computed, not written by hand, so it cannot drift from the
-results: it lists the comparisons that are not significant, samples and seeds that are few,
+results: it lists the comparisons that are inconclusive after Holm, samples and seeds that are few,
 budgets the measured memory exceeded, and tasks the FP16 model itself fails.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Mapping
 
 import pandas as pd
 
-from smartkv.stats import PERPLEXITY_TASK, markdown_table
+from smartkv.stats import PERPLEXITY_TASK, comparison_table, markdown_table, run_memory
 
 SMALL_N = 30  # below this, a paired test has little power for a few-point difference
 FEW_SEEDS = 3
 
 
-def _p(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return "<0.001" if x < 0.001 else f"{x:.3f}"
-
-
 def significance_table(tests: pd.DataFrame) -> str:
-    if tests is None or tests.empty:
-        return "_no paired tests were run_\n"
-    cols = ["target", "baseline", "task", "n", "Δ mean [95% CI]", "p (t)", "p (Holm)",
-            "p (Wilcoxon)", "significant", "note"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for t in tests.itertuples(index=False):
-        holm = getattr(t, "p_t_holm", math.nan)
-        lines.append(
-            f"| `{t.target}` | `{t.baseline}` | {t.task} | {t.n_pairs} | "
-            f"{t.mean_diff:+.3f} [{t.ci_lo:+.3f}, {t.ci_hi:+.3f}] | {_p(t.p_t)} | {_p(holm)} | "
-            f"{_p(t.p_wilcoxon)} | {'**yes**' if t.significant else 'no'} | {t.note or ''} |"
-        )
-    return "\n".join(lines) + "\n"
+    return comparison_table(tests)
 
 
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping) -> list[str]:
@@ -47,26 +28,31 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping) -> l
     if tests is not None and not tests.empty:
         ns = tests[~tests["significant"].astype(bool)]
         if len(ns):
-            pairs = ", ".join(f"`{r.target}` vs `{r.baseline}` ({r.task})" for r in ns.itertuples())
-            out.append(f"Not significant at p < 0.05 (paired t-test): {pairs}. "
-                       "Treat these differences as noise.")
+            pairs = ", ".join(f"`{r.target}` vs `{r.baseline}` ({r.measure}, {r.task})" for r in ns.itertuples())
+            out.append(f"Inconclusive (Holm-adjusted p ≥ 0.05 within its family): {pairs}. "
+                       "These comparisons neither show a difference nor show its absence; the "
+                       "non-inferiority column and metrics/power.json say what the data can rule out.")
         small = tests[tests["n_pairs"] < SMALL_N]
         if len(small):
             out.append(f"{len(small)} of {len(tests)} comparisons rest on fewer than {SMALL_N} "
                        f"paired samples (smallest n = {int(small['n_pairs'].min())}); "
                        "small effects cannot be detected.")
-        if "p_t_holm" in tests and (tests["significant"].astype(bool) & ~(tests["p_t_holm"] < 0.05)).any():
-            out.append("Some comparisons flagged significant do not survive Holm correction "
-                       "for multiple comparisons.")
+        if "n_clusters" in tests and (tests["n_clusters"] < tests["n_pairs"]).any():
+            out.append("Some prompts share a cluster (e.g. a haystack): their CIs resample whole "
+                       "clusters, but the McNemar and t p-values assume independent pairs.")
+        if "match" in tests and (tests["match"] == "nearest_above").any():
+            above = tests[tests["match"] == "nearest_above"].drop_duplicates("baseline")
+            out.append("No SmartKV run fits within the memory of " + ", ".join(f"`{b}`" for b in above["baseline"])
+                       + ": those comparisons give SmartKV more bytes.")
     if not summary.empty:
         seeds = int(summary["n_seeds"].min())
         if seeds < FEW_SEEDS:
             out.append(f"Only {seeds} seed(s) for some runs: the ± spreads are "
                        + ("undefined (shown as none)." if seeds < 2 else "rough."))
-        over = summary[summary["budget"].notna() & (summary["kv_ratio"] > summary["budget"] + 1e-9)]
-        for run, g in over.groupby("run", sort=False):
-            out.append(f"`{run}` measured {g['kv_ratio'].max():.3f} × FP16 memory, above its "
-                       f"budget {g['budget'].iloc[0]:.3f}.")
+        memory, budget = run_memory(summary), summary.groupby("run", sort=False)["budget"].first()
+        for run, b in budget.dropna().items():
+            if memory[run] > b + 1e-9:
+                out.append(f"`{run}` measured {memory[run]:.3f} × FP16 memory, above its budget {b:.3f}.")
         fp = summary[(summary["method"] == "fp16") & (summary["task"] != PERPLEXITY_TASK)]
         hard = fp[fp["score_mean"] < 0.5]
         if len(hard):
@@ -111,8 +97,9 @@ def render_report(
         *_setup_lines(setup),
         "",
         "## Main results",
-        "Score mean ± std over seeds (1 = all correct); KV memory is measured from the bytes "
-        "held, as a fraction of FP16 for the same tokens.",
+        "Score mean ± std over seeds (1 = all correct); the mean over tasks is the mean of per-task "
+        "means. KV memory is measured from the bytes held, as a fraction of FP16 for the same "
+        "tokens, averaged over the accuracy prompts (perplexity rows excluded) everywhere.",
         "",
         markdown_table(summary),
         "## Figures",
@@ -123,8 +110,9 @@ def render_report(
     md += ["## Ablations", ""]
     md.append(markdown_table(ablation_summary) if ablation_summary is not None
               else "_no ablations were run_\n")
-    md += ["## Significance", "Paired over (task, sample, seed); Δ = target − baseline; "
-           "CI by bootstrap; significant = paired t-test p < 0.05 (Wilcoxon where t is undefined).",
+    md += ["## Significance", "Paired over (task, sample, seed), pooled over prompts; Δ = target − baseline; "
+           "exact McNemar for 0/1 outcomes, paired t-test for continuous ones; 95% CI by cluster "
+           "bootstrap; only Holm-adjusted results (within each family) are bold, the rest are inconclusive.",
            "", significance_table(tests)]
     md += ["## Limitations", *[f"- {x}" for x in limitations(summary, tests, setup)], ""]
     versions = provenance.get("versions", {})

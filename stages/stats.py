@@ -1,12 +1,14 @@
 """Stage `stats`: summaries over seeds, paired tests at matched memory, metrics and a markdown table.
 
 Reads data/{baselines,smartkv,ablations}.parquet. Writes
-- data/summary.parquet (run x task: mean ± std over seeds), data/tests.parquet (paired tests);
-- metrics/main.json (per run: accuracy over tasks, KV memory), metrics/tasks.json (per run x task),
-  metrics/significance.json, metrics/ablations.json: deterministic, identical on a re-run;
+- data/summary.parquet (run x task: mean ± std over seeds), data/tests.parquet (paired tests of
+  each baseline against its matched SmartKV run, per measure, pooled and per task);
+- metrics/main.json (per run: mean of per-task means, pooled mean, KV memory), metrics/tasks.json
+  (per run x task), metrics/significance.json, metrics/ablations.json, metrics/power.json (exact
+  McNemar power): deterministic, identical on a re-run;
 - metrics/latency.json: decode tokens/s, measured wall time, so it differs on every run and is
   kept out of the files above;
-- metrics/main_table.md.
+- metrics/main_table.md: the per-task table, the matched comparisons and the power line.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import pandas as pd
 
 from stages.common import DATA, HEADLINE, METRICS, ParamError, get, read_results, section, stage_main
 
 log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
+MATCHED = "baselines vs matched SmartKV"
+ABLATIONS = "ablations vs headline"
 
 
 def stats_settings(params: dict) -> dict:
@@ -31,42 +34,58 @@ def stats_settings(params: dict) -> dict:
     seed = s.get("bootstrap_seed", 0)
     if not isinstance(seed, int):
         raise ParamError(f"stats.bootstrap_seed={seed!r} must be an integer")
-    return {"memory_tolerance": float(tol), "bootstrap_seed": seed}
+    out = {"memory_tolerance": float(tol), "bootstrap_seed": seed}
+    for key, default, lo, hi in (("alpha", 0.05, 0, 0.5), ("noninferiority_margin", 0.05, 0, 1),
+                                 ("power_effect", 0.10, 0, 1), ("power_target", 0.8, 0, 1)):
+        v = s.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+            raise ParamError(f"stats.{key}={v!r} must lie in ({lo}, {hi})")
+        out[key] = float(v)
+    return out
 
 
-def matched_target(base_ratio: float, targets: pd.Series, tol: float) -> tuple[str, str]:
-    """The SmartKV run to compare a baseline with: the one with the most memory not above the
-    baseline's (+ tol), so SmartKV never gets more bytes; failing that, the nearest."""
-    ok = targets[targets <= base_ratio + tol]
-    if len(ok):
-        return str(ok.idxmax()), "at_or_below_baseline_memory"
-    return str((targets - base_ratio).abs().idxmin()), "nearest_above"
+def _test_kwargs(settings: dict, measure: str) -> dict:
+    return {"measure": measure, "seed": settings["bootstrap_seed"], "alpha": settings["alpha"],
+            "margin": settings["noninferiority_margin"] if measure == "score" else None}
+
+
+def _family(name: str, measure: str, per_task: bool = False) -> str:
+    return f"{name} [{measure}{', per task' if per_task else ''}]"
 
 
 def matched_tests(df: pd.DataFrame, overall: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    from smartkv.stats import paired_tests
+    """Each baseline against its matched SmartKV run (see smartkv.stats.matching), on every
+    measure the results carry; Holm within each (family, measure), per-task rows apart."""
+    from smartkv.stats import apply_holm, match_baselines, measures_in, paired_tests
 
     fam = overall.set_index("run")
-    targets = fam[(fam["family"] == "smartkv") & fam["kv_ratio"].notna()]["kv_ratio"]
-    bases = fam[fam["family"].isin(["baseline", "peer"])]
+    matches = match_baselines(fam["kv_ratio"], fam["family"], settings["memory_tolerance"])
     frames = []
-    for base, row in bases.iterrows():
-        if targets.empty or math.isnan(row["kv_ratio"]):
-            continue
-        target, how = matched_target(row["kv_ratio"], targets, settings["memory_tolerance"])
-        t = paired_tests(df, target, [base], per_task=True, seed=settings["bootstrap_seed"])
-        t["target_kv_ratio"], t["baseline_kv_ratio"], t["match"] = targets[target], row["kv_ratio"], how
-        frames.append(t)
+    for measure in measures_in(df):
+        for m in matches.to_dict("records"):
+            sub = df[df["run"].isin([m["target"], m["baseline"]])]
+            if not (sub.groupby("run")[measure].count() > 0).all() or sub["run"].nunique() < 2:
+                continue  # one side has no value for this measure (e.g. a peer without perplexity)
+            t = paired_tests(sub, m["target"], [m["baseline"]], per_task=True, **_test_kwargs(settings, measure))
+            t["family"] = [_family(MATCHED, measure, task != "all") for task in t["task"]]
+            frames.append(t.assign(**{k: m[k] for k in ("match", "match_reason", "memory_gap")}))
     if not frames:
         return pd.DataFrame()
-    out = pd.concat(frames, ignore_index=True)
-    # Holm over the pooled ("all") comparisons, the family of tests the report's claims rest on.
-    from smartkv.stats import _holm
+    return apply_holm(pd.concat(frames, ignore_index=True), settings["alpha"])
 
-    out["p_t_holm"] = np.nan
-    pooled = out["task"] == "all"
-    out.loc[pooled, "p_t_holm"] = _holm(out.loc[pooled, "p_t"].to_numpy(dtype=float))
-    return out
+
+def ablation_tests(df: pd.DataFrame, runs: list[str], settings: dict) -> pd.DataFrame:
+    """Each ablation against the headline run, per measure both carry; Holm per measure."""
+    from smartkv.stats import apply_holm, measures_in, paired_tests
+
+    frames = []
+    for measure in measures_in(df):
+        has = set(df.loc[df[measure].notna(), "run"])
+        tested = [r for r in runs if r in has]
+        if HEADLINE in has and tested:
+            frames.append(paired_tests(df, HEADLINE, tested, family=_family(ABLATIONS, measure),
+                                       **_test_kwargs(settings, measure)))
+    return apply_holm(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), settings["alpha"])
 
 
 def strip_timing(obj):
@@ -79,13 +98,14 @@ def overall_json(ov: pd.DataFrame) -> dict:
     from smartkv.stats import _leaves
 
     return {r["run"]: _leaves({"score_mean": r["score_mean"], "score_std": r["score_std"],
-                               "kv_ratio": r["kv_ratio"]}) for _, r in ov.iterrows()}
+                               "score_pooled": r["score_pooled"], "kv_ratio": r["kv_ratio"]})
+            for _, r in ov.iterrows()}
 
 
 @stage_main
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance
-    from smartkv.stats import markdown_table, metrics_json, overall, paired_tests, summarize
+    from smartkv.stats import main_table, markdown_table, metrics_json, overall, power_report, summarize
 
     settings = stats_settings(params)
     main_df = read_results("baselines", "smartkv")
@@ -104,7 +124,8 @@ def main(params: dict) -> None:
     for r in dict.fromkeys(abl_df["run"]):
         if r not in scored:
             log.warning("ablation %s has no scored rows (all below the budget floor); not tested", r)
-    abl_tests = paired_tests(abl_all, HEADLINE, scored, seed=settings["bootstrap_seed"])
+    abl_tests = ablation_tests(abl_all, scored, settings)
+    power = power_report(tests, settings["power_effect"], settings["alpha"], settings["power_target"])
 
     prov = provenance({"stats": settings})
     atomic_write_parquet(summary, DATA / "summary.parquet", prov)
@@ -113,6 +134,7 @@ def main(params: dict) -> None:
     atomic_write_parquet(abl_tests, DATA / "ablation_tests.parquet", prov)
 
     atomic_write_json(METRICS / "main.json", {"runs": overall_json(ov)})
+    atomic_write_json(METRICS / "power.json", power)
     atomic_write_json(METRICS / "tasks.json", strip_timing(metrics_json(summary)))
     sig = strip_timing(metrics_json(summary.iloc[0:0], tests if not tests.empty else None))
     sig.pop("runs", None)
@@ -132,7 +154,7 @@ def main(params: dict) -> None:
         latency["runs"][run] = {"tokens_per_s": float(g["tokens_per_s"].mean()),
                                 "tokens_per_s_median": float(g["tokens_per_s_median"].median())}
     atomic_write_json(METRICS / "latency.json", latency)
-    atomic_write_text(METRICS / "main_table.md", markdown_table(summary))
+    atomic_write_text(METRICS / "main_table.md", main_table(summary, tests, power))
     log.info("main table:\n%s", markdown_table(summary))
 
 

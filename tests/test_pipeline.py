@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
-METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "latency.json"]
+METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json"]
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv"]
 STAGES = ["prepare", "baselines", "smartkv", "ablations", "stats", "figures", "report"]
@@ -105,7 +105,9 @@ def test_pipeline_end_to_end(repo: Path):
     lat = json.loads((repo / "metrics/latency.json").read_text())["runs"]
     assert all(v["tokens_per_s"] > 0 for v in lat.values())
     sig = json.loads((repo / "metrics/significance.json").read_text())["tests"]
-    assert sig and all(0 <= t["all"].get("p_t", t["all"].get("p_wilcoxon", 1)) <= 1 for t in sig.values())
+    assert sig and all(0 <= t["all"]["p"] <= t["all"]["p_holm"] <= 1 for t in sig.values())
+    power = json.loads((repo / "metrics/power.json").read_text())
+    assert 0 < power["n_for_target_power_by_discordance"]["0.30"]
     abl = json.loads((repo / "metrics/ablations.json").read_text())
     assert {"smartkv", "random-alloc", "oracle"} <= set(abl["runs"])
     assert "regret_vs_oracle" in abl

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from smartkv import io, plots, report, stats
 
@@ -87,33 +88,75 @@ def test_summarize_orders_baselines_first(summary):
     assert runs[0] == "fp16" and runs[-1] == "ablation:random-b0.30"
 
 
-def _pair_frame(target, baseline):
+def _pair_frame(target, baseline, measure="score", clusters=None):
     rows = []
-    for run, scores in (("a", target), ("b", baseline)):
-        for i, v in enumerate(scores):
-            rows.append(dict(run=run, task="t", sample_id=f"s{i}", seed=0, score=float(v)))
+    for run, values in (("a", target), ("b", baseline)):
+        for i, v in enumerate(values):
+            row = dict(run=run, task="t", sample_id=f"s{i}", seed=0, kv_ratio=0.3 if run == "a" else 0.25)
+            row[measure] = float(v)
+            if clusters is not None:
+                row["cluster"] = clusters[i]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def test_paired_tests_detects_real_difference():
+def test_mcnemar_exact_hand_values():
+    # 9 discordant pairs for the target, 1 against: p = 2 P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11/1024.
+    assert stats.mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
+    assert stats.mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert stats.mcnemar_exact(0, 0) == 1.0
+    # 6 vs 0: 2 / 2**6
+    assert stats.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+
+
+def test_one_discordant_pair_is_p_1_not_the_wilcoxon_0317():
+    # 20 prompts both runs get right or wrong alike, one only the target gets right.
+    target, base = [1] * 11 + [0] * 10, [1] * 10 + [0] * 11
+    r = stats.paired_tests(_pair_frame(target, base), "a", ["b"]).iloc[0]
+    assert r["test"] == "mcnemar_exact"
+    assert (r["n_pairs"], r["n_target_only"], r["n_baseline_only"]) == (21, 1, 0)
+    assert r["p"] == 1.0  # exact: one pair is as likely to favour either run
+    # What the old pipeline reported for the same pairs: a normal-approximation sign test.
+    d = np.subtract(target, base).astype(float)
+    assert sps.wilcoxon(d).pvalue == pytest.approx(0.3173, abs=1e-4)
+    assert math.isnan(r["p_t"]) and math.isnan(r["p_wilcoxon"])  # no t/Wilcoxon on 0/1 outcomes
+
+
+def test_paired_continuous_hand_values():
+    # d = 1..5: mean 3, sd sqrt(2.5), t = 3 / (sqrt(2.5)/sqrt(5)) = 3 sqrt(2), df = 4.
+    c = stats.paired_continuous([1, 2, 3, 4, 5])
+    t = 3 * math.sqrt(2)
+    # Student's t CDF for 4 df in closed form, with u = t / sqrt(1 + t^2/4):
+    # F(t) = 1/2 + (3/8) u (1 - t^2 / (12 (1 + t^2/4))).
+    u = t / math.sqrt(1 + t * t / 4)
+    cdf = 0.5 + 3 / 8 * u * (1 - t * t / (12 * (1 + t * t / 4)))
+    assert c["p_t"] == pytest.approx(2 * (1 - cdf), rel=1e-9)
+    assert c["p_t"] == pytest.approx(0.01324, abs=1e-5)
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)  # t_{0.975, 4} from tables
+    assert (c["t_ci_lo"], c["t_ci_hi"]) == pytest.approx((3 - half, 3 + half), abs=1e-5)
+    # Exact Wilcoxon, n = 5, all positive: W- = 0 has probability 1/32 per tail.
+    assert c["wilcoxon_method"] == "exact" and c["p_wilcoxon"] == pytest.approx(2 / 32)
+    # Ties among |d| rule out the exact null distribution.
+    assert stats.paired_continuous([1, 1, 2, 3, 4, 5])["wilcoxon_method"] == "approx"
+    zero = stats.paired_continuous([0.0, 0.0, 0.0])
+    assert zero["p_t"] == 1.0 and "zero" in zero["note"]
+    assert math.isnan(stats.paired_continuous([0.5, 0.5, 0.5])["p_t"])
+
+
+def test_paired_tests_continuous_measure_detects_real_difference():
     rng = np.random.default_rng(1)
-    base = rng.random(60)
-    target = base + 0.2 + 0.05 * rng.standard_normal(60)
-    # Shuffle the target rows: alignment must come from the key, not from row order.
-    frame = _pair_frame(target, base).sample(frac=1.0, random_state=3)
-    r = stats.paired_tests(frame, "a", ["b"]).iloc[0]
-    assert r["n_pairs"] == 60 and r["n_unpaired"] == 0
-    assert r["p_t"] < 0.05 and r["p_wilcoxon"] < 0.05 and bool(r["significant"])
+    base = 2.0 + rng.random(60)
+    target = base - 0.2 + 0.05 * rng.standard_normal(60)
+    # Shuffle the rows: alignment must come from the key, not from row order.
+    frame = _pair_frame(target, base, measure="nll").sample(frac=1.0, random_state=3)
+    r = stats.paired_tests(frame, "a", ["b"], measure="nll").iloc[0]
+    assert r["test"] == "paired_t" and r["n_pairs"] == 60 and r["n_unpaired"] == 0
+    assert r["p"] == r["p_t"] < 1e-6 and r["p_wilcoxon"] < 1e-6
     assert r["mean_diff"] == pytest.approx(float(np.mean(target - base)))
-    assert r["ci_lo"] < 0.2 < r["ci_hi"]
-
-
-def test_paired_tests_identical_runs_not_significant():
-    scores = [1, 0, 1, 1, 0, 1, 0, 0]
-    r = stats.paired_tests(_pair_frame(scores, scores), "a", ["b"]).iloc[0]
-    assert r["p_t"] == 1.0 and r["p_wilcoxon"] == 1.0
-    assert not bool(r["significant"])
-    assert "zero" in r["note"]
+    assert r["ci_lo"] < -0.2 + 0.02 and r["ci_hi"] > -0.2 - 0.02 and r["ci_hi"] < 0
+    assert not r["higher_is_better"]
+    assert (r["target_kv_ratio"], r["baseline_kv_ratio"]) == pytest.approx((0.3, 0.25))
+    assert math.isnan(r["noninferior"])  # no margin is set for NLL
 
 
 def test_paired_tests_counts_unpaired_and_per_task(df):
@@ -123,12 +166,69 @@ def test_paired_tests_counts_unpaired_and_per_task(df):
     n_seeds, n_tasks = 3, 2  # perplexity rows have no score and are not paired
     assert pooled["n_unpaired"] == n_seeds * n_tasks
     assert set(t["task"]) == {"all", "needle", "kv_retrieval"}
-    assert (t["p_t_holm"] >= t["p_t"]).all()
+    assert (t["test"] == "mcnemar_exact").all()
 
 
 def test_paired_tests_unknown_run_raises(df):
     with pytest.raises(ValueError, match="no-such-run"):
         stats.paired_tests(df, "no-such-run", ["fp16"])
+
+
+def test_holm_textbook_values():
+    # m = 4: sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(1*0.04, 0.06).
+    got = stats.holm([0.01, 0.04, 0.03, 0.005, np.nan])
+    assert got[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(got[4])
+
+
+def test_apply_holm_within_families_and_only_adjusted_is_significant():
+    tests = pd.DataFrame({
+        "family": ["A", "A", "A", "B"], "p": [0.02, 0.03, 0.04, 0.04],
+        "mean_diff": [0.1, -0.1, 0.1, -0.2], "higher_is_better": [True, True, True, False]})
+    out = stats.apply_holm(tests)
+    # Family A: 3*0.02=0.06, 2*0.03=0.06, 0.04 -> 0.06: none survive although all raw p < 0.05.
+    assert out["p_holm"].tolist()[:3] == pytest.approx([0.06, 0.06, 0.06])
+    assert not out["significant"][:3].any() and set(out["verdict"][:3]) == {"inconclusive"}
+    # Family B alone: 0.04 stays, and a negative difference on a lower-is-better measure is a gain.
+    assert out["p_holm"][3] == pytest.approx(0.04) and out["verdict"][3] == "target better"
+    table = stats.comparison_table(out.assign(target="a", baseline="b", task="all", n_pairs=10,
+                                              ci_lo=-0.1, ci_hi=0.1))
+    assert table.count("**") == 4  # only family B's adjusted p and verdict are bold
+    assert "no difference" not in table
+
+
+def test_cluster_bootstrap_matches_plain_bootstrap_without_clusters():
+    x = np.random.default_rng(0).standard_normal(100)
+    lo, hi, k = stats.cluster_bootstrap_ci(x, None, seed=5)
+    assert k == 100 and (lo, hi) == pytest.approx(stats.bootstrap_ci(x, seed=5))
+    labels = list(range(100))  # every value its own labelled cluster: the same resampling
+    assert stats.cluster_bootstrap_ci(x, labels, seed=5)[:2] == pytest.approx((lo, hi))
+
+
+def test_cluster_bootstrap_width_follows_clusters_not_rows():
+    # 10 clusters of 20 identical rows: the information is that of 10 values. The 95% CI of a
+    # mean of k values with sd s is about 2 * 1.96 * s / sqrt(k) wide; rows would claim sqrt(200).
+    rng = np.random.default_rng(2)
+    means = rng.standard_normal(10)
+    x, labels = np.repeat(means, 20), np.repeat([f"hay{i}" for i in range(10)], 20)
+    lo, hi, k = stats.cluster_bootstrap_ci(x, labels, seed=0, n_resamples=4000)
+    expected = 2 * 1.96 * means.std(ddof=0) / math.sqrt(10)
+    assert k == 10 and 0.8 * expected < hi - lo < 1.15 * expected
+    naive_lo, naive_hi = stats.bootstrap_ci(x, seed=0)
+    assert hi - lo > 3 * (naive_hi - naive_lo)
+    assert (lo, hi, k) == stats.cluster_bootstrap_ci(x, labels, seed=0, n_resamples=4000)  # seeded
+    # Unlabelled rows (NaN) are clusters of their own, not one shared "missing" cluster.
+    assert stats.cluster_bootstrap_ci([1.0, 2.0, 3.0], [np.nan, np.nan, "c"], seed=0)[2] == 3
+
+
+def test_paired_tests_use_the_cluster_column():
+    rng = np.random.default_rng(4)
+    target = (rng.random(40) < 0.6).astype(float)
+    base = (rng.random(40) < 0.5).astype(float)
+    clusters = [f"h{i // 8}" for i in range(40)]  # 5 haystacks of 8 prompts
+    r = stats.paired_tests(_pair_frame(target, base, clusters=clusters), "a", ["b"]).iloc[0]
+    assert r["n_clusters"] == 5
+    assert stats.paired_tests(_pair_frame(target, base), "a", ["b"]).iloc[0]["n_clusters"] == 40
 
 
 def test_bootstrap_ci_covers_true_mean_and_is_deterministic():
@@ -148,21 +248,110 @@ def test_bootstrap_ci_covers_true_mean_and_is_deterministic():
     assert 0.2 < hi - lo < 0.36  # about 2 * 1.96 / sqrt(200) = 0.28 wide
 
 
-def test_matched_memory_pairs(summary):
-    m = stats.matched_memory_pairs(summary, tolerance=0.015)
-    got = {(r.target, r.baseline, r.match) for r in m.itertuples()}
-    assert ("smartkv-b0.20", "kivi-2", "within_tolerance") in got
-    assert ("smartkv-b0.30", "uniform-4", "within_tolerance") in got
-    assert not m["target"].str.startswith("ablation").any()
-    # With no tolerance, the fallback gives the baseline at least as much memory as SmartKV.
-    strict = stats.matched_memory_pairs(summary, tolerance=0.0).set_index("target")
-    assert strict.loc["smartkv-b0.20", "baseline"] == "uniform-4"
-    assert (strict["gap"] >= 0).all()
+def test_noninferiority_hand_cases():
+    assert stats.noninferiority(-0.04, 0.10, 0.05) == {"noninferior": 1.0, "equivalent": 0.0}
+    assert stats.noninferiority(-0.04, 0.03, 0.05) == {"noninferior": 1.0, "equivalent": 1.0}
+    assert stats.noninferiority(-0.06, 0.03, 0.05) == {"noninferior": 0.0, "equivalent": 0.0}
+    # Lower is better (NLL): worse means a positive difference.
+    assert stats.noninferiority(-0.5, 0.04, 0.05, higher_is_better=False)["noninferior"] == 1.0
+    assert stats.noninferiority(-0.5, 0.06, 0.05, higher_is_better=False)["noninferior"] == 0.0
+    assert math.isnan(stats.noninferiority(-0.04, 0.1, None)["noninferior"])
+
+
+def test_score_rows_carry_the_noninferiority_verdict():
+    # 200 pairs, identical outcomes: CI of the difference is [0, 0], well inside 5 points.
+    same = [1, 0] * 100
+    r = stats.paired_tests(_pair_frame(same, same), "a", ["b"]).iloc[0]
+    assert (r["margin"], r["noninferior"], r["equivalent"], r["p"]) == (0.05, 1.0, 1.0, 1.0)
+
+
+def test_mcnemar_power_hand_value():
+    # Every pair discordant (psi = 1), n = 10: the test rejects at k <= 1 or k >= 9 (2 P(K<=1)
+    # = 22/1024 <= 0.05 < 2 P(K<=2) = 112/1024); a discordant pair favours the target with
+    # probability pi = (1 + 0.1) / 2 = 0.55.
+    pi, q = 0.55, 0.45
+    hand = q**10 + 10 * pi * q**9 + 10 * pi**9 * q + pi**10
+    assert stats.mcnemar_power(10, 1.0, 0.10) == pytest.approx(hand, rel=1e-12)
+
+
+def test_critical_counts_agree_with_binomtest():
+    c = stats.critical_counts(40)
+    for m in range(41):
+        rejecting = [k for k in range(m + 1) if k < m / 2 and sps.binomtest(k, m, 0.5).pvalue <= 0.05]
+        assert c[m] == (max(rejecting) if rejecting else -1), m
+
+
+def test_mcnemar_power_matches_seeded_simulation():
+    n, psi, delta, sims = 150, 0.3, 0.10, 4000
+    rng = np.random.default_rng(0)
+    m = rng.binomial(n, psi, sims)
+    k = rng.binomial(m, (psi + delta) / (2 * psi))
+    p = {c: stats.mcnemar_exact(*c) for c in set(zip(k.tolist(), (m - k).tolist()))}  # binomtest per distinct count
+    sim = np.mean([p[c] <= 0.05 for c in zip(k.tolist(), (m - k).tolist())])
+    exact = stats.mcnemar_power(n, psi, delta)
+    assert abs(sim - exact) < 3 * math.sqrt(exact * (1 - exact) / sims)
+
+
+def test_n_for_power_is_smallest_and_near_connor():
+    n = stats.n_for_power(0.3, 0.10, power=0.8)
+    assert stats.mcnemar_power(n, 0.3) >= 0.8 > stats.mcnemar_power(n - 1, 0.3)
+    assert abs(n - stats.normal_n(0.3)) < 0.15 * n  # Connor (1987): 233 at psi = 0.3
+    assert stats.mcnemar_power(21, 0.3) < 0.1  # the committed study's 21 pairs
+    with pytest.raises(ValueError, match="discordance"):
+        stats.mcnemar_power(100, 0.05, 0.10)
+
+
+def test_power_report_from_tests():
+    tests = pd.DataFrame({"target": ["s", "s"], "baseline": ["a", "b"], "task": ["all", "all"],
+                          "test": ["mcnemar_exact"] * 2, "n_pairs": [100, 100],
+                          "n_target_only": [20, 2], "n_baseline_only": [10, 1]})
+    rep = stats.power_report(tests)
+    a, b = rep["comparisons"]["s_vs_a"], rep["comparisons"]["s_vs_b"]
+    assert a["discordance_observed"] == 0.3 and a["power"] == pytest.approx(stats.mcnemar_power(100, 0.3))
+    assert b["discordance_assumed"] == 0.10  # 3% discordance cannot hold a 10-point difference
+    assert rep["design"]["n_pairs"] == 100
+    assert rep["n_for_target_power_by_discordance"]["0.30"] == stats.n_for_power(0.3)
+    json.dumps(rep, allow_nan=False)
+
+
+def test_match_baselines_exact_label_then_fallback():
+    memory = pd.Series({"int3": 0.25, "kivi-2": 0.236, "int2": 0.188, "smartkv@int3": 0.262,
+                        "smartkv-b0.22": 0.220, "smartkv-b0.30": 0.299, "fp16": 1.0})
+    family = pd.Series({"int3": "baseline", "kivi-2": "baseline", "int2": "baseline", "fp16": "baseline",
+                        "smartkv@int3": "smartkv", "smartkv-b0.22": "smartkv", "smartkv-b0.30": "smartkv"})
+    m = stats.match_baselines(memory, family, tolerance=0.0).set_index("baseline")
+    # The exact label wins even though it measured a little more than int3.
+    assert (m.loc["int3", "target"], m.loc["int3", "match"]) == ("smartkv@int3", "exact_label")
+    assert m.loc["kivi-2", "target"] == "smartkv-b0.22" and m.loc["kivi-2", "match"] == "at_or_below"
+    assert m.loc["int2", "match"] == "nearest_above" and "more" in m.loc["int2", "match_reason"]
+    assert m.loc["fp16", "target"] == "smartkv-b0.30"  # most memory at or below FP16's
+    assert m.loc["kivi-2", "memory_gap"] == pytest.approx(0.220 - 0.236)
+    assert "smartkv@int3" not in m.index
+
+
+def test_weighting_mean_of_task_means_vs_pooled():
+    # Task A has 6 prompts all right, task B 1 prompt wrong: the mean over tasks is 0.5, the
+    # pooled (per prompt) mean 6/7. Memory excludes the perplexity row's 0.9.
+    base = dict(run="r", method="m", family="smartkv", budget=0.3, bits=np.nan, seed=0, tokens_per_s=1.0)
+    rows = [{**base, "task": "A", "sample_id": f"a{i}", "score": 1.0, "kv_ratio": 0.2} for i in range(6)]
+    rows += [{**base, "task": "B", "sample_id": "b0", "score": 0.0, "kv_ratio": 0.3}]
+    rows += [{**base, "task": "perplexity", "sample_id": "p0", "score": np.nan, "nll": 2.0, "kv_ratio": 0.9}]
+    frame = pd.DataFrame(rows)
+    ov = stats.overall(frame).set_index("run").loc["r"]
+    assert ov["score_mean"] == pytest.approx(0.5) and ov["score_pooled"] == pytest.approx(6 / 7)
+    assert ov["kv_ratio"] == pytest.approx((6 * 0.2 + 0.3) / 7)
+    s = stats.summarize(frame)
+    from_summary = stats.overall(s).set_index("run").loc["r"]
+    assert from_summary["kv_ratio"] == pytest.approx(ov["kv_ratio"])  # one memory number either way
+    assert from_summary["score_pooled"] == pytest.approx(6 / 7)
+    assert stats.run_memory(s)["r"] == pytest.approx(ov["kv_ratio"])
+    assert f"| {ov['kv_ratio']:.3f} |" in stats.markdown_table(s)
 
 
 def test_metrics_json_numbers_only(summary, df):
-    tests = stats.paired_tests(df, "smartkv-b0.30", ["uniform-4"])
-    m = stats.metrics_json(summary, tests)
+    tests = stats.apply_holm(stats.paired_tests(df, "smartkv-b0.30", ["uniform-4"], family="f"))
+    nll = stats.apply_holm(stats.paired_tests(df, "smartkv-b0.30", ["uniform-4"], measure="nll", family="g"))
+    m = stats.metrics_json(summary, pd.concat([tests, nll], ignore_index=True))
     text = json.dumps(m, allow_nan=False)  # raises if any NaN leaked through
 
     def leaves(d):
@@ -172,7 +361,9 @@ def test_metrics_json_numbers_only(summary, df):
     assert all(isinstance(v, (int, float)) for v in leaves(json.loads(text)))
     assert m["runs"]["fp16"]["needle"]["kv_ratio"] == 1.0
     assert "ppl" in m["runs"]["fp16"]["perplexity"]
-    assert m["tests"]["smartkv-b0.30_vs_uniform-4"]["all"]["significant"] in (0, 1)
+    leaf = m["tests"]["smartkv-b0.30_vs_uniform-4"]["all"]
+    assert leaf["significant"] in (0, 1) and {"p", "p_holm", "n_target_only", "target_kv_ratio"} <= set(leaf)
+    assert "p_t" in m["tests"]["smartkv-b0.30_vs_uniform-4:nll"]["all"]
 
 
 def test_markdown_table(summary):
@@ -180,8 +371,12 @@ def test_markdown_table(summary):
     lines = t.strip().splitlines()
     assert len(lines) == 2 + len(RUNS)
     assert "needle" in lines[0] and "KV memory" in lines[0] and "perplexity (ppl ↓)" in lines[0]
+    assert "mean of per-task means" in lines[0]
     fp = summary[(summary["run"] == "fp16") & (summary["task"] == "needle")].iloc[0]
     assert f"{fp['score_mean']:.3f} ± {fp['score_std']:.3f}" in t
+    fp_row = next(line for line in lines if line.startswith("| `fp16` |"))
+    task_mean = summary[(summary["run"] == "fp16") & (summary["task"] != "perplexity")]["score_mean"].mean()
+    assert f"| {task_mean:.3f} |" in fp_row
 
 
 # ---------------------------------------------------------------- plots
@@ -286,7 +481,8 @@ def test_provenance_fields(tmp_path):
 
 
 def test_report_contains_table_figures_and_flags(df, summary, tmp_path):
-    tests = stats.paired_tests(df, "smartkv-b0.30", ["uniform-4", "kivi-2", "smartkv-b0.30"])
+    tests = stats.apply_holm(stats.paired_tests(df, "smartkv-b0.30", ["uniform-4", "kivi-2", "smartkv-b0.30"],
+                                                family="baselines"))
     abl = stats.summarize(df[df["run"].isin(["smartkv-b0.30", "ablation:random-b0.30"])])
     fig = plots.pareto(df, tmp_path / "plots" / "pareto")[0]
     setup = {"model": "SmolLM2-135M-Instruct", "model_params": "135M", "seeds": [0, 1, 2],
@@ -301,3 +497,15 @@ def test_report_contains_table_figures_and_flags(df, summary, tmp_path):
     lim = md.split("## Limitations")[1]
     assert "`smartkv-b0.30` vs `smartkv-b0.30`" in lim.split("## Provenance")[0]
     assert md.count("| `smartkv-b0.30` | `") == 3
+
+
+def test_report_budget_limitation_uses_the_one_memory_number():
+    # Perplexity rows hold a longer context (0.40 here) but the run's memory is its accuracy
+    # prompts' 0.28, under its 0.30 budget: no "above its budget" line.
+    base = dict(run="s", method="smartkv", family="smartkv", budget=0.30, bits=np.nan, seed=0, tokens_per_s=1.0)
+    rows = [{**base, "task": "niah", "sample_id": f"a{i}", "score": 1.0, "kv_ratio": 0.28} for i in range(4)]
+    rows += [{**base, "task": "perplexity", "sample_id": "p", "score": np.nan, "nll": 2.0, "kv_ratio": 0.40}]
+    s = stats.summarize(pd.DataFrame(rows))
+    assert not any("above its budget" in x for x in report.limitations(s, None, {}))
+    over = s.assign(kv_ratio=s["kv_ratio"] + 0.05)
+    assert any("`s` measured 0.330" in x for x in report.limitations(over, None, {}))
