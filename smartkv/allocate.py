@@ -39,6 +39,14 @@ def error_weights(bit_set: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor([4.0 ** (-b) for b in bit_set], dtype=torch.float64)
 
 
+def range_errors(range_sq: torch.Tensor, bit_set) -> torch.Tensor:
+    """Expected squared error per (unit, level) of a uniform quantizer: step**2 / 12 with
+    step = range / (2**b - 1), averaged over a unit's groups. `range_sq`: [n] mean squared
+    group range of each unit. Units with outliers (a wide range) lose more per dropped bit."""
+    levels = torch.tensor([1.0 / (12.0 * (2.0**b - 1.0) ** 2) for b in bit_set], dtype=torch.float64)
+    return range_sq.double()[:, None] * levels[None, :]
+
+
 def _errors(errors, bit_set, n: int) -> torch.Tensor:
     """Squared error per (unit, level) as float64 [n, levels]."""
     err = error_weights(tuple(bit_set)) if errors is None else torch.as_tensor(errors, dtype=torch.float64)

@@ -138,6 +138,18 @@ class KVCache(Cache):
     def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
         self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
 
+    def warn_unobserved(self) -> None:
+        """Once per cache: it allocates by attention but has seen none (attention not routed to it)."""
+        if getattr(self, "_warned_unobserved", False):
+            return
+        self._warned_unobserved = True
+        import warnings
+
+        warnings.warn(
+            f"{self.method}: allocating precision without having observed any attention, so every token "
+            "looks equally important; call smartkv.attention.use_smartkv_attention(model) before generate",
+            RuntimeWarning, stacklevel=3)
+
     def layer_fraction(self, layer_idx: int) -> float:
         """Per-layer budget fraction from attention entropy (layer-aware allocation), fixed at first use."""
         if self._layer_fractions is None:
@@ -171,7 +183,9 @@ class KVCache(Cache):
             "kv_bytes": kv,
             "fp16_kv_bytes": fp16,
             "ratio": kv / fp16 if fp16 else float("nan"),
+            # part of kv_bytes (the method keeps it per token), shown apart
             "tracker_bytes": self.tracker.nbytes if self.tracker is not None else 0,
+            "reallocations": max((getattr(layer, "reallocations", 0) for layer in self.layers), default=0),
             "mean_bits": (sum(b * n for b, n in hist.items()) / values) if values else float("nan"),
             "bits_histogram": dict(sorted(hist.items())),
             "seq_len": self.get_seq_length(),

@@ -90,6 +90,17 @@ class PackedStore:
             out[self.ids(lvl)] = float(self.bit_set[lvl])
         return out
 
+    def range_sq(self) -> torch.Tensor:
+        """Mean squared group range of every unit held, float64 [n_units], read from the scales
+        (asymmetric: range = scale * (2**b - 1)): what the allocator's error model needs
+        for units whose original values are gone."""
+        out = torch.zeros(self.n_units, dtype=torch.float64)
+        for lvl, rows in self.rows.items():
+            if rows.n_rows:
+                span = rows.scale.double() * (2 ** self.bit_set[lvl] - 1)
+                out[self.ids(lvl)] = (span**2).mean(dim=-1)
+        return out
+
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """De-quantize every unit into row `unit number` of `out` [n_units, unit_len]."""
         for lvl, rows in self.rows.items():

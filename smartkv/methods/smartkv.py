@@ -33,8 +33,10 @@ class SmartKVConfig:
     window_share: float = 0.1
     sink_tokens: int = 4
     allocation: str = "greedy"
-    signal: str = "ema"
+    signal: str = "window"
     decay: float = 0.9
+    obs_window: int = 64
+    pool: int = 5
     granularity: str = "layer"
     kv_split: bool = False
     key_weight: float = 1.0
@@ -43,7 +45,9 @@ class SmartKVConfig:
     symmetric: bool = False
     seed: int = 0
     key_smoothing: bool = True
+    key_rotation: bool = True
     prior: float = 0.5
+    error_model: str = "range"
 
     def __post_init__(self):
         m = "smartkv"
@@ -58,6 +62,9 @@ class SmartKVConfig:
         check_int(m, "window", self.window, 0)
         check_int(m, "sink_tokens", self.sink_tokens, 0)
         check_int(m, "realloc_freq", self.realloc_freq, 0)
+        check_int(m, "obs_window", self.obs_window, 1)
+        check_int(m, "pool", self.pool, 1)
+        check_choice(m, "error_model", self.error_model, ("range", "bits"))
         check_choice(m, "allocation", self.allocation, ALLOCATIONS)
         check_choice(m, "signal", self.signal, SIGNALS)
         check_choice(m, "granularity", self.granularity, ("layer", "head"))
@@ -95,12 +102,17 @@ class SmartKVConfig:
             layer_skew=self.layer_skew,
             seed=self.seed,
             key_smoothing=self.key_smoothing and self.budget < 1.0,  # nothing is quantized at 1.0
+            key_rotation=self.key_rotation and self.budget < 1.0,
             prior=self.prior,
+            pool=self.pool,
+            error_model=self.error_model,
         )
 
 
 @register("smartkv", SmartKVConfig, "attention-guided mixed precision (bits per token) under a memory budget")
 def build(config: SmartKVConfig, model_config) -> KVCache:
     spec = config.spec()
-    tracker = ImportanceTracker(config.decay) if config.tracks_attention else None
+    # The cache keeps one signal in FP16, and those bytes count against its budget.
+    tracker = (ImportanceTracker.for_signal(config.signal, config.decay, config.obs_window)
+               if config.tracks_attention else None)
     return KVCache([MixedPrecisionLayer(spec) for _ in range(n_layers(model_config))], "smartkv", config, tracker)
