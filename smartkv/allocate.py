@@ -36,14 +36,16 @@ class BudgetError(ValueError):
 
 
 def error_weights(bit_set: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor([4.0 ** (-b) for b in bit_set], dtype=torch.float64)
+    return torch.tensor([4.0 ** (-b) for b in bit_set], dtype=torch.float64)  # b = 0 (evicted): 1, the whole unit
 
 
 def range_errors(range_sq: torch.Tensor, bit_set) -> torch.Tensor:
     """Expected squared error per (unit, level) of a uniform quantizer: step**2 / 12 with
     step = range / (2**b - 1), averaged over a unit's groups. `range_sq`: [n] mean squared
     group range of each unit. Units with outliers (a wide range) lose more per dropped bit."""
-    levels = torch.tensor([1.0 / (12.0 * (2.0**b - 1.0) ** 2) for b in bit_set], dtype=torch.float64)
+    # Width 0 (eviction) loses the unit outright: charged as its energy, ~ (range / 2)**2.
+    levels = torch.tensor([0.25 if b == 0 else 1.0 / (12.0 * (2.0**b - 1.0) ** 2) for b in bit_set],
+                          dtype=torch.float64)
     return range_sq.double()[:, None] * levels[None, :]
 
 

@@ -27,6 +27,7 @@ METHODS = [
     ("smartkv", {"budget": 0.3, "allocation": "fixed"}),
     ("smartkv", {"budget": 0.3, "granularity": "head", "kv_split": True, "key_weight": 2.0}),
     ("smartkv", {"budget": 0.3, "signal": "normalized", "realloc_freq": 0}),
+    ("smartkv", {"budget": 0.1, "bits": (0, 2, 4)}),  # below the 2-bit floor: the 0-bit tier evicts
 ]
 
 
@@ -76,7 +77,7 @@ def test_method_generates_within_memory(model, name, params):
         assert ratio == pytest.approx(expect, rel=0.01)
     else:
         assert params["budget"] - 0.02 <= ratio <= params["budget"]
-        assert set(rep["bits_histogram"]) <= {2, 3, 4, 8, 16}
+        assert set(rep["bits_histogram"]) <= {0, 2, 3, 4, 8, 16}
         quantized = sum(n for b, n in rep["bits_histogram"].items() if b < 16)
         assert quantized > 0.8 * sum(rep["bits_histogram"].values())  # compression really happened
 

@@ -29,6 +29,8 @@ class ActiveUpdate:
     cache: "KVCache"
     layer_idx: int
     keys: torch.Tensor
+    # [B, H_kv, T] bool, True = evicted (0 bits): positions the attention function must mask out
+    drop: torch.Tensor | None = None
 
 
 _ACTIVE: contextvars.ContextVar[ActiveUpdate | None] = contextvars.ContextVar("smartkv_active_update", default=None)
@@ -127,16 +129,26 @@ class KVCache(Cache):
         self.config = config
         self.tracker = tracker
         self._layer_fractions: list[float] | None = None
+        self.pending_drop: int | None = None  # a layer whose evictions the attention function has yet to mask
         for idx, layer in enumerate(layers):
             layer.attach(self, idx)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.pending_drop is not None:
+            raise RuntimeError(
+                f"{self.method}: layer {self.pending_drop} evicted tokens (a 0-bit width) but its attention was not "
+                "computed by SmartKV's attention function, so nothing masked them out; call "
+                "smartkv.attention.use_smartkv_attention(model) before generate, or drop 0 from `bits`")
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys) if self.tracker is not None else None)
+        drop = getattr(self.layers[layer_idx], "drop", None)
+        tracked = self.tracker is not None or drop is not None
+        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys, drop) if tracked else None)
+        self.pending_drop = layer_idx if drop is not None else None
         return keys, values
 
     def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
-        self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
+        if self.tracker is not None:
+            self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
 
     def warn_unobserved(self) -> None:
         """Once per cache: it allocates by attention but has seen none (attention not routed to it)."""

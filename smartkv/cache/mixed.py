@@ -75,6 +75,7 @@ class MixedPrecisionLayer(KVLayer):
         self.decode_steps = 0
         self.reallocations = 0  # allocations of the whole quantized region (the first one included)
         self.rot: torch.Tensor | None = None  # key rotation [D, D], a function of head_dim (not stored per token)
+        self.drop: torch.Tensor | None = None  # [B, H, T] evicted positions of the last read, for the attention mask
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -357,14 +358,30 @@ class MixedPrecisionLayer(KVLayer):
     # --- read -------------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts_k, parts_v = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
+        self.drop = None
         if self.n_quant:
             buf = torch.empty(self.store.n_units, self.unit_len, dtype=self.dtype, device=self.device)
             k, v = self._from_units(self.store.dequantize_into(buf), self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
+            if self.store.evicts:
+                self.drop = self._evicted_positions()
         parts_k.append(self.win_k.to(self.dtype))
         parts_v.append(self.win_v.to(self.dtype))
         return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+    def _evicted_positions(self) -> torch.Tensor | None:
+        """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
+        The attention function masks these positions out (smartkv/attention.py)."""
+        gone = self.store.unit_bits() == 0
+        if not bool(gone.any()):
+            return None
+        flags = gone.float()[:, None].expand(-1, self.unit_len)
+        k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
+        s = self.sink_k.shape[-2]
+        out = torch.zeros(self.batch, self.heads, self.seq_len, dtype=torch.bool, device=self.device)
+        out[:, :, s : s + self.n_quant] = k[..., 0] > 0.5
+        return out
 
     # --- memory -----------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -56,7 +56,11 @@ class SmartKVConfig:
         if not bits:
             raise ConfigError(f"{m}: bits must list at least one width, got {self.bits!r}")
         for b in bits:
-            check_bits(m, "bits", b, (1, 2, 3, 4, 5, 6, 7, 8))
+            check_bits(m, "bits", b, (0, 1, 2, 3, 4, 5, 6, 7, 8))  # 0 = evict
+        if not any(bits):
+            raise ConfigError(f"{m}: bits={self.bits!r} needs a width above 0 (0 alone would evict everything)")
+        if 0 in bits and self.kv_split:
+            raise ConfigError(f"{m}: bits with 0 (eviction) needs kv_split=False: a token's key and value go together")
         object.__setattr__(self, "bits", tuple(sorted(set(bits))))
         check_int(m, "group_size", self.group_size, 1)
         check_int(m, "window", self.window, 0)
