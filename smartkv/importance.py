@@ -111,22 +111,24 @@ class ImportanceTracker:
     """Importance statistics for every layer of one cache."""
 
     def __init__(self, decay: float = 0.9, obs_window: int = 64, keep: tuple[str, ...] | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, per_head: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
         if obs_window < 1:
             raise ValueError(f"obs_window must be >= 1, got {obs_window!r}")
         keep = ALL_STATS if keep is None else tuple(n for n in ALL_STATS if n in keep)
         self.decay, self.obs_window, self.keep, self.dtype = decay, obs_window, keep, dtype
+        # per_head=False sums the KV heads: [B, 1, T], 1/H_kv of the bytes, for one precision per token
+        self.per_head = per_head
         self.layers: dict[int, LayerImportance] = {}
 
     @classmethod
     def for_signal(cls, signal: str, decay: float = 0.9, obs_window: int = 64,
-                   dtype: torch.dtype = torch.float16) -> "ImportanceTracker":
+                   dtype: torch.dtype = torch.float16, per_head: bool = True) -> "ImportanceTracker":
         """A tracker that keeps only what `signal` reads, in `dtype` (what a SmartKV cache holds)."""
         if signal not in NEEDS:
             raise ValueError(f"unknown importance signal {signal!r}; allowed: {SIGNALS}")
-        return cls(decay, obs_window, NEEDS[signal], dtype)
+        return cls(decay, obs_window, NEEDS[signal], dtype, per_head)
 
     def layer(self, idx: int) -> LayerImportance:
         if idx not in self.layers:
@@ -140,24 +142,33 @@ class ImportanceTracker:
     def bytes_per_token(self, batch: int, heads: int) -> int:
         """Bytes one more cached token adds to one layer's statistics."""
         size = torch.empty((), dtype=self.dtype).element_size()
+        heads = heads if self.per_head else 1
         return sum(batch * (heads if n in _PER_HEAD else 1) * size for n in self.keep)
 
     def compatible(self, other: "ImportanceTracker") -> bool:
         """Can this tracker's statistics stand in for `other`'s (same decay and window, a superset kept)?"""
         return (self.decay == other.decay and self.obs_window == other.obs_window
-                and set(other.keep) <= set(self.keep))
+                and set(other.keep) <= set(self.keep) and (self.per_head or not other.per_head))
 
-    def copy(self, keep: tuple[str, ...] | None = None, dtype: torch.dtype | None = None) -> "ImportanceTracker":
-        """A copy keeping `keep` (default: the same statistics) in `dtype` (default: the same)."""
+    def copy(self, keep: tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
+             per_head: bool | None = None) -> "ImportanceTracker":
+        """A copy keeping `keep` (default: the same statistics) in `dtype` (default: the same),
+        per KV head or summed over them (`per_head`, default: the same)."""
+        per_head = self.per_head if per_head is None else per_head
         out = ImportanceTracker(self.decay, self.obs_window, self.keep if keep is None else keep,
-                                self.dtype if dtype is None else dtype)
+                                self.dtype if dtype is None else dtype, per_head)
         missing = set(out.keep) - set(self.keep)
         if missing:
             raise ValueError(f"cannot copy statistics {sorted(missing)} this tracker does not keep")
+        if per_head and not self.per_head:
+            raise ValueError("cannot copy per-head statistics from a tracker that summed its heads")
+        summed = self.per_head and not per_head
         for idx, li in self.layers.items():
             c = out.layer(idx)
             for name in out.keep:
                 t = getattr(li, name)
+                if t is not None and summed and name in _PER_HEAD:
+                    t = t.float().sum(dim=1, keepdim=True)
                 setattr(c, name, None if t is None else t.to(out.dtype, copy=True))
             c.n_tokens, c.queries = li.n_tokens, li.queries
             c.entropy_sum, c.entropy_rows = li.entropy_sum, li.entropy_rows
@@ -183,7 +194,7 @@ class ImportanceTracker:
         hkv, t = key.shape[1], key.shape[2]
         groups = hq // hkv
         li = self.layer(layer_idx)
-        li._grow(b, hkv, t, key.device)
+        li._grow(b, hkv if self.per_head else 1, t, key.device)
         if q == 1 and li.n_tokens == t:
             self._observe_step(li, query, key, attention_mask, scaling)
             return
@@ -228,6 +239,8 @@ class ImportanceTracker:
                 li.entropy_sum += float((ent * lv[:, None, None, :]).sum())
                 li.entropy_rows += int(lv.sum()) * hkv * groups
         red_all = red_all.view(b, hkv, 3, t)
+        if not self.per_head:
+            red_all = red_all.sum(dim=1, keepdim=True)
         li._add("cumulative", red_all[:, :, 0])
         li._add("ema", red_all[:, :, 1], self.decay**q)
         li._add("window", red_all[:, :, 2], 0.0 if first else self.decay**q)
@@ -250,6 +263,8 @@ class ImportanceTracker:
     def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
         """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`."""
         first = li.queries == 0
+        if not self.per_head:
+            mass = mass.sum(dim=1, keepdim=True)
         li._add("cumulative", mass)
         li._add("ema", mass * (1.0 - self.decay), self.decay)
         li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)

@@ -85,7 +85,7 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
                 f"run {run.label!r} tracks decay={tracker.decay}, obs_window={tracker.obs_window} but the shared "
                 f"prefill tracked decay={shared.decay}, obs_window={shared.obs_window}; prefill separately for each"
             )
-        cache.tracker = shared.copy(keep=tracker.keep, dtype=tracker.dtype)
+        cache.tracker = shared.copy(keep=tracker.keep, dtype=tracker.dtype, per_head=tracker.per_head)
     clear_active_update()
     return cache, time.perf_counter() - start
 

@@ -159,7 +159,7 @@ def test_precision_only_goes_down(model):
 
 
 def test_tracker_mass_adds_up(model):
-    cache = build_cache("smartkv", model.config, budget=0.5, signal="normalized")
+    cache = build_cache("smartkv", model.config, budget=0.5, signal="normalized", granularity="head")
     ids = prompt(length=64, seed=8)
     generate(model, cache, ids, new=4)
     groups = model.config.num_attention_heads // model.config.num_key_value_heads

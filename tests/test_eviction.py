@@ -47,7 +47,8 @@ def test_evicted_tokens_get_no_attention(model):
     model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)  # one more decode step
     after = cache.tracker.layers[0].cumulative.float()
     gained = after[..., : before.shape[-1]] - before
-    drop = layer.drop[..., : before.shape[-1]]
+    drop = layer.drop[:, :1, : before.shape[-1]]  # one precision per token: every head alike; tracker sums heads
+    assert bool((layer.drop == layer.drop[:, :1]).all())
     assert bool(drop.any())
     assert float(gained[drop].abs().max()) == 0.0  # masked out: no mass at all
     assert float(gained[~drop].sum()) > 0

@@ -12,7 +12,7 @@ packed rows and an int32 index of which units they are. This file is the layer's
 sinks, window, budget, and when to allocate.
 
 Tokens wait in the window at full precision and get their bits when they leave it; a
-re-allocation every `realloc_freq` decode steps may demote stored units to make room.
+re-allocation every `realloc_freq` decoded tokens may demote stored units to make room.
 Precision never goes up: a demoted unit is re-quantized from its de-quantized values.
 With `budget=None` nothing is allocated: every unit gets the single width in `bit_set`.
 """
@@ -181,9 +181,11 @@ class MixedPrecisionLayer(KVLayer):
                 self._reallocate()
                 self.allocated = True
             else:
-                self.decode_steps += 1
+                # Count tokens, not calls: a teacher-forced chunk of q tokens is q decode steps.
+                before = self.decode_steps
+                self.decode_steps += key_states.shape[-2]
                 f = self.spec.realloc_freq
-                if f and self.decode_steps % f == 0:
+                if f and self.decode_steps // f > before // f:
                     self._reallocate()
                 elif self.spec.budget is None or self._over_budget() or self.win_k.shape[-2] > self.spec.window + f:
                     self._release_window()

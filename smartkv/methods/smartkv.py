@@ -117,6 +117,8 @@ class SmartKVConfig:
 def build(config: SmartKVConfig, model_config) -> KVCache:
     spec = config.spec()
     # The cache keeps one signal in FP16, and those bytes count against its budget.
-    tracker = (ImportanceTracker.for_signal(config.signal, config.decay, config.obs_window)
+    # One precision per token per layer needs the heads' sum only (1/H_kv of the bytes).
+    tracker = (ImportanceTracker.for_signal(config.signal, config.decay, config.obs_window,
+                                            per_head=config.granularity == "head")
                if config.tracks_attention else None)
     return KVCache([MixedPrecisionLayer(spec) for _ in range(n_layers(model_config))], "smartkv", config, tracker)
