@@ -270,3 +270,17 @@ def test_bad_configs_are_named(name, params, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_cache(name, LlamaConfig(num_hidden_layers=2), **params)
+
+
+def test_a_multi_token_chunk_after_the_prompt_allocates(model):
+    # teacher-forced scoring and assisted decoding feed several tokens at once after the prompt
+    cache = build_cache("smartkv", model.config, budget=0.3, realloc_freq=4)
+    ids = prompt(seed=11)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=torch.randint(3, 250, (1, 6)), past_key_values=cache, use_cache=True)
+    rep = cache.memory_report()
+    assert 0.28 <= rep["ratio"] <= 0.3
+    assert rep["reallocations"] == 1
+    for _ in range(2):  # 8 more decoded tokens in chunks of 4: two more re-allocations at realloc_freq=4
+        model(input_ids=torch.randint(3, 250, (1, 4)), past_key_values=cache, use_cache=True)
+    assert cache.memory_report()["reallocations"] == 3

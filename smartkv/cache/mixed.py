@@ -174,7 +174,9 @@ class MixedPrecisionLayer(KVLayer):
         self.win_k = torch.cat([self.win_k, key_states.to(self.store_dtype)], dim=-2)
         self.win_v = torch.cat([self.win_v, value_states.to(self.store_dtype)], dim=-2)
         self.seq_len += key_states.shape[-2]
-        prefill = key_states.shape[-2] > 1 and not self.allocated
+        # The first update is the prompt; allocation happens at the next one, whatever its length
+        # (one decode token, or a teacher-forced / assisted-decoding chunk of several).
+        prefill = not self.allocated and self.seq_len == key_states.shape[-2]
         if not prefill:
             if not self.allocated:
                 self._split_sinks()
