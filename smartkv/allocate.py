@@ -3,12 +3,17 @@
 Every unit holds `U` values and may be stored at any width of `bit_set`; its cost at each
 width is the same for all units (packed codes + FP16 scale/zero per group + its index), so
 costs are a vector over levels. The value of giving unit i width b is its importance times
-the reduction of expected squared error, which for a uniform quantizer scales as 4**-b
-(the step halves with each extra bit). Policies maximise that value under the budget:
+the reduction of squared error. The error of each width is *measured* on the tensor being
+stored (`errors`: one row per level, or one per unit and level); without a measurement it
+falls back to the model of a uniform quantizer, 4**-b (the step halves with each extra bit).
+Policies maximise that value under the budget:
 
-- `greedy`: take the upgrade steps with the best value per byte first. Because 4**-b is
-  convex in b and cost is linear in b, each unit's steps come in decreasing value per byte,
-  so a single sort of all steps respects every unit's chain of levels. O(n log n).
+- `greedy`: take the upgrade steps with the best value per byte first. Each unit's steps
+  are made to come in decreasing value per byte (exact for 4**-b, which is convex in b;
+  enforced by a running minimum for measured errors), so a single sort of all steps
+  respects every unit's chain of levels. The prefix of steps that fits is taken at once;
+  then cheaper steps further down the order still fill what is left (a step that does not
+  fit does not end the allocation). O(n log n).
 - `dp`: the exact multiple-choice knapsack by dynamic programming (ablation: how far from
   optimal is greedy). O(n x budget / quantum).
 - `random`: greedy on random importance (ablation: no attention signal).
@@ -31,7 +36,23 @@ class BudgetError(ValueError):
 
 
 def error_weights(bit_set: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor([4.0 ** (-b) for b in bit_set], dtype=torch.float64)
+    return torch.tensor([4.0 ** (-b) for b in bit_set], dtype=torch.float64)  # b = 0 (evicted): 1, the whole unit
+
+
+def range_errors(range_sq: torch.Tensor, bit_set) -> torch.Tensor:
+    """Expected squared error per (unit, level) of a uniform quantizer: step**2 / 12 with
+    step = range / (2**b - 1), averaged over a unit's groups. `range_sq`: [n] mean squared
+    group range of each unit. Units with outliers (a wide range) lose more per dropped bit."""
+    # Width 0 (eviction) loses the unit outright: charged as its energy, ~ (range / 2)**2.
+    levels = torch.tensor([0.25 if b == 0 else 1.0 / (12.0 * (2.0**b - 1.0) ** 2) for b in bit_set],
+                          dtype=torch.float64)
+    return range_sq.double()[:, None] * levels[None, :]
+
+
+def _errors(errors, bit_set, n: int) -> torch.Tensor:
+    """Squared error per (unit, level) as float64 [n, levels]."""
+    err = error_weights(tuple(bit_set)) if errors is None else torch.as_tensor(errors, dtype=torch.float64)
+    return err.expand(n, -1) if err.dim() == 1 else err
 
 
 def _check(importance, costs, caps, available):
@@ -42,30 +63,48 @@ def _check(importance, costs, caps, available):
     return n, base
 
 
-def greedy(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available: int, bit_set) -> torch.Tensor:
+def greedy(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available: int, bit_set,
+           errors: torch.Tensor | None = None) -> torch.Tensor:
     """Level index (into `bit_set`) per unit. importance: [n] >= 0; caps: [n] highest level allowed."""
     n, base = _check(importance, costs, caps, available)
     levels = len(costs)
     if n == 0 or levels == 1:
         return torch.zeros(n, dtype=torch.long)
-    err = error_weights(bit_set)
+    err = _errors(errors, bit_set, n)  # [n, levels]
     imp = importance.double().clamp_min(0.0)
     dcost = torch.tensor([costs[k + 1] - costs[k] for k in range(levels - 1)], dtype=torch.float64)
-    gain = imp[None, :] * (err[:-1] - err[1:])[:, None]  # [levels-1, n], step k: level k -> k+1
-    ratio = gain / dcost[:, None]
+    gain = imp[None, :] * (err[:, :-1] - err[:, 1:]).clamp_min(0.0).t()  # [levels-1, n], step k: level k -> k+1
+    # A unit's later steps may not be worth more per byte than its earlier ones (chain order).
+    ratio = torch.cummin(gain / dcost[:, None], dim=0).values
     valid = caps[None, :] > torch.arange(levels - 1)[:, None]
     ratio = torch.where(valid, ratio, torch.full_like(ratio, -1.0))
     # Stable sort over a level-major flattening: among equal ratios, lower steps come first.
     order = torch.sort(ratio.flatten(), descending=True, stable=True).indices
-    step_cost = dcost[:, None].expand(levels - 1, n).flatten()[order]
-    taken_valid = valid.flatten()[order]
-    fits = torch.cumsum(step_cost * taken_valid, 0) <= (available - base)
-    take = order[fits & taken_valid]
-    return torch.bincount(take % n, minlength=n)
+    order = order[valid.flatten()[order]]
+    step_cost = dcost[order // n]
+    spend = torch.cumsum(step_cost, 0)
+    fits = spend <= (available - base)
+    # The prefix that fits is a valid chain for every unit; take it at once.
+    cut = int(fits.sum()) if bool(fits.all()) else int(torch.argmin(fits.to(torch.uint8)))
+    level = torch.bincount(order[:cut] % n, minlength=n)
+    left = (available - base) - (float(spend[cut - 1]) if cut else 0.0)
+    rest = order[cut:]
+    cheapest = float(dcost.min())
+    # Fill what is left with cheaper steps further down the order, still one chain step at a time.
+    while rest.numel() and left >= cheapest:
+        k, unit = rest // n, rest % n
+        ok = (level[unit] == k) & (dcost[k] <= left)
+        if not bool(ok.any()):
+            break
+        j = int(torch.argmax(ok.to(torch.uint8)))
+        level[unit[j]] += 1
+        left -= float(dcost[k[j]])
+        rest = rest[j + 1 :]
+    return level
 
 
 def dp(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available: int, bit_set,
-       max_cells: int = 60_000_000) -> torch.Tensor:
+       errors: torch.Tensor | None = None, max_cells: int = 60_000_000) -> torch.Tensor:
     """Exact allocation by dynamic programming over (unit, budget quanta)."""
     n, base = _check(importance, costs, caps, available)
     levels = len(costs)
@@ -84,8 +123,8 @@ def dp(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available
             f"dp allocation over {n} units x {cap_q + 1} budget steps exceeds {max_cells} cells; "
             "use allocation='greedy' or a coarser granularity"
         )
-    err = error_weights(bit_set)
-    gains = importance.double().clamp_min(0.0)[:, None] * (err[0] - err)[None, :]  # [n, levels]
+    err = _errors(errors, bit_set, n)
+    gains = importance.double().clamp_min(0.0)[:, None] * (err[:, :1] - err)  # [n, levels]
     best = torch.zeros(cap_q + 1, dtype=torch.float64)
     choice = torch.zeros(n, cap_q + 1, dtype=torch.uint8)
     neg = torch.tensor(-float("inf"), dtype=torch.float64)
@@ -113,18 +152,19 @@ def dp(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available
 
 
 def allocate(policy: str, importance: torch.Tensor, costs: list[int], caps: torch.Tensor, available: int,
-             bit_set, generator: torch.Generator | None = None) -> torch.Tensor:
+             bit_set, generator: torch.Generator | None = None, errors: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch by policy name (a table look-up, no if/elif ladder over strings)."""
     if policy not in _SOLVERS:
         raise ValueError(f"unknown allocation policy {policy!r}; allowed: {POLICIES}")
-    return _SOLVERS[policy](importance, costs, caps, available, bit_set, generator)
+    return _SOLVERS[policy](importance, costs, caps, available, bit_set, generator, errors)
 
 
 _SOLVERS = {
-    "greedy": lambda imp, c, cap, a, bs, g: greedy(imp, c, cap, a, bs),
-    "dp": lambda imp, c, cap, a, bs, g: dp(imp, c, cap, a, bs),
-    "random": lambda imp, c, cap, a, bs, g: greedy(torch.rand(imp.shape, generator=g, dtype=torch.float64), c, cap, a, bs),
-    "fixed": lambda imp, c, cap, a, bs, g: greedy(torch.ones_like(imp, dtype=torch.float64), c, cap, a, bs),
+    "greedy": lambda imp, c, cap, a, bs, g, e: greedy(imp, c, cap, a, bs, e),
+    "dp": lambda imp, c, cap, a, bs, g, e: dp(imp, c, cap, a, bs, e),
+    "random": lambda imp, c, cap, a, bs, g, e: greedy(torch.rand(imp.shape, generator=g, dtype=torch.float64),
+                                                      c, cap, a, bs, e),
+    "fixed": lambda imp, c, cap, a, bs, g, e: greedy(torch.ones_like(imp, dtype=torch.float64), c, cap, a, bs, e),
 }
 
 

@@ -20,12 +20,31 @@ ATTN_IMPLEMENTATION = "smartkv"
 
 
 def smartkv_attention(module: torch.nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     active = active_update()
-    if active is not None and active.keys is key:
+    mine = active is not None and active.keys is key
+    if mine and active.drop is not None:
+        # evicted tokens (0 bits) hold zeros: mask them out so they get no attention at all
+        attention_mask = mask_evicted(attention_mask, active.drop, query.shape[1], query.shape[2])
+        active.cache.pending_drop = None
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if mine:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         active.cache.observe(active.layer_idx, query, key, attention_mask, scale)
     return out
+
+
+def mask_evicted(attention_mask, drop: torch.Tensor, query_heads: int, q_len: int) -> torch.Tensor:
+    """A boolean mask [B, H_q, q, T] (True = may attend): the model's mask (or plain causal when it
+    passed none) minus the evicted positions `drop` [B, H_kv, T] of each KV head's query group."""
+    b, hkv, t = drop.shape
+    keep = ~drop.repeat_interleave(query_heads // hkv, dim=1)[:, :, None, :]  # [B, H_q, 1, T]
+    if attention_mask is None:
+        allowed = torch.ones(q_len, t, dtype=torch.bool, device=drop.device).tril(diagonal=t - q_len)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., -t:]
+    else:
+        allowed = attention_mask[..., -t:] > torch.finfo(attention_mask.dtype).min / 2
+    return allowed & keep
 
 
 _REGISTERED = False

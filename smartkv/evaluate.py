@@ -73,7 +73,8 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
             try:
                 cache, fork_s = fork(pre, run, model)
                 if run.oracle and oracle is not None and getattr(cache, "tracker", None) is not None:
-                    cache.tracker = oracle.copy()
+                    cache.tracker = oracle.copy(keep=cache.tracker.keep, dtype=cache.tracker.dtype,
+                                                 per_head=cache.tracker.per_head)
                 if cont is not None:
                     nll, dec_s = continuation_nll(model, pre, cache, cont)
                     row.update(prediction="", score=math.nan, nll=nll, new_tokens=int(cont.shape[1]))

@@ -7,10 +7,20 @@ For every layer the tracker keeps, per batch row, KV head and cached token:
   et al. 2024: accumulated mass favours early tokens just because more queries saw them);
 - `ema`: an exponential moving average over queries in order, ema <- decay*ema + (1-decay)*a,
   so recent queries weigh most (at prefill, a soft version of SnapKV's observation window);
+- `window`: the attention of the last `obs_window` prompt queries, averaged (SnapKV, Li et
+  al. 2024; kvpress's `SnapKVPress` uses a window of 64): the end of a prompt is the question,
+  so what it reads is what decoding will read. After the prompt, decode queries update it as
+  an EMA with `decay`. Scores can be average-pooled over neighbouring tokens (`score(..., pool)`,
+  SnapKV pools over 5) so that a needle's neighbours share its importance;
 - the mean attention entropy of the layer, a per-layer sensitivity signal (layer-aware budgets).
 
 Grouped-query attention: the query heads that share a KV head add up. Padded keys get no
-mass and are not counted. Shapes: stats are float32 [B, H_kv, T]; `count` is [B, T].
+mass and are not counted. Shapes: stats are [B, H_kv, T]; `count` is [B, T].
+
+A tracker keeps only the statistics its signal needs (`keep`), in `dtype`. The shared
+prefill of the study keeps all of them in float32 (it is FP16 work every method shares);
+a SmartKV cache keeps one signal in FP16, and those bytes are part of its memory
+(`bytes_per_token`), counted against its budget like codes and scales.
 """
 
 from __future__ import annotations
@@ -19,7 +29,12 @@ import math
 
 import torch
 
-SIGNALS = ("cumulative", "normalized", "ema")
+SIGNALS = ("cumulative", "normalized", "ema", "window")
+# The statistics each signal reads.
+NEEDS = {"cumulative": ("cumulative",), "normalized": ("cumulative", "count"), "ema": ("ema",),
+         "window": ("window",)}
+ALL_STATS = ("cumulative", "ema", "window", "count")
+_PER_HEAD = ("cumulative", "ema", "window")  # [B, H, T]; count is [B, T]
 # Bound the [B, H, g, q, T] float32 block of scores the prefill materializes at once.
 _MAX_SCORE_ELEMENTS = 1 << 24
 _ENTROPY_ROWS = 256
@@ -27,58 +42,82 @@ _NEG = -1e30  # a finite "minus infinity": softmax gives exactly 0 and p * s sta
 
 
 class LayerImportance:
-    def __init__(self) -> None:
+    def __init__(self, keep: tuple[str, ...] = ALL_STATS, dtype: torch.dtype = torch.float32) -> None:
+        self.keep, self.dtype = keep, dtype
         self.cumulative: torch.Tensor | None = None
         self.ema: torch.Tensor | None = None
+        self.window: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
+        self.n_tokens = 0
+        self.queries = 0  # queries observed so far (the first observation is the prompt's)
         self.entropy_sum = 0.0
         self.entropy_rows = 0
 
-    @property
-    def n_tokens(self) -> int:
-        return 0 if self.cumulative is None else self.cumulative.shape[-1]
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.keep if getattr(self, name) is not None}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.cumulative, self.ema, self.count) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in self.stats().values())
 
     def _grow(self, batch: int, heads: int, n_tokens: int, device) -> None:
-        if self.cumulative is None:
-            z = torch.zeros(batch, heads, 0, device=device)
-            self.cumulative, self.ema = z, z.clone()
-            self.count = torch.zeros(batch, 0, device=device)
+        if self.n_tokens == 0 and not self.stats():
+            for name in self.keep:
+                shape = (batch, heads, 0) if name in _PER_HEAD else (batch, 0)
+                setattr(self, name, torch.zeros(shape, device=device, dtype=self.dtype))
         extra = n_tokens - self.n_tokens
         if extra > 0:
-            self.cumulative = torch.nn.functional.pad(self.cumulative, (0, extra))
-            self.ema = torch.nn.functional.pad(self.ema, (0, extra))
-            self.count = torch.nn.functional.pad(self.count, (0, extra))
+            for name, t in self.stats().items():
+                setattr(self, name, torch.nn.functional.pad(t, (0, extra)))
+            self.n_tokens = n_tokens
 
     # --- beam search / cropping: statistics follow the batch rows and tokens they belong to ---
     def select_rows(self, index: torch.Tensor) -> None:
-        if self.cumulative is not None:
-            index = index.to(self.cumulative.device)
-            self.cumulative, self.ema, self.count = (t.index_select(0, index) for t in (self.cumulative, self.ema, self.count))
+        for name, t in self.stats().items():
+            setattr(self, name, t.index_select(0, index.to(t.device)))
 
     def repeat_rows(self, repeats: int) -> None:
-        if self.cumulative is not None:
-            self.cumulative, self.ema, self.count = (t.repeat_interleave(repeats, dim=0)
-                                                     for t in (self.cumulative, self.ema, self.count))
+        for name, t in self.stats().items():
+            setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
     def crop(self, n_tokens: int) -> None:
         """Forget tokens from `n_tokens` on. What the dropped tokens' queries added to the kept
         tokens stays (an EMA cannot be unwound): assisted decoding's rejected drafts leave that trace."""
-        if self.cumulative is not None and self.n_tokens > n_tokens:
-            self.cumulative, self.ema, self.count = (t[..., :n_tokens].contiguous()
-                                                     for t in (self.cumulative, self.ema, self.count))
+        if self.n_tokens > n_tokens:
+            for name, t in self.stats().items():
+                setattr(self, name, t[..., :n_tokens].contiguous())
+            self.n_tokens = n_tokens
 
-    def score(self, signal: str) -> torch.Tensor:
-        if signal == "cumulative":
-            return self.cumulative
+    def _add(self, name: str, value: torch.Tensor, decay: float | None = None) -> None:
+        """stat <- stat * decay + value (accumulated in float32, held in `dtype`)."""
+        if name not in self.keep:
+            return
+        t = getattr(self, name)
+        n = value.shape[-1]
+        keep_share = 1.0 if decay is None else decay
+        merged = (t[..., :n].float() * keep_share + value).to(self.dtype)
+        if n == t.shape[-1]:
+            setattr(self, name, merged)
+        else:  # an oracle tracker may already know tokens this cache has not seen yet
+            rest = t[..., n:].float() * keep_share
+            setattr(self, name, torch.cat([merged, rest.to(self.dtype)], dim=-1))
+
+    def score(self, signal: str, pool: int = 1) -> torch.Tensor:
+        """[B, H, T] float32 importance; `pool` > 1 averages each token with its neighbours."""
+        if signal not in NEEDS:
+            raise ValueError(f"unknown importance signal {signal!r}; allowed: {SIGNALS}")
+        missing = [n for n in NEEDS[signal] if n not in self.keep]
+        if missing:
+            raise ValueError(f"signal {signal!r} needs {missing}, which this tracker does not keep ({self.keep})")
         if signal == "normalized":
-            return self.cumulative / self.count.clamp(min=1.0).unsqueeze(1)
-        if signal == "ema":
-            return self.ema
-        raise ValueError(f"unknown importance signal {signal!r}; allowed: {SIGNALS}")
+            out = self.cumulative.float() / self.count.float().clamp(min=1.0).unsqueeze(1)
+        else:
+            out = getattr(self, signal).float()
+        if pool > 1 and out.shape[-1] > 1:
+            b, h, t = out.shape
+            out = torch.nn.functional.avg_pool1d(out.reshape(b * h, 1, t), pool, stride=1, padding=pool // 2,
+                                                 count_include_pad=False)[..., :t].reshape(b, h, t)
+        return out
 
     @property
     def entropy(self) -> float:
@@ -88,15 +127,29 @@ class LayerImportance:
 class ImportanceTracker:
     """Importance statistics for every layer of one cache."""
 
-    def __init__(self, decay: float = 0.9) -> None:
+    def __init__(self, decay: float = 0.9, obs_window: int = 64, keep: tuple[str, ...] | None = None,
+                 dtype: torch.dtype = torch.float32, per_head: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-        self.decay = decay
+        if obs_window < 1:
+            raise ValueError(f"obs_window must be >= 1, got {obs_window!r}")
+        keep = ALL_STATS if keep is None else tuple(n for n in ALL_STATS if n in keep)
+        self.decay, self.obs_window, self.keep, self.dtype = decay, obs_window, keep, dtype
+        # per_head=False sums the KV heads: [B, 1, T], 1/H_kv of the bytes, for one precision per token
+        self.per_head = per_head
         self.layers: dict[int, LayerImportance] = {}
+
+    @classmethod
+    def for_signal(cls, signal: str, decay: float = 0.9, obs_window: int = 64,
+                   dtype: torch.dtype = torch.float16, per_head: bool = True) -> "ImportanceTracker":
+        """A tracker that keeps only what `signal` reads, in `dtype` (what a SmartKV cache holds)."""
+        if signal not in NEEDS:
+            raise ValueError(f"unknown importance signal {signal!r}; allowed: {SIGNALS}")
+        return cls(decay, obs_window, NEEDS[signal], dtype, per_head)
 
     def layer(self, idx: int) -> LayerImportance:
         if idx not in self.layers:
-            self.layers[idx] = LayerImportance()
+            self.layers[idx] = LayerImportance(self.keep, self.dtype)
         return self.layers[idx]
 
     @property
@@ -116,11 +169,38 @@ class ImportanceTracker:
         if layer_idx in self.layers:
             self.layers[layer_idx].crop(n_tokens)
 
-    def copy(self) -> "ImportanceTracker":
-        out = ImportanceTracker(self.decay)
+    def bytes_per_token(self, batch: int, heads: int) -> int:
+        """Bytes one more cached token adds to one layer's statistics."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        heads = heads if self.per_head else 1
+        return sum(batch * (heads if n in _PER_HEAD else 1) * size for n in self.keep)
+
+    def compatible(self, other: "ImportanceTracker") -> bool:
+        """Can this tracker's statistics stand in for `other`'s (same decay and window, a superset kept)?"""
+        return (self.decay == other.decay and self.obs_window == other.obs_window
+                and set(other.keep) <= set(self.keep) and (self.per_head or not other.per_head))
+
+    def copy(self, keep: tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
+             per_head: bool | None = None) -> "ImportanceTracker":
+        """A copy keeping `keep` (default: the same statistics) in `dtype` (default: the same),
+        per KV head or summed over them (`per_head`, default: the same)."""
+        per_head = self.per_head if per_head is None else per_head
+        out = ImportanceTracker(self.decay, self.obs_window, self.keep if keep is None else keep,
+                                self.dtype if dtype is None else dtype, per_head)
+        missing = set(out.keep) - set(self.keep)
+        if missing:
+            raise ValueError(f"cannot copy statistics {sorted(missing)} this tracker does not keep")
+        if per_head and not self.per_head:
+            raise ValueError("cannot copy per-head statistics from a tracker that summed its heads")
+        summed = self.per_head and not per_head
         for idx, li in self.layers.items():
             c = out.layer(idx)
-            c.cumulative, c.ema, c.count = li.cumulative.clone(), li.ema.clone(), li.count.clone()
+            for name in out.keep:
+                t = getattr(li, name)
+                if t is not None and summed and name in _PER_HEAD:
+                    t = t.float().sum(dim=1, keepdim=True)
+                setattr(c, name, None if t is None else t.to(out.dtype, copy=True))
+            c.n_tokens, c.queries = li.n_tokens, li.queries
             c.entropy_sum, c.entropy_rows = li.entropy_sum, li.entropy_rows
         return out
 
@@ -144,7 +224,7 @@ class ImportanceTracker:
         hkv, t = key.shape[1], key.shape[2]
         groups = hq // hkv
         li = self.layer(layer_idx)
-        li._grow(b, hkv, t, key.device)
+        li._grow(b, hkv if self.per_head else 1, t, key.device)
         if q == 1 and li.n_tokens == t:
             self._observe_step(li, query, key, attention_mask, scaling)
             return
@@ -153,10 +233,14 @@ class ImportanceTracker:
         # EMA weights of the q queries in order: the newest gets (1 - decay).
         steps = torch.arange(q - 1, -1, -1, device=key.device, dtype=torch.float32)
         weights = (1.0 - self.decay) * torch.pow(torch.tensor(self.decay), steps)
+        # The prompt's observation window: its last `obs_window` queries, averaged. Later
+        # multi-token chunks (chunked prefill, assisted decoding) continue the EMA instead.
+        first = li.queries == 0
+        w_eff = min(self.obs_window, q)
+        win_weights = torch.where(steps < w_eff, 1.0 / w_eff, 0.0) if first else weights
         # Entropy (a per-layer sensitivity summary) is sampled on the last rows only.
         entropy_from = max(0, q - _ENTROPY_ROWS)
-        mass = torch.zeros(b, hkv, t, device=key.device)
-        ema_add = torch.zeros(b, hkv, t, device=key.device)
+        red_all = torch.zeros(b * hkv, 3, t, device=key.device)  # mass, ema, window
         count = torch.zeros(b, t, device=key.device)
         chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, b * hq * t))
         for r0 in range(0, q, chunk):
@@ -170,12 +254,11 @@ class ImportanceTracker:
             live = allowed[:, 0].any(-1)  # [B, r]: rows with something to attend (left padding)
             if not bool(live.all()):
                 probs.mul_(live[:, None, None, :, None])
-            # one matmul reduces over (query head, query row) with two weightings: 1 (mass) and EMA
+            # one matmul reduces over (query head, query row) with three weightings: mass, EMA, window
             rows = r1 - r0
-            w = torch.stack([torch.ones(rows, device=key.device), weights[r0:r1]], dim=1).repeat(groups, 1)
-            red = torch.matmul(w.t(), probs.view(b * hkv, groups * rows, visible))  # [BH, 2, v]
-            mass[..., :visible] += red[:, 0].view(b, hkv, visible)
-            ema_add[..., :visible] += red[:, 1].view(b, hkv, visible)
+            w = torch.stack([torch.ones(rows, device=key.device), weights[r0:r1], win_weights[r0:r1]],
+                            dim=1).repeat(groups, 1)
+            red_all[..., :visible] += torch.matmul(w.t(), probs.view(b * hkv, groups * rows, visible))
             count[:, :visible] += allowed[:, 0].sum(dim=1).float()
             if r1 > entropy_from:
                 e0 = max(r0, entropy_from) - r0
@@ -185,14 +268,14 @@ class ImportanceTracker:
                 lv = live[:, e0:]
                 li.entropy_sum += float((ent * lv[:, None, None, :]).sum())
                 li.entropy_rows += int(lv.sum()) * hkv * groups
-        extra = li.n_tokens - t  # an oracle tracker may already know tokens this cache has not seen yet
-        if extra > 0:
-            mass, ema_add = (torch.nn.functional.pad(x, (0, extra)) for x in (mass, ema_add))
-            count = torch.nn.functional.pad(count, (0, extra))
-        li.cumulative += mass
-        li.ema = li.ema * (self.decay**q) + ema_add
-        li.count += count
-
+        red_all = red_all.view(b, hkv, 3, t)
+        if not self.per_head:
+            red_all = red_all.sum(dim=1, keepdim=True)
+        li._add("cumulative", red_all[:, :, 0])
+        li._add("ema", red_all[:, :, 1], self.decay**q)
+        li._add("window", red_all[:, :, 2], 0.0 if first else self.decay**q)
+        li._add("count", count)
+        li.queries += q
 
     def _observe_step(self, li: LayerImportance, query, key, attention_mask, scaling: float) -> None:
         """One decode query: the same statistics with a handful of ops (this runs every step and layer)."""
@@ -205,9 +288,18 @@ class ImportanceTracker:
             allowed = _allowed(attention_mask, b, 1, t, 0, 1, key.device)[:, :, 0]  # [B, 1, T]
             scores = scores.masked_fill(~allowed.unsqueeze(2), _NEG)
         mass = torch.softmax(scores, dim=-1).sum(dim=2)  # [B, Hkv, T]
-        li.cumulative += mass
-        li.ema.mul_(self.decay).add_(mass, alpha=1.0 - self.decay)
-        li.count += 1.0 if allowed is None else allowed[:, 0].float()
+        self.add_step(li, mass, None if allowed is None else allowed[:, 0])
+
+    def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
+        """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`."""
+        first = li.queries == 0
+        if not self.per_head:
+            mass = mass.sum(dim=1, keepdim=True)
+        li._add("cumulative", mass)
+        li._add("ema", mass * (1.0 - self.decay), self.decay)
+        li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)
+        li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
+        li.queries += 1
 
 
 def _allowed(mask, b: int, q: int, t: int, r0: int, r1: int, device) -> torch.Tensor:

@@ -54,12 +54,15 @@ def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9) -> Prefill:
-    """Run the prompt minus its last token through an FP16 cache that tracks importance."""
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9,
+            obs_window: int = 64) -> Prefill:
+    """Run the prompt minus its last token through an FP16 cache that tracks importance (every
+    statistic, float32: each method's cache copies the ones it keeps)."""
     if input_ids.shape[1] < 3:
         raise ValueError(f"prompt too short to prefill: {input_ids.shape[1]} tokens (need at least 3)")
     use_smartkv_attention(model)
-    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, ImportanceTracker(decay))
+    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None,
+                    ImportanceTracker(decay, obs_window))
     start = time.perf_counter()
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
           logits_to_keep=1)
@@ -76,12 +79,13 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
         cache.update(layer.keys.to(dtype), layer.values.to(dtype), idx)
     tracker = getattr(cache, "tracker", None)
     if tracker is not None:
-        if tracker.decay != pre.cache.tracker.decay:
+        shared = pre.cache.tracker
+        if not shared.compatible(tracker):
             raise ValueError(
-                f"run {run.label!r} uses decay={tracker.decay} but the shared prefill tracked decay="
-                f"{pre.cache.tracker.decay}; prefill separately for each decay"
+                f"run {run.label!r} tracks decay={tracker.decay}, obs_window={tracker.obs_window} but the shared "
+                f"prefill tracked decay={shared.decay}, obs_window={shared.obs_window}; prefill separately for each"
             )
-        cache.tracker = pre.cache.tracker.copy()
+        cache.tracker = shared.copy(keep=tracker.keep, dtype=tracker.dtype, per_head=tracker.per_head)
     clear_active_update()
     return cache, time.perf_counter() - start
 

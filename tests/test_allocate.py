@@ -92,3 +92,41 @@ def test_entropy_fractions_give_each_layer_its_floor_first():
     assert entropy_budget_fractions(ent, 0.19, 0.5, floors) == [0.19] * 4
     with pytest.raises(ValueError, match="3 entries for 4 layers"):
         entropy_budget_fractions(ent, 0.3, 0.5, [0.2] * 3)
+
+
+def test_greedy_fills_with_cheaper_steps_after_one_that_does_not_fit():
+    # unit 0's 4->8 step (32 bytes) is worth most per byte but does not fit in what is left;
+    # the cheaper 2->3 steps further down the order still do.
+    imp = torch.tensor([100.0, 1.0, 1.0])
+    caps = torch.full((3,), 3)
+    available = 3 * 28 + 16 + 16  # unit 0 to 4 bits (16), then 16 bytes left: two 2->3 steps
+    levels = greedy(imp, COSTS, caps, available, BITS)
+    assert levels.tolist() == [2, 1, 1]
+    assert cost_of(levels) == available
+
+
+def test_measured_errors_steer_the_allocation():
+    imp = torch.ones(2)
+    caps = torch.full((2,), 3)
+    # unit 1's error hardly drops above 2 bits (e.g. a flat vector), unit 0's drops a lot
+    errors = torch.tensor([[1.0, 0.2, 0.05, 0.001], [0.01, 0.009, 0.008, 0.007]])
+    for policy in ("greedy", "dp"):
+        levels = allocate(policy, imp, COSTS, caps, 28 + 28 + 16, BITS, errors=errors)
+        assert levels.tolist() == [2, 0]
+    # with the 4**-b model the two equally important units would share the 16 bytes
+    assert greedy(imp, COSTS, caps, 28 + 28 + 16, BITS).tolist() == [1, 1]
+    # a shared per-level error vector works like the 4**-b model
+    shared = error_weights(BITS)
+    assert torch.equal(greedy(imp, COSTS, caps, 100, BITS, shared), greedy(imp, COSTS, caps, 100, BITS))
+
+
+def test_greedy_keeps_chains_with_non_convex_measured_errors():
+    # a measured error that drops more from 3 to 4 bits than from 2 to 3: the chain still holds
+    torch.manual_seed(0)
+    imp = torch.rand(50)
+    errors = torch.tensor([1.0, 0.95, 0.1, 0.05])
+    levels = greedy(imp, COSTS, torch.full((50,), 3), 50 * 34, BITS, errors)
+    assert cost_of(levels) <= 50 * 34
+    d = dp(imp, COSTS, torch.full((50,), 3), 50 * 34, BITS, errors)
+    val = lambda lv: float((imp.double() * errors.double()[lv]).sum())
+    assert val(d) <= val(levels) + 1e-12

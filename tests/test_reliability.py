@@ -36,7 +36,6 @@ PARAMS = {
     "smartkv": {"budget": 0.3},
     "uniform": {"bits": 4},
 }
-KIVI_PENDING = "kivi beam/crop lands with the gemma branch"
 
 # case -> prompt length(s), new tokens, dtype, generate kwargs
 CASES = {
@@ -92,8 +91,6 @@ def _generate(model, cache, ids, mask, new, eos_first=False, assisted=False, **k
 
 
 def _cell_marks(method: str, case: str):
-    if method == "kivi" and case in ("beam_search", "assisted"):
-        return [pytest.mark.xfail(raises=NotImplementedError, strict=False, reason=KIVI_PENDING)]
     if method in ("hf_quanto", "hf_hqq") and case == "assisted":
         return [pytest.mark.xfail(raises=IndexError, strict=False, reason=(
             "transformers 5.23's QuantizedCache inherits DynamicLayer.crop, which indexes its emptied 1-D residual"))]

@@ -33,6 +33,8 @@ class ActiveUpdate:
     cache: "KVCache"
     layer_idx: int
     keys: torch.Tensor
+    # [B, H_kv, T] bool, True = evicted (0 bits): positions the attention function must mask out
+    drop: torch.Tensor | None = None
 
 
 _ACTIVE: contextvars.ContextVar[ActiveUpdate | None] = contextvars.ContextVar("smartkv_active_update", default=None)
@@ -147,12 +149,21 @@ class KVCache(Cache):
         self.config = config
         self.tracker = tracker
         self._layer_fractions: list[float] | None = None
+        self.pending_drop: int | None = None  # a layer whose evictions the attention function has yet to mask
         for idx, layer in enumerate(layers):
             layer.attach(self, idx)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.pending_drop is not None:
+            raise RuntimeError(
+                f"{self.method}: layer {self.pending_drop} evicted tokens (a 0-bit width) but its attention was not "
+                "computed by SmartKV's attention function, so nothing masked them out; call "
+                "smartkv.attention.use_smartkv_attention(model) before generate, or drop 0 from `bits`")
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys) if self.tracker is not None else None)
+        drop = getattr(self.layers[layer_idx], "drop", None)
+        tracked = self.tracker is not None or drop is not None
+        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys, drop) if tracked else None)
+        self.pending_drop = layer_idx if drop is not None else None
         return keys, values
 
     def warn_once(self, key: str, message: str) -> None:
@@ -186,7 +197,20 @@ class KVCache(Cache):
                 self.tracker.crop(idx, layer.get_seq_length())
 
     def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
-        self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
+        if self.tracker is not None:
+            self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
+
+    def warn_unobserved(self) -> None:
+        """Once per cache: it allocates by attention but has seen none (attention not routed to it)."""
+        if getattr(self, "_warned_unobserved", False):
+            return
+        self._warned_unobserved = True
+        import warnings
+
+        warnings.warn(
+            f"{self.method}: allocating precision without having observed any attention, so every token "
+            "looks equally important; call smartkv.attention.use_smartkv_attention(model) before generate",
+            RuntimeWarning, stacklevel=3)
 
     def layer_fraction(self, layer_idx: int) -> float:
         """Per-layer budget fraction from attention entropy (layer-aware allocation), fixed at first use."""
@@ -225,7 +249,9 @@ class KVCache(Cache):
             "kv_bytes": kv,
             "fp16_kv_bytes": fp16,
             "ratio": kv / fp16 if fp16 else float("nan"),
+            # part of kv_bytes (the method keeps it per token), shown apart
             "tracker_bytes": self.tracker.nbytes if self.tracker is not None else 0,
+            "reallocations": max((getattr(layer, "reallocations", 0) for layer in self.layers), default=0),
             "mean_bits": (sum(b * n for b, n in hist.items()) / values) if values else float("nan"),
             "bits_histogram": dict(sorted(hist.items())),
             "seq_len": self.get_seq_length(),

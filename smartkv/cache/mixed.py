@@ -12,7 +12,7 @@ packed rows and an int32 index of which units they are. This file is the layer's
 sinks, window, budget, and when to allocate.
 
 Tokens wait in the window at full precision and get their bits when they leave it; a
-re-allocation every `realloc_freq` decode steps may demote stored units to make room.
+re-allocation every `realloc_freq` decoded tokens may demote stored units to make room.
 Precision never goes up: a demoted unit is re-quantized from its de-quantized values.
 With `budget=None` nothing is allocated: every unit gets the single width in `bit_set`.
 
@@ -28,12 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 
 from smartkv import allocate as alloc
 from smartkv.cache.base import KVLayer
 from smartkv.cache.fp16 import crop_length
 from smartkv.cache.packed_store import PackedStore
+from smartkv.rotation import rotation
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,13 @@ class MixedSpec:
     layer_skew: float = 0.5
     seed: int = 0
     key_smoothing: bool = False
+    # Rotate keys over head_dim by an orthogonal matrix before quantization (smartkv/rotation.py).
+    key_rotation: bool = False
     prior: float = 0.0
+    pool: int = 1  # average each token's importance with its neighbours (SnapKV pools over 5)
+    # Squared error of each width for the allocator: "range" (measured: each unit's group
+    # ranges, step**2 / 12) or "bits" (the 4**-b model of a uniform quantizer).
+    error_model: str = "range"
 
 
 class MixedPrecisionLayer(KVLayer):
@@ -71,6 +80,9 @@ class MixedPrecisionLayer(KVLayer):
         self.store: PackedStore | None = None  # the quantized region, built once the geometry is known
         self.allocated = spec.budget is None
         self.decode_steps = 0
+        self.reallocations = 0  # allocations of the whole quantized region (the first one included)
+        self.rot: torch.Tensor | None = None  # key rotation [D, D], a function of head_dim (not stored per token)
+        self.drop: torch.Tensor | None = None  # [B, H, T] evicted positions of the last read, for the attention mask
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -97,6 +109,8 @@ class MixedPrecisionLayer(KVLayer):
         # token-major permutation of a stacked [2, B, H, n, D] block of K and V
         self.perm = (3, 1, 2, 0, 4) if s.granularity == "head" else (3, 1, 0, 2, 4)
         self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric)
+        if s.key_rotation:
+            self.rot = rotation(self.head_dim, torch.float32, self.device)
         self.costs = self.store.costs
         empty = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.store_dtype, device=self.device)
         self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()
@@ -111,27 +125,39 @@ class MixedPrecisionLayer(KVLayer):
         return self.store.n_units // self.units_per_row if self.store is not None else 0
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major."""
+        """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major (keys smoothed, rotated)."""
         if self.k_scale is not None:
             k = (k.float() - self.k_shift.float()) / self.k_scale.float()
-            v = v.float()
+        if self.rot is not None:
+            k = k.float() @ self.rot
+        if k.dtype != v.dtype:
+            k, v = k.float(), v.float()
         return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
 
-    def _from_units(self, units: torch.Tensor, n: int, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _from_units(self, units: torch.Tensor, n: int, restore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of `_to_units`; `restore=False` skips undoing the key rotation and smoothing
+        (for per-position labels such as bit widths, which are not values)."""
         b, h, d = self.batch, self.heads, self.head_dim
         shape = (n, b, h, 2, d) if self.spec.granularity == "head" else (n, b, 2, h, d)
         inverse = [self.perm.index(i) for i in range(5)]
         kv = units.reshape(shape).permute(inverse)
-        if self.k_scale is not None and rescale:
-            return torch.addcmul(self.k_shift.to(kv.dtype), kv[0], self.k_scale.to(kv.dtype)), kv[1]
-        return kv[0], kv[1]
+        k, v = kv[0], kv[1]
+        if not restore:
+            return k, v
+        if self.rot is not None:
+            k = k @ self.rot.t().to(k.dtype)
+        if self.k_scale is not None:
+            k = torch.addcmul(self.k_shift.to(k.dtype), k, self.k_scale.to(k.dtype))
+        return k, v
 
     def _unit_importance(self, start: int, n: int) -> torch.Tensor:
         """Importance of the units of tokens [start, start + n), in unit order."""
         tracker = self.cache.tracker if self.cache is not None else None
         if tracker is None or self.layer_idx not in tracker.layers:
+            if tracker is not None:
+                self.cache.warn_unobserved()
             return torch.zeros(n * self.units_per_row, dtype=torch.float64)
-        score = tracker.layer(self.layer_idx).score(self.spec.signal)
+        score = tracker.layer(self.layer_idx).score(self.spec.signal, self.spec.pool)
         if score.shape[-1] < start + n:  # the newest token has not been attended yet
             score = torch.nn.functional.pad(score, (0, start + n - score.shape[-1]))
         imp = score[:, :, start : start + n].double().permute(2, 0, 1)  # [n, B, H]
@@ -155,16 +181,20 @@ class MixedPrecisionLayer(KVLayer):
         self.win_k = torch.cat([self.win_k, key_states.to(self.store_dtype)], dim=-2)
         self.win_v = torch.cat([self.win_v, value_states.to(self.store_dtype)], dim=-2)
         self.seq_len += key_states.shape[-2]
-        prefill = key_states.shape[-2] > 1 and not self.allocated
+        # The first update is the prompt; allocation happens at the next one, whatever its length
+        # (one decode token, or a teacher-forced / assisted-decoding chunk of several).
+        prefill = not self.allocated and self.seq_len == key_states.shape[-2]
         if not prefill:
             if not self.allocated:
                 self._split_sinks()
                 self._reallocate()
                 self.allocated = True
             else:
-                self.decode_steps += 1
+                # Count tokens, not calls: a teacher-forced chunk of q tokens is q decode steps.
+                before = self.decode_steps
+                self.decode_steps += key_states.shape[-2]
                 f = self.spec.realloc_freq
-                if f and self.decode_steps % f == 0:
+                if f and self.decode_steps // f > before // f:
                     self._reallocate()
                 elif self.spec.budget is None or self._over_budget() or self.win_k.shape[-2] > self.spec.window + f:
                     self._release_window()
@@ -180,8 +210,8 @@ class MixedPrecisionLayer(KVLayer):
             self.k_shift = ((hi + lo) / 2).to(self.store_dtype)
             self.k_scale = ((hi - lo) / 2).clamp_min(1e-4).to(self.store_dtype)
         s = min(self.spec.sink_tokens, self.win_k.shape[-2])
-        self.sink_k, self.win_k = self.win_k[:, :, :s].contiguous(), self.win_k[:, :, s:].contiguous()
-        self.sink_v, self.win_v = self.win_v[:, :, :s].contiguous(), self.win_v[:, :, s:].contiguous()
+        self.sink_k, self.win_k = _own(self.win_k[:, :, :s]), _own(self.win_k[:, :, s:])
+        self.sink_v, self.win_v = _own(self.win_v[:, :, :s]), _own(self.win_v[:, :, s:])
 
     # --- budget -------------------------------------------------------------------------
     def _fp16_token_bytes(self) -> int:
@@ -208,21 +238,30 @@ class MixedPrecisionLayer(KVLayer):
             return False
         return self._held_quant_bytes() + self._fixed_bytes(self.win_k.shape[-2]) > self.budget_bytes()
 
+    def _tracker_token_bytes(self) -> int:
+        """Bytes the importance tracker keeps per cached token of this layer (part of the budget)."""
+        tracker = self.cache.tracker if self.cache is not None else None
+        return tracker.bytes_per_token(self.batch, self.heads) if tracker is not None else 0
+
     def _fixed_bytes(self, window_tokens: int) -> int:
+        """Bytes that do not depend on the allocation: sinks and window in FP16, key statistics, tracker."""
         scale = self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0
-        return (self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
+        return ((self.sink_k.shape[-2] + window_tokens) * self._fp16_token_bytes() + scale
+                + self.seq_len * self._tracker_token_bytes())
 
     def floor_bytes(self, seq_len: int) -> int:
         """Least bytes this layer can hold `seq_len` tokens in: its floor.
 
         Sinks in FP16, every other token at the lowest width, plus the per-channel key centre
-        and scale when key smoothing is on. Computed from the geometry, so it is known before
-        the sinks are split off (layer-aware budgets need every layer's floor up front).
+        and scale when key smoothing is on and the tracker's statistics. Computed from the
+        geometry, so it is known before the sinks are split off (layer-aware budgets need every
+        layer's floor up front).
         """
         n = seq_len
         sinks = min(self.spec.sink_tokens, n)
         key_stats = 2 * self.batch * self.heads * self.head_dim * self.store_dtype.itemsize if self.spec.key_smoothing else 0
-        return sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
+        return (sinks * self._fp16_token_bytes() + key_stats + (n - sinks) * self.units_per_row * self.costs[0]
+                + n * self._tracker_token_bytes())
 
     def floor_ratio(self, seq_len: int | None = None) -> float:
         """Lowest budget this layer can meet with `seq_len` tokens (default: now)."""
@@ -233,7 +272,8 @@ class MixedPrecisionLayer(KVLayer):
         """Fewest tokens from which this layer's budget can be met (and is, from then on); None: at no length."""
         if self.spec.budget is None:
             return 0
-        tok, per_token = self._fp16_token_bytes(), self.units_per_row * self.costs[0]
+        tok = self._fp16_token_bytes()
+        per_token = self.units_per_row * self.costs[0] + self._tracker_token_bytes()
         frac = self._fraction(fix)
         slope = frac * tok - per_token  # what the budget gains over the floor with each token
         if slope < 1:  # rounding bytes down eats less than a byte per token
@@ -303,8 +343,7 @@ class MixedPrecisionLayer(KVLayer):
         """Pop the window's oldest tokens beyond `keep`; return their units."""
         n_out = max(0, self.win_k.shape[-2] - keep)
         units = self._to_units(self.win_k[:, :, :n_out], self.win_v[:, :, :n_out])
-        self.win_k = self.win_k[:, :, n_out:].contiguous()
-        self.win_v = self.win_v[:, :, n_out:].contiguous()
+        self.win_k, self.win_v = _own(self.win_k[:, :, n_out:]), _own(self.win_v[:, :, n_out:])
         return units
 
     def _release_window(self) -> None:
@@ -326,8 +365,10 @@ class MixedPrecisionLayer(KVLayer):
         imp = self._unit_importance(self.sink_k.shape[-2] + self.n_quant, n_out)
         caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
         available = budget - held - self._fixed_bytes(keep)
-        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
-        self.store.append(self._leaving(keep), levels)
+        units = self._leaving(keep)
+        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
+                                self._errors(None, units))
+        self.store.append(units, levels)
 
     def _reallocate(self) -> None:
         """Re-allocate every quantized unit (caps: current width) plus the tokens leaving the window."""
@@ -356,9 +397,28 @@ class MixedPrecisionLayer(KVLayer):
         caps = torch.full((imp.shape[0],), top)
         caps[:n_old] = self.store.levels()
         available = budget - self._fixed_bytes(keep)
-        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator)
+        units = self._leaving(keep)
+        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
+                                self._errors(self.store.range_sq() if n_old else None, units))
         self.store.demote(levels[:n_old])
-        self.store.append(self._leaving(keep), levels[n_old:])
+        self.store.append(units, levels[n_old:])
+        self.reallocations += 1
+
+    def _errors(self, held_range_sq: torch.Tensor | None, new_units: torch.Tensor) -> torch.Tensor | None:
+        """Squared error per (unit, level) for the held units (ranges read from their scales) then
+        the new ones (ranges of their values); None under the 4**-b model."""
+        if self.spec.error_model == "bits":
+            return None
+        g = self.group
+        n, length = new_units.shape
+        groups = new_units.float().view(n, length // g, g) if length % g == 0 else None
+        if groups is None:  # a last, shorter group: pad with the row's last value (no change to its range)
+            pad = (-length) % g
+            x = torch.cat([new_units.float(), new_units[:, -1:].float().expand(n, pad)], dim=1)
+            groups = x.view(n, -1, g)
+        new_sq = ((groups.amax(-1) - groups.amin(-1)).double() ** 2).mean(-1)
+        range_sq = new_sq if held_range_sq is None else torch.cat([held_range_sq, new_sq])
+        return alloc.range_errors(range_sq, self.spec.bit_set)
 
     # --- beam search / cropping: every per-token tensor follows its tokens -----------------
     is_croppable = True
@@ -414,21 +474,41 @@ class MixedPrecisionLayer(KVLayer):
     # --- read -------------------------------------------------------------------------
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts_k, parts_v = [self.sink_k.to(self.dtype)], [self.sink_v.to(self.dtype)]
+        self.drop = None
         if self.n_quant:
             buf = torch.empty(self.store.n_units, self.unit_len, dtype=self.dtype, device=self.device)
             k, v = self._from_units(self.store.dequantize_into(buf), self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
+            if self.store.evicts:
+                self.drop = self._evicted_positions()
         parts_k.append(self.win_k.to(self.dtype))
         parts_v.append(self.win_v.to(self.dtype))
         return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+    def _evicted_positions(self) -> torch.Tensor | None:
+        """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
+        The attention function masks these positions out (smartkv/attention.py)."""
+        gone = self.store.unit_bits() == 0
+        if not bool(gone.any()):
+            return None
+        flags = gone.float()[:, None].expand(-1, self.unit_len)
+        k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
+        s = self.sink_k.shape[-2]
+        out = torch.zeros(self.batch, self.heads, self.seq_len, dtype=torch.bool, device=self.device)
+        out[:, :, s : s + self.n_quant] = k[..., 0] > 0.5
+        return out
 
     # --- memory -----------------------------------------------------------------------
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        total = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        # storage bytes, not view bytes: a slice would keep its whole base alive (`_own` prevents it)
+        total = sum(t.untyped_storage().nbytes() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
         total += self.store.nbytes
+        tracker = self.cache.tracker if self.cache is not None else None
+        if tracker is not None and self.layer_idx in tracker.layers:
+            total += tracker.layers[self.layer_idx].nbytes  # importance state is memory the method keeps
         return total + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
 
     def bits_histogram(self) -> dict[int, int]:
@@ -446,7 +526,14 @@ class MixedPrecisionLayer(KVLayer):
         if self.n_quant:
             per_unit = self.store.unit_bits()
             expanded = per_unit[:, None].expand(-1, self.unit_len)
-            k, v = self._from_units(expanded, self.n_quant, rescale=False)  # [B, H, n, D] each
+            k, v = self._from_units(expanded, self.n_quant, restore=False)  # [B, H, n, D] each
             out[:, :, s : s + self.n_quant, 0] = k[..., 0]
             out[:, :, s : s + self.n_quant, 1] = v[..., 0]
         return out
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` in storage of its own: a slice of a larger tensor would keep all of it alive."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)

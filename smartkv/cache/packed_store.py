@@ -6,6 +6,10 @@ token's K and V or one head of it, is the owning layer's business). Units are nu
 `QuantizedRows` with the units at that width and an int32 index of which units they are.
 A store with a single width holds its units in order and needs no index (uniform INTk).
 
+Width 0 is eviction: a unit at 0 bits keeps nothing at all (no codes, no scale, no index:
+it is the unit that no other width's index names). Readers get zeros for it, and the layer
+masks it out of attention.
+
 Every tensor held is counted by `nbytes`, index included.
 """
 
@@ -26,7 +30,9 @@ class PackedStore:
         self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
         self.n_units = 0
         # bytes one unit costs at each level, index included
-        self.costs = [row_nbytes(unit_len, b, group, symmetric) + (0 if self.single else INDEX_BYTES) for b in bit_set]
+        self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric) + (0 if self.single else INDEX_BYTES)
+                      for b in bit_set]
+        self.evicts = bit_set[0] == 0
 
     # --- write --------------------------------------------------------------------------
     def append(self, units: torch.Tensor, levels: torch.Tensor) -> None:
@@ -36,10 +42,12 @@ class PackedStore:
         ids = torch.arange(self.n_units, self.n_units + units.shape[0])
         for lvl in levels.unique().tolist():
             sel = levels == lvl
-            self._add(lvl, quantize_rows(units[sel], self.bit_set[lvl], self.group, self.symmetric), ids[sel])
+            self._add(lvl, self._quantize(units[sel], lvl), ids[sel])
         self.n_units += units.shape[0]
 
-    def _add(self, lvl: int, rows: QuantizedRows, ids: torch.Tensor) -> None:
+    def _add(self, lvl: int, rows: QuantizedRows | None, ids: torch.Tensor) -> None:
+        if rows is None:  # evicted: nothing is kept
+            return
         if lvl in self.rows:
             self.rows[lvl] = self.rows[lvl].cat_rows(rows)
             if not self.single:
@@ -67,8 +75,11 @@ class PackedStore:
             self.index[lvl] = idx[keep].to(torch.int32)
             for new in target[moving].unique().tolist():
                 sel = target[moving] == new
-                self._add(new, quantize_rows(values[sel], self.bit_set[new], self.group, self.symmetric),
-                          idx[moving][sel])
+                self._add(new, self._quantize(values[sel], new), idx[moving][sel])
+
+    def _quantize(self, units: torch.Tensor, lvl: int) -> QuantizedRows | None:
+        bits = self.bit_set[lvl]
+        return None if bits == 0 else quantize_rows(units, bits, self.group, self.symmetric)
 
     # --- read ---------------------------------------------------------------------------
     def ids(self, lvl: int) -> torch.Tensor:
@@ -90,8 +101,21 @@ class PackedStore:
             out[self.ids(lvl)] = float(self.bit_set[lvl])
         return out
 
+    def range_sq(self) -> torch.Tensor:
+        """Mean squared group range of every unit held, float64 [n_units], read from the scales
+        (asymmetric: range = scale * (2**b - 1)): what the allocator's error model needs
+        for units whose original values are gone."""
+        out = torch.zeros(self.n_units, dtype=torch.float64)
+        for lvl, rows in self.rows.items():
+            if rows.n_rows:
+                span = rows.scale.double() * (2 ** self.bit_set[lvl] - 1)
+                out[self.ids(lvl)] = (span**2).mean(dim=-1)
+        return out
+
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """De-quantize every unit into row `unit number` of `out` [n_units, unit_len]."""
+        """De-quantize every unit into row `unit number` of `out` [n_units, unit_len] (evicted units: zeros)."""
+        if self.evicts:
+            out.zero_()
         for lvl, rows in self.rows.items():
             if rows.n_rows:
                 rows.dequantize_into(out, self.index[lvl])  # fused unpack + scale + scatter
@@ -108,8 +132,11 @@ class PackedStore:
         return total + sum(i.nbytes for i in self.index.values() if i is not None)
 
     def values_per_width(self) -> dict[int, int]:
-        """Number of values held at each bit width."""
+        """Number of values held at each bit width (0: evicted)."""
         hist: dict[int, int] = {}
+        if self.evicts:
+            held = sum(rows.n_rows for rows in self.rows.values())
+            hist[0] = (self.n_units - held) * self.unit_len
         for lvl, rows in self.rows.items():
             b = self.bit_set[lvl]
             hist[b] = hist.get(b, 0) + rows.n_rows * self.unit_len

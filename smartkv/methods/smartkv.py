@@ -33,8 +33,10 @@ class SmartKVConfig:
     window_share: float = 0.1
     sink_tokens: int = 4
     allocation: str = "greedy"
-    signal: str = "ema"
+    signal: str = "window"
     decay: float = 0.9
+    obs_window: int = 64
+    pool: int = 5
     granularity: str = "layer"
     kv_split: bool = False
     key_weight: float = 1.0
@@ -43,7 +45,9 @@ class SmartKVConfig:
     symmetric: bool = False
     seed: int = 0
     key_smoothing: bool = True
+    key_rotation: bool = True
     prior: float = 0.5
+    error_model: str = "range"
 
     def __post_init__(self):
         m = "smartkv"
@@ -52,12 +56,19 @@ class SmartKVConfig:
         if not bits:
             raise ConfigError(f"{m}: bits must list at least one width, got {self.bits!r}")
         for b in bits:
-            check_bits(m, "bits", b, (1, 2, 3, 4, 5, 6, 7, 8))
+            check_bits(m, "bits", b, (0, 1, 2, 3, 4, 5, 6, 7, 8))  # 0 = evict
+        if not any(bits):
+            raise ConfigError(f"{m}: bits={self.bits!r} needs a width above 0 (0 alone would evict everything)")
+        if 0 in bits and self.kv_split:
+            raise ConfigError(f"{m}: bits with 0 (eviction) needs kv_split=False: a token's key and value go together")
         object.__setattr__(self, "bits", tuple(sorted(set(bits))))
         check_int(m, "group_size", self.group_size, 1)
         check_int(m, "window", self.window, 0)
         check_int(m, "sink_tokens", self.sink_tokens, 0)
         check_int(m, "realloc_freq", self.realloc_freq, 0)
+        check_int(m, "obs_window", self.obs_window, 1)
+        check_int(m, "pool", self.pool, 1)
+        check_choice(m, "error_model", self.error_model, ("range", "bits"))
         check_choice(m, "allocation", self.allocation, ALLOCATIONS)
         check_choice(m, "signal", self.signal, SIGNALS)
         check_choice(m, "granularity", self.granularity, ("layer", "head"))
@@ -95,12 +106,19 @@ class SmartKVConfig:
             layer_skew=self.layer_skew,
             seed=self.seed,
             key_smoothing=self.key_smoothing and self.budget < 1.0,  # nothing is quantized at 1.0
+            key_rotation=self.key_rotation and self.budget < 1.0,
             prior=self.prior,
+            pool=self.pool,
+            error_model=self.error_model,
         )
 
 
 @register("smartkv", SmartKVConfig, "attention-guided mixed precision (bits per token) under a memory budget")
 def build(config: SmartKVConfig, model_config) -> KVCache:
     spec = config.spec()
-    tracker = ImportanceTracker(config.decay) if config.tracks_attention else None
+    # The cache keeps one signal in FP16, and those bytes count against its budget.
+    # One precision per token per layer needs the heads' sum only (1/H_kv of the bytes).
+    tracker = (ImportanceTracker.for_signal(config.signal, config.decay, config.obs_window,
+                                            per_head=config.granularity == "head")
+               if config.tracks_attention else None)
     return KVCache([MixedPrecisionLayer(spec) for _ in range(n_layers(model_config))], "smartkv", config, tracker)
