@@ -67,3 +67,12 @@ def test_zero_bits_config_is_checked():
         build_cache("smartkv", type("C", (), cfg)(), budget=0.1, bits=(0, 2), kv_split=True)
     with pytest.raises(ConfigError, match="above 0"):
         build_cache("smartkv", type("C", (), cfg)(), budget=0.1, bits=(0,))
+
+
+def test_beam_search_carries_evictions(model):
+    cache = build_cache("smartkv", model.config, budget=0.1, bits=(0, 2, 4), window=8)
+    out = model.generate(ids(seed=3), attention_mask=torch.ones(1, 300, dtype=torch.long), past_key_values=cache,
+                         max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 305)
+    rep = cache.memory_report()
+    assert rep["bits_histogram"].get(0, 0) > 0 and rep["ratio"] <= 0.1

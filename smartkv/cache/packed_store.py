@@ -153,6 +153,8 @@ class PackedStore:
         new_levels, new_pos = levels[src], pos[src]
         out = PackedStore(self.bit_set, self.unit_len, self.group, self.symmetric)
         for lvl in new_levels.unique().tolist():
+            if lvl not in self.rows:  # evicted units (width 0): nothing to carry over
+                continue
             at = (new_levels == lvl).nonzero().squeeze(1)
             out.rows[lvl] = self.rows[lvl].select(new_pos[at].to(self.rows[lvl].scale.device))
             out.index[lvl] = None if self.single else at.to(torch.int32)
