@@ -43,11 +43,13 @@ class FP16Layer(KVLayer):
     def crop(self, tokens_to_remove):
         n = crop_length(self.seq_len, tokens_to_remove)
         if self.is_initialized and n < self.seq_len:
-            self.keys, self.values = self.keys[:, :, :n].contiguous(), self.values[:, :, :n].contiguous()
+            # clones: a slice would keep the cropped tokens' bytes alive
+            self.keys, self.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
             self.seq_len = n
 
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        # storage bytes: what the tensors keep alive, not what a view shows
+        return 0 if self.keys is None else self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
     def bits_histogram(self) -> dict[int, int]:
         return {16: 0 if self.keys is None else self.keys.numel() + self.values.numel()}

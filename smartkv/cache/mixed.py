@@ -466,7 +466,8 @@ class MixedPrecisionLayer(KVLayer):
             self.store = self.store.gather(torch.arange(max(0, n - s) * self.units_per_row))
         if n < s:
             self.sink_k, self.sink_v = self.sink_k[:, :, :n], self.sink_v[:, :, :n]
-        self.sink_k, self.sink_v, self.win_k, self.win_v = (t.contiguous() for t in
+        # storage of their own: a slice would keep the cropped tokens' bytes alive
+        self.sink_k, self.sink_v, self.win_k, self.win_v = (_own(t) for t in
                                                             (self.sink_k, self.sink_v, self.win_k, self.win_v))
         self.seq_len = n
         self._back_under_budget()
