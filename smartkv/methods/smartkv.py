@@ -28,7 +28,7 @@ class SmartKVConfig:
 
     budget: float = 0.3
     bits: tuple[int, ...] = (2, 3, 4, 8)
-    group_size: int = 32
+    group_size: int = 64
     window: int = 32
     window_share: float = 0.1
     sink_tokens: int = 4
@@ -45,7 +45,7 @@ class SmartKVConfig:
     symmetric: bool = False
     seed: int = 0
     key_smoothing: bool = True
-    key_rotation: bool = True
+    key_rotation: bool = False
     prior: float = 0.5
     error_model: str = "range"
 
