@@ -131,15 +131,23 @@ def decode(model, pre: Prefill, cache, max_new_tokens: int, do_sample: bool = Fa
 
 
 @torch.no_grad()
-def continuation_nll(model, pre: Prefill, cache, continuation: torch.Tensor) -> tuple[float, float]:
-    """Mean negative log-likelihood of `continuation` [1, n] teacher-forced through `cache`; and seconds."""
-    feed = torch.cat([pre.input_ids[:, -1:], continuation[:, :-1]], dim=1)
-    nll = 0.0
+def forced_logits(model, pre: Prefill, cache, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits [n, vocab] (float32) predicting each token of `target` [1, n], teacher-forced through `cache`.
+
+    Two forwards, whatever n is: the prompt's last token alone, as `generate`'s first step
+    (a cache quantizes its prefilled tokens on its first single-token update), then the gold
+    target minus its last token in one forward. Decoding token by token would cost n
+    forwards for the same logits, up to floating-point order.
+    """
+    if pre.input_ids.shape[0] != 1:
+        raise ValueError(f"forced_logits scores one prompt at a time, got a batch of {pre.input_ids.shape[0]}")
+    mask = pre.attention_mask
     start = time.perf_counter()
-    for i in range(feed.shape[1]):
-        # the prompt (its last token is fed at i = 0) plus the i continuation tokens fed so far
-        mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype, device=pre.attention_mask.device)], dim=1)
-        logits = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
-        nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[continuation[0, i]])
+    first = model(input_ids=pre.input_ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    out = [first[0, -1:].float()]
+    if target.shape[1] > 1:
+        rest = target[:, :-1]
+        mask = torch.cat([mask, torch.ones_like(rest, dtype=mask.dtype)], dim=1)
+        out.append(model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0].float())
     clear_active_update()
-    return nll / continuation.shape[1], time.perf_counter() - start
+    return torch.cat(out, dim=0), time.perf_counter() - start

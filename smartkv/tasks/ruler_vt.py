@@ -12,8 +12,9 @@ import string
 from random import Random
 from typing import Any
 
-from smartkv.tasks.filler import SentenceStream, rng_for
+from smartkv.tasks.filler import rng_for
 from smartkv.tasks.haystack import build_haystack
+from smartkv.tasks.ruler_niah import haystack_stream
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
 
@@ -32,10 +33,13 @@ def _var_names(rng: Random, n: int) -> list[str]:
 @register_task("ruler_vt", "RULER variable tracking: list all variables bound to a value", uses_depth=False)
 def generate(
     tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-    num_hops: int = 3, num_chains: int = 1,
+    num_hops: int = 3, num_chains: int = 1, haystack: str = "repeat",
 ) -> list[Sample]:
     """`num_hops` assignments after the first make a chain of num_hops + 1 variables (RULER
-    uses 4 hops; 3 keeps the answer within ~32 generated tokens)."""
+    uses 4 hops; 3 keeps the answer within ~32 generated tokens). The haystack is the
+    passkey task's repeated filler (`haystack="prose"`: varied sentences). `target` lists the
+    chain in assignment order, as the model writes it."""
+    haystack_stream(haystack)  # a bad kind fails before any prompt is built
     samples = []
     for length in lengths:
         for i in range(n_per_cell):
@@ -60,7 +64,7 @@ def generate(
                 f"above, {len(chains[0])} variables are assigned the value {values[0]}, they are:"
             )
             hay = build_haystack(
-                tokenizer, length, stream=SentenceStream(rng_for(*key, "filler")),
+                tokenizer, length, stream=haystack_stream(haystack, *key),
                 header=HEADER, needles=needles, footer=question, what="ruler_vt",
             )
             samples.append(Sample(
@@ -73,5 +77,6 @@ def generate(
                 depth=None,
                 meta={"value": values[0], "needle_char_spans": hay.needle_spans,
                       "haystack_char_span": hay.haystack_span},
+                target=" " + " ".join(chains[0]),
             ))
     return samples
