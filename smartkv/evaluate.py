@@ -28,7 +28,8 @@ from smartkv import scoring
 from smartkv.allocate import BudgetError
 from smartkv.answer_scores import answer_measures, target_ids
 from smartkv.methods.registry import config_dict
-from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, memory_of, oracle_tracker, prefill
+from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, needs_tracker, oracle_tracker,
+                            prefill)
 from smartkv.tasks.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,12 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
         raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTION_MODES)}")
     for run in runs:  # fail on a bad config before any model work
         run.config()
+    track = any(needs_tracker(r) for r in runs)
     rows = []
     bar = tqdm(total=len(samples) * len(runs), desc=desc, disable=not progress, unit="run")
     for sample in samples:
         ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
-        pre = prefill(model, ids, mask, decay)
+        pre = prefill(model, ids, mask, decay, track=track)
         base = _sample_fields(sample, seed, ids.shape[1])
         target = _target(tokenizer, sample, model.device)
         ref_logprobs, ref_s = None, 0.0

@@ -54,17 +54,28 @@ def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9) -> Prefill:
-    """Run the prompt minus its last token through an FP16 cache that tracks importance."""
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9,
+            track: bool = True) -> Prefill:
+    """Run the prompt minus its last token through an FP16 cache that tracks importance.
+
+    `track=False` skips the importance statistics (a second pass over the attention scores)
+    when no method forked from this prefill reads them (`needs_tracker`).
+    """
     if input_ids.shape[1] < 3:
         raise ValueError(f"prompt too short to prefill: {input_ids.shape[1]} tokens (need at least 3)")
     use_smartkv_attention(model)
-    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, ImportanceTracker(decay))
+    tracker = ImportanceTracker(decay) if track else None
+    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, tracker)
     start = time.perf_counter()
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
           logits_to_keep=1)
     clear_active_update()
     return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
+
+
+def needs_tracker(run: RunSpec) -> bool:
+    """Whether `run`'s cache reads the prefill's importance statistics."""
+    return run.oracle or bool(getattr(run.config(), "tracks_attention", False))
 
 
 def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
@@ -76,6 +87,9 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
         cache.update(layer.keys.to(dtype), layer.values.to(dtype), idx)
     tracker = getattr(cache, "tracker", None)
     if tracker is not None:
+        if pre.cache.tracker is None:
+            raise ValueError(f"run {run.label!r} reads attention importance but the prefill did not track it "
+                             "(prefill with track=True)")
         if tracker.decay != pre.cache.tracker.decay:
             raise ValueError(
                 f"run {run.label!r} uses decay={tracker.decay} but the shared prefill tracked decay="

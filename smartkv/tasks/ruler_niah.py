@@ -60,19 +60,19 @@ def _ask_one(key: str) -> str:
 
 def _case_single(rng: Random, digits: int = 6) -> _Case:
     [key], [value] = key_phrases(rng, 1), _values(rng, 1, digits)
-    return _Case([f"The special magic number for {key} is: {value}."], [None], _ask_one(key), [value])
+    return _Case([f"The special magic number for {key} is {value}."], [None], _ask_one(key), [value])
 
 
 def _case_multikey(rng: Random, num_keys: int = 4, digits: int = 6) -> _Case:
     keys, values = key_phrases(rng, num_keys), _values(rng, num_keys, digits)
-    needles = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
+    needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
     fracs = [None] + [rng.random() for _ in keys[1:]]
     return _Case(needles, fracs, _ask_one(keys[0]), [values[0]])
 
 
 def _case_multivalue(rng: Random, num_values: int = 3, digits: int = 6) -> _Case:
     [key], values = key_phrases(rng, 1), _values(rng, num_values, digits)
-    needles = [f"One of the special magic numbers for {key} is: {v}." for v in values]
+    needles = [f"One of the special magic numbers for {key} is {v}." for v in values]
     fracs = [None] + [rng.random() for _ in values[1:]]
     question = (
         f"\n\nWhat are all the special magic numbers for {key} mentioned in the text above? "
@@ -83,7 +83,7 @@ def _case_multivalue(rng: Random, num_values: int = 3, digits: int = 6) -> _Case
 
 def _case_multiquery(rng: Random, num_queries: int = 3, digits: int = 6) -> _Case:
     keys, values = key_phrases(rng, num_queries), _values(rng, num_queries, digits)
-    needles = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
+    needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
     fracs = [None] + [rng.random() for _ in keys[1:]]
     listed = ", ".join(keys[:-1]) + f" and {keys[-1]}"
     question = (
