@@ -74,28 +74,59 @@ def pilot_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def cost(model, tokenizer, lengths: list[int], n: int, seed: int = DEV_SEED_MIN, *, progress: bool = True) -> pd.DataFrame:
-    """Seconds per part of a sample: niah prompts at each length, every `COST_RUNS` method, both
-    scoring modes (forced only; forced + generation capped at the answer + slack)."""
-    from smartkv.evaluate import evaluate
-    from smartkv.runner import RunSpec
+    """CPU seconds of each part of a sample, on `n` niah prompts per length and one perplexity prompt.
+
+    Measured as this process's CPU time (`time.process_time`), not wall time: on a shared
+    machine wall time counts other processes' work, CPU time does not (with one thread it is
+    what a dedicated core would take). Parts: prefill with and without the importance pass;
+    the FP16 reference; per `COST_RUNS` method: fork, the teacher-forced answer, and a fresh
+    fork + greedy generation capped at the answer + `ANSWER_SLACK` tokens.
+    """
+    from tqdm.auto import tqdm
+
+    from smartkv.answer_scores import target_ids
+    from smartkv.evaluate import ANSWER_SLACK, FP16_REFERENCE
+    from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, prefill
     from smartkv.tasks import generate_task
+
+    def cpu(fn, *args, **kw):
+        t0 = time.process_time()
+        out = fn(*args, **kw)
+        return out, time.process_time() - t0
 
     runs = [RunSpec(label, method, params) for label, method, params in COST_RUNS]
     samples = generate_task("niah", tokenizer, n_per_cell=n, lengths=lengths, depths=[0.5], seed=seed)
-    frames = [evaluate(model, tokenizer, samples, runs, seed=seed, prediction="generate", progress=progress,
-                       desc="cost"),
-              ]
-    ppl = generate_task("perplexity", tokenizer, n_per_cell=1, lengths=lengths, depths=[], seed=seed)
-    frames.append(evaluate(model, tokenizer, ppl, runs, seed=seed, progress=progress, desc="cost perplexity"))
-    return pd.concat(frames, ignore_index=True)
+    samples += generate_task("perplexity", tokenizer, n_per_cell=1, lengths=lengths, depths=[], seed=seed)
+    rows = []
+    with torch.no_grad():
+        for s in tqdm(samples, desc="cost", disable=not progress):
+            ids, mask = encode(tokenizer, [s.prompt], device=model.device)
+            target = torch.tensor([target_ids(tokenizer, s.prompt, s.target)])
+            _, untracked = cpu(prefill, model, ids, mask, track=False)
+            pre, tracked = cpu(prefill, model, ids, mask, track=True)
+            (ref_cache, _), ref_fork = cpu(fork, pre, FP16_REFERENCE, model)
+            _, ref = cpu(forced_logits, model, pre, ref_cache, target)
+            base = {"task": s.task, "context_length": s.context_length, "n_tokens": ids.shape[1],
+                    "answer_tokens": target.shape[1], "prefill_cpu_s": untracked, "prefill_tracked_cpu_s": tracked,
+                    "reference_cpu_s": ref_fork + ref}
+            for run in runs:
+                (cache, _), fork_s = cpu(fork, pre, run, model)
+                _, forced_s = cpu(forced_logits, model, pre, cache, target)
+                row = {**base, "run": run.label, "fork_cpu_s": fork_s, "forced_cpu_s": forced_s,
+                       "generate_cpu_s": float("nan"), "new_tokens": 0}
+                if s.task != "perplexity":
+                    (cache, _), fork2 = cpu(fork, pre, run, model)
+                    (new, _), gen = cpu(decode, model, pre, cache, int(target.shape[1]) + ANSWER_SLACK)
+                    row.update(generate_cpu_s=fork2 + gen, new_tokens=int(new.shape[1]))
+                rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean seconds per (task, length, run): prefill (once per sample), reference, fork, forced, decode."""
-    return df.groupby(["task", "context_length", "run"]).agg(
-        n=("sample_id", "size"), prefill_s=("prefill_s", "mean"), reference_s=("reference_s", "mean"),
-        fork_s=("fork_s", "mean"), forced_s=("forced_s", "mean"), decode_s=("decode_s", "mean"),
-        new_tokens=("new_tokens", "mean"), answer_tokens=("answer_tokens", "mean")).reset_index()
+    """Mean CPU seconds per (task, length, run)."""
+    cols = ["prefill_cpu_s", "prefill_tracked_cpu_s", "reference_cpu_s", "fork_cpu_s", "forced_cpu_s",
+            "generate_cpu_s", "answer_tokens", "new_tokens"]
+    return df.groupby(["task", "context_length", "run"])[cols].mean().reset_index()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("pilot", help="FP16 accuracy per (task, length) on dev seeds")
     a.add_argument("--grid", required=True, help="YAML: task -> {lengths, depths, n_per_cell, kwargs}")
     a.add_argument("--seeds", type=int, nargs="+", default=[DEV_SEED_MIN])
-    b = sub.add_parser("cost", help="seconds per sample part at each length")
+    b = sub.add_parser("cost", help="CPU seconds per sample part at each length")
     b.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     b.add_argument("--n", type=int, default=2, help="niah prompts per length")
     for q in (a, b):
@@ -135,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         df = cost(model, tokenizer, args.lengths, args.n)
         table = cost_table(df)
-    df.drop(columns=["config"]).to_csv(args.out, index=False)
+    df.drop(columns=["config"], errors="ignore").to_csv(args.out, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"wall {time.perf_counter() - start:.1f} s, {args.threads} thread(s)")

@@ -190,6 +190,29 @@ def test_variable_tracking_value_query_needs_a_distractor_chain():
         generate_task("ruler_vt", TOK, n_per_cell=1, lengths=[600], depths=[], seed=3, query="who")
 
 
+def test_passkey_style_multikey_and_multivalue():
+    mk = generate_task("ruler_multikey", TOK, n_per_cell=2, lengths=[600], depths=[0.2, 0.8], seed=5,
+                       style="passkey", num_keys=3, digits=5)
+    for s in mk:
+        found = re.findall(r"The pass key for the (\w+) is (\d{5})\. Remember it\.", s.prompt)
+        assert len(found) == 3 and len({t for t, _ in found}) == 3
+        asked = re.search(r"What is the pass key for the (\w+)\?", s.prompt).group(1)
+        assert dict(found)[asked] == s.answers[0] and s.target == f" {s.answers[0]}"
+    mv = generate_task("ruler_multivalue", TOK, n_per_cell=2, lengths=[600], depths=[0.2, 0.8], seed=5,
+                       style="passkey", num_values=3, digits=5)
+    for s in mv:
+        found = re.findall(r"The (first|second|third) pass key for the (\w+) is (\d{5})\.", s.prompt)
+        # Ordinals follow the text, whichever needle sits at the sample's depth.
+        assert [o for o, _, _ in found] == ["first", "second", "third"]
+        thing = found[0][1]
+        assert sorted(v for _, _, v in found) == sorted(s.answers)
+        assert s.prompt.endswith(f"The first pass key for the {thing} is")
+        assert s.target == (f" {found[0][2]}. The second pass key for the {thing} is {found[1][2]}"
+                            f". The third pass key for the {thing} is {found[2][2]}")
+    with pytest.raises(ValueError, match="style='essay'; allowed: ruler, passkey"):
+        generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, style="essay")
+
+
 def test_haystack_kinds():
     prose = generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, haystack="prose")
     rep = generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3)

@@ -36,6 +36,9 @@ class _Case:
     fracs: list[float | None]  # None: placed at the sample's depth
     question: str
     answers: list[str]
+    # Passkey-style multi-value: "{nth}" in a needle is filled with its ordinal in text
+    # order, and the target walks the values in that order (see `_ordinal_target`).
+    thing: str = ""
 
 
 def _values(rng: Random, n: int, digits: int = 6) -> list[str]:
@@ -58,19 +61,60 @@ def _ask_one(key: str) -> str:
     )
 
 
+# Passkey style (style="passkey"): the needle sentence of the passkey task, keyed by a plain
+# noun, which the default model tells apart far better than RULER's word pairs.
+THINGS = ["cat", "dog", "horse", "owl", "fox", "bear", "goat", "frog", "duck", "wolf", "lion", "mouse",
+          "apple", "lamp", "boat", "door", "coat", "cup", "drum", "kite", "bell", "ring", "shoe", "tent"]
+ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth"]
+STYLES = ("ruler", "passkey")
+
+
+def _ask_passkey(thing: str) -> str:
+    return f"\n\nWhat is the pass key for the {thing}? The pass key for the {thing} is"
+
+
+def _case_multikey_passkey(rng: Random, num_keys: int, digits: int) -> _Case:
+    things, values = rng.sample(THINGS, num_keys), _values(rng, num_keys, digits)
+    needles = [f"The pass key for the {t} is {v}. Remember it." for t, v in zip(things, values)]
+    fracs = [None] + [rng.random() for _ in things[1:]]
+    return _Case(needles, fracs, _ask_passkey(things[0]), [values[0]])
+
+
+def _case_multivalue_passkey(rng: Random, num_values: int, digits: int) -> _Case:
+    if num_values > len(ORDINALS):
+        raise ValueError(f"ruler_multivalue: style='passkey' takes at most {len(ORDINALS)} values, got {num_values}")
+    [thing], values = rng.sample(THINGS, 1), _values(rng, num_values, digits)
+    needles = [f"The {{nth}} pass key for the {thing} is {v}. Remember it." for v in values]
+    fracs = [None] + [rng.random() for _ in values[1:]]
+    question = (f"\n\nWhat are the {num_values} pass keys for the {thing}? "
+                f"The first pass key for the {thing} is")
+    return _Case(needles, fracs, question, values, thing=thing)
+
+
+def _ordinal_target(thing: str, ordered: list[str]) -> str:
+    """' 48213. The second pass key for the cat is 90317' for values in text order."""
+    parts = [f" {ordered[0]}"] + [f". The {ORDINALS[k]} pass key for the {thing} is {v}"
+                                  for k, v in enumerate(ordered[1:], start=1)]
+    return "".join(parts)
+
+
 def _case_single(rng: Random, digits: int = 6) -> _Case:
     [key], [value] = key_phrases(rng, 1), _values(rng, 1, digits)
     return _Case([f"The special magic number for {key} is {value}."], [None], _ask_one(key), [value])
 
 
-def _case_multikey(rng: Random, num_keys: int = 4, digits: int = 6) -> _Case:
+def _case_multikey(rng: Random, num_keys: int = 4, digits: int = 6, style: str = "ruler") -> _Case:
+    if style == "passkey":
+        return _case_multikey_passkey(rng, num_keys, digits)
     keys, values = key_phrases(rng, num_keys), _values(rng, num_keys, digits)
     needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
     fracs = [None] + [rng.random() for _ in keys[1:]]
     return _Case(needles, fracs, _ask_one(keys[0]), [values[0]])
 
 
-def _case_multivalue(rng: Random, num_values: int = 3, digits: int = 6) -> _Case:
+def _case_multivalue(rng: Random, num_values: int = 3, digits: int = 6, style: str = "ruler") -> _Case:
+    if style == "passkey":
+        return _case_multivalue_passkey(rng, num_values, digits)
     [key], values = key_phrases(rng, 1), _values(rng, num_values, digits)
     needles = [f"One of the special magic numbers for {key} is {v}." for v in values]
     fracs = [None] + [rng.random() for _ in values[1:]]
@@ -108,6 +152,8 @@ def _generate(
     lengths: list[int], depths: list[float], seed: int, haystack: str = "repeat", **case_kw: Any,
 ) -> list[Sample]:
     haystack_stream(haystack)  # a bad kind fails before any prompt is built
+    if case_kw.get("style", "ruler") not in STYLES:
+        raise ValueError(f"{task}: style={case_kw['style']!r}; allowed: {', '.join(STYLES)}")
     samples = []
     for length in lengths:
         for depth in depths:
@@ -115,6 +161,10 @@ def _generate(
                 key = (task, seed, length, f"{depth:.3f}", i)
                 case = make_case(rng_for(*key, "case"), **case_kw)
                 needles = [(t, depth if f is None else f) for t, f in zip(case.needles, case.fracs)]
+                if case.thing:  # ordinals follow the needles' order in the text
+                    rank = sorted(range(len(needles)), key=lambda k: (needles[k][1], k))
+                    for pos, k in enumerate(rank):
+                        needles[k] = (needles[k][0].replace("{nth}", ORDINALS[pos]), needles[k][1])
                 hay = build_haystack(
                     tokenizer, length, stream=haystack_stream(haystack, *key),
                     header=HEADER, needles=needles, footer=case.question, what=task,
@@ -134,7 +184,7 @@ def _generate(
                         "needle_char_spans": hay.needle_spans,
                         "haystack_char_span": hay.haystack_span,
                     },
-                    target=" " + ", ".join(ordered),
+                    target=_ordinal_target(case.thing, ordered) if case.thing else " " + ", ".join(ordered),
                 ))
     return samples
 
@@ -147,16 +197,16 @@ def generate_single(tokenizer, *, n_per_cell, lengths, depths, seed, haystack: s
 
 @register_task("ruler_multikey", "RULER multi-key: distractor keys, one queried")
 def generate_multikey(tokenizer, *, n_per_cell, lengths, depths, seed, haystack: str = "repeat",
-                      num_keys: int = 4, digits: int = 6):
+                      num_keys: int = 4, digits: int = 6, style: str = "ruler"):
     return _generate("ruler_multikey", _case_multikey, tokenizer, n_per_cell, lengths, depths, seed,
-                     haystack=haystack, num_keys=num_keys, digits=digits)
+                     haystack=haystack, num_keys=num_keys, digits=digits, style=style)
 
 
 @register_task("ruler_multivalue", "RULER multi-value: one key with several numbers, all asked")
 def generate_multivalue(tokenizer, *, n_per_cell, lengths, depths, seed, haystack: str = "repeat",
-                        num_values: int = 3, digits: int = 6):
+                        num_values: int = 3, digits: int = 6, style: str = "ruler"):
     return _generate("ruler_multivalue", _case_multivalue, tokenizer, n_per_cell, lengths, depths, seed,
-                     haystack=haystack, num_values=num_values, digits=digits)
+                     haystack=haystack, num_values=num_values, digits=digits, style=style)
 
 
 @register_task("ruler_multiquery", "RULER multi-query: several keys asked at once")
