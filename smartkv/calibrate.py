@@ -73,14 +73,16 @@ def pilot_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def cost(model, tokenizer, lengths: list[int], n: int, seed: int = DEV_SEED_MIN, *, progress: bool = True) -> pd.DataFrame:
+def cost(model, tokenizer, lengths: list[int], n: int, seed: int = DEV_SEED_MIN, *, progress: bool = True,
+         out: str | None = None) -> pd.DataFrame:
     """CPU seconds of each part of a sample, on `n` niah prompts per length and one perplexity prompt.
 
     Measured as this process's CPU time (`time.process_time`), not wall time: on a shared
     machine wall time counts other processes' work, CPU time does not (with one thread it is
     what a dedicated core would take). Parts: prefill with and without the importance pass;
     the FP16 reference; per `COST_RUNS` method: fork, the teacher-forced answer, and a fresh
-    fork + greedy generation capped at the answer + `ANSWER_SLACK` tokens.
+    fork + greedy generation capped at the answer + `ANSWER_SLACK` tokens. With `out`, the
+    rows so far are written there after every sample (a long probe can be read while it runs).
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +121,8 @@ def cost(model, tokenizer, lengths: list[int], n: int, seed: int = DEV_SEED_MIN,
                     (new, _), gen = cpu(decode, model, pre, cache, int(target.shape[1]) + ANSWER_SLACK)
                     row.update(generate_cpu_s=fork2 + gen, new_tokens=int(new.shape[1]))
                 rows.append(row)
+            if out:
+                pd.DataFrame(rows).to_csv(out, index=False)
     return pd.DataFrame(rows)
 
 
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         df = pilot(model, tokenizer, grid, args.seeds)
         table = pilot_table(df)
     else:
-        df = cost(model, tokenizer, args.lengths, args.n)
+        df = cost(model, tokenizer, args.lengths, args.n, out=args.out)
         table = cost_table(df)
     df.drop(columns=["config"], errors="ignore").to_csv(args.out, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):

@@ -138,6 +138,16 @@ def test_niah_is_the_classic_repeated_filler_passkey(generated):
         assert len(sentences) >= 4 * 5
 
 
+def test_niah_classic_block_is_the_original_filler():
+    samples = generate_task("niah", TOK, n_per_cell=2, lengths=[600], depths=[0.5], seed=3, block="classic")
+    for s in samples:
+        h0, h1 = s.meta["haystack_char_span"]
+        assert s.prompt[h0:].startswith(" ".join(REPEAT_SENTENCES[:5]))
+    assert samples[0].answers != samples[1].answers  # keys still differ per prompt
+    with pytest.raises(ValueError, match="block='essay'; allowed: drawn, classic"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, block="essay")
+
+
 @pytest.mark.parametrize("name", ["niah", "ruler_multikey", "ruler_multivalue", "ruler_vt"])
 def test_every_prompt_is_its_own_cluster(generated, name):
     """No two prompts share a haystack or a key (issue 8: shared material made 18 prompts 6 clusters)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smartkv.tasks.filler import SentenceStream, cycle_maker, repeated_block, rng_for
+from smartkv.tasks.filler import REPEAT_SENTENCES, SentenceStream, cycle_maker, repeated_block, rng_for
 from smartkv.tasks.haystack import build_haystack
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
@@ -30,13 +30,22 @@ def needle_text(passkey: str) -> str:
     return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
 
 
-def repeated_filler(*key: object) -> SentenceStream:
-    """The prompt's own repeated-filler stream, drawn from `key`."""
-    return SentenceStream(rng_for(*key, "filler"), cycle_maker(repeated_block(rng_for(*key, "block"))))
+BLOCKS = ("drawn", "classic")
+
+
+def repeated_filler(*key: object, block: str = "drawn") -> SentenceStream:
+    """The prompt's repeated-filler stream: its own block drawn from `key`, or (`classic`) the
+    original five sentences in their original order, the same for every prompt."""
+    if block not in BLOCKS:
+        raise ValueError(f"niah: block={block!r}; allowed: {', '.join(BLOCKS)}")
+    sentences = REPEAT_SENTENCES[:5] if block == "classic" else repeated_block(rng_for(*key, "block"))
+    return SentenceStream(rng_for(*key, "filler"), cycle_maker(sentences))
 
 
 @register_task("niah", "needle-in-a-haystack passkey retrieval over length x depth (repeated filler)")
-def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int) -> list[Sample]:
+def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
+             block: str = "drawn") -> list[Sample]:
+    repeated_filler(block=block)  # a bad block fails before any prompt is built
     samples = []
     for length in lengths:
         for depth in depths:
@@ -45,7 +54,7 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
                 key = ("niah", seed, length, f"{depth:.3f}", i)
                 passkey = str(rng_for(*key, "passkey").randint(10000, 99999))
                 hay = build_haystack(
-                    tokenizer, length, stream=repeated_filler(*key),
+                    tokenizer, length, stream=repeated_filler(*key, block=block),
                     header=HEADER, needles=[(needle_text(passkey), depth)], footer=FOOTER, what="niah",
                 )
                 samples.append(Sample(
