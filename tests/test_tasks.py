@@ -252,7 +252,7 @@ def test_fwe_answers_are_the_most_frequent(generated):
 def test_perplexity_continuation(generated):
     for s in generated["perplexity"]:
         cont = s.meta["continuation"]
-        assert cont.startswith(" ") and 0.95 * 512 <= ntok(cont) <= 512
+        assert cont.startswith(" ") and 512 <= ntok(cont) <= 512 + 30  # at least 512: a sentence over
         assert s.target == cont
         assert s.meta["continuation_tokens"] == ntok(cont)
         # Continuation is new text following the context, not a copy of its end.

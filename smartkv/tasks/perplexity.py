@@ -7,7 +7,7 @@ throughout, so the context carries facts that make the continuation predictable,
 to old cached tokens shows up as a worse perplexity.
 
 The prompt is the first ~`length` tokens of the text; `target` (and meta["continuation"])
-holds the next ~`continuation_tokens` (default 512) tokens, starting with the separating
+holds the next `continuation_tokens` (default 512) tokens or a sentence more, starting with the separating
 space, so prompt + continuation is the whole text. The continuation is scored in one
 teacher-forced forward through each method's cache (`smartkv.runner.forced_logits`), so its
 NLL is paired over prompts and costs one forward, not one per token.
@@ -76,10 +76,11 @@ def generate(
                 # Sentences after the context; the leading space joins them to the prompt.
                 return "".join(" " + s for s in stream.take(n + m)[n:])
 
-            _, continuation = fit_units(tail, lambda s: s, tokenizer, continuation_tokens,
+            m, continuation = fit_units(tail, lambda s: s, tokenizer, continuation_tokens,
                                         what="perplexity continuation")
-            if not continuation:  # one sentence longer than the budget: keep it anyway
-                continuation = tail(1)
+            if count_tokens(tokenizer, continuation) < continuation_tokens:
+                # At least `continuation_tokens`: one more sentence past the largest that fits.
+                continuation = tail(m + 1)
             samples.append(Sample(
                 task="perplexity",
                 sample_id=f"perplexity-s{seed}-L{length}-{i}",
