@@ -128,3 +128,16 @@ def test_sample_without_target_still_generates(model, samples):
     bare = type(s)(**{**s.__dict__, "target": ""})
     row = evaluate(model, TOK, [bare], RUNS[:1], progress=False, max_new_tokens=5).iloc[0]
     assert row["new_tokens"] == 5 and math.isnan(row["answer_logprob"])
+
+
+def test_calibration_pilot_uses_dev_seeds_only(model):
+    from smartkv.calibrate import pilot, pilot_table
+
+    grid = {"niah": {"lengths": [420], "depths": [0.5], "n_per_cell": 2, "max_new_tokens": 8}}
+    with pytest.raises(ValueError, match=r"seeds \[3\] are test seeds"):
+        pilot(model, TOK, grid, [3], progress=False)
+    df = pilot(model, TOK, grid, [100, 101], progress=False)
+    assert len(df) == 4 and set(df["seed"]) == {100, 101} and df["run"].eq("fp16").all()
+    table = pilot_table(df)
+    assert table["n"].tolist() == [4]
+    assert table["forced_exact"].iloc[0] == pytest.approx(df["forced_exact"].mean())
