@@ -1,8 +1,17 @@
 """Evaluate methods on task samples: one prefill per sample, one fork per method, one row per (sample, run).
 
 Rows follow the per-sample results schema that `smartkv.stats` reads: the run and its
-config, the sample, the prediction and its score (or the continuation's NLL for
-perplexity samples), the measured KV bytes against FP16, and timings.
+config, the sample (with its `cluster`), the prediction and its score (or the
+continuation's NLL for perplexity samples), the measured KV bytes against FP16, and timings.
+
+A sample with a `target` is scored teacher-forced (`smartkv.answer_scores`): the gold answer
+goes through each method's cache in one forward, which gives `forced_exact`,
+`answer_logprob` and `kl_fp16` against FP16 logits computed once per sample. With
+`prediction="forced"` (default) that is all: `score` is `forced_exact` and the prediction is
+the argmax text under teacher forcing. With `prediction="generate"` each method also
+decodes greedily from a second fork, capped at the answer's length + `ANSWER_SLACK` tokens,
+and `score` is the task's scorer on that text. Samples without a target (LongBench, task
+sets prepared before targets existed) always generate.
 """
 
 from __future__ import annotations
@@ -17,11 +26,17 @@ from tqdm.auto import tqdm
 
 from smartkv import scoring
 from smartkv.allocate import BudgetError
+from smartkv.answer_scores import answer_measures, target_ids
 from smartkv.methods.registry import config_dict
-from smartkv.runner import RunSpec, continuation_nll, decode, encode, fork, memory_of, oracle_tracker, prefill
+from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, needs_tracker, oracle_tracker,
+                            prefill)
 from smartkv.tasks.sample import Sample
 
 log = logging.getLogger(__name__)
+
+PREDICTION_MODES = ("forced", "generate")
+ANSWER_SLACK = 4  # generated tokens allowed past the gold answer's length
+FP16_REFERENCE = RunSpec("fp16-reference", "fp16")
 
 
 def _run_fields(run: RunSpec) -> dict:
@@ -41,6 +56,7 @@ def _sample_fields(sample: Sample, seed: int, n_tokens: int) -> dict:
     return {
         "task": sample.task,
         "sample_id": sample.sample_id,
+        "cluster": sample.cluster,
         "seed": seed,
         "context_length": sample.context_length,
         "n_tokens": n_tokens,
@@ -50,49 +66,124 @@ def _sample_fields(sample: Sample, seed: int, n_tokens: int) -> dict:
     }
 
 
+_EMPTY = {"prediction": "", "score": math.nan, "nll": math.nan, "forced_exact": math.nan,
+          "answer_logprob": math.nan, "kl_fp16": math.nan, "answer_tokens": 0, "new_tokens": 0,
+          "kv_bytes": 0, "fp16_kv_bytes": 0, "kv_ratio": math.nan, "mean_bits": math.nan, "tracker_bytes": 0,
+          "fork_s": math.nan, "forced_s": math.nan, "decode_s": math.nan, "tokens_per_s": math.nan,
+          "reallocations": 0, "needle_bits": math.nan, "haystack_bits": math.nan}
+
+
+def _target(tokenizer, sample: Sample, device) -> torch.Tensor | None:
+    text = sample.target or (sample.meta.get("continuation", "") if sample.metric == "perplexity" else "")
+    if not text:
+        return None
+    return torch.tensor([target_ids(tokenizer, sample.prompt, text)], device=device)
+
+
+def _one_run(model, tokenizer, sample: Sample, pre, run: RunSpec, target, ref_logprobs, oracle,
+             mode: str, limit: int) -> dict:
+    row: dict = {}
+
+    def new_cache():
+        cache, seconds = fork(pre, run, model)
+        if run.oracle and oracle is not None and getattr(cache, "tracker", None) is not None:
+            cache.tracker = oracle.copy(keep=cache.tracker.keep, dtype=cache.tracker.dtype,
+                                        per_head=cache.tracker.per_head)
+        row["fork_s"] = row.get("fork_s", 0.0) + seconds
+        return cache
+
+    cache = new_cache()
+    if target is not None:
+        logits, row["forced_s"] = forced_logits(model, pre, cache, target)
+        m = answer_measures(logits, target[0], ref_logprobs)
+        row.update(forced_exact=m["forced_exact"], answer_logprob=m["answer_logprob"], kl_fp16=m["kl_fp16"],
+                   answer_tokens=int(target.shape[1]))
+        if sample.metric == "perplexity":
+            row.update(nll=-m["answer_logprob"], prediction="", score=math.nan)
+        elif mode == "forced":
+            row.update(prediction=tokenizer.decode(m["argmax"], skip_special_tokens=True), score=m["forced_exact"])
+    if "prediction" not in row:  # generate: from a fresh fork when the first one took the target
+        mem_cache = cache
+        if target is not None:
+            cache = new_cache()
+        new, row["decode_s"] = decode(model, pre, cache, limit)
+        pred = tokenizer.decode(new[0], skip_special_tokens=True)
+        row.update(prediction=pred, new_tokens=int(new.shape[1]),
+                   score=scoring.score(sample.metric, pred, sample.answers, sample.meta),
+                   tokens_per_s=new.shape[1] / row["decode_s"] if row["decode_s"] > 0 else math.nan)
+        cache = mem_cache
+    mem = memory_of(cache)
+    row.update(kv_bytes=int(mem["kv_bytes"]), fp16_kv_bytes=int(mem["fp16_kv_bytes"]), kv_ratio=float(mem["ratio"]),
+               mean_bits=float(mem["mean_bits"]), tracker_bytes=int(mem["tracker_bytes"]),
+               reallocations=int(mem.get("reallocations", 0)))
+    row.update(needle_bits(tokenizer, sample, cache, int(pre.input_ids.shape[1])))
+    return row
+
+
+def needle_token_span(tokenizer, sample: Sample) -> tuple[int, int] | None:
+    """First and last prompt token (inclusive) that overlap the needle's characters, or None."""
+    span = sample.meta.get("needle_char_span")
+    if not span:
+        return None
+    offs = tokenizer(sample.prompt, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offs) if b > span[0] and a < span[1]]
+    return (inside[0], inside[-1]) if inside else None
+
+
+def needle_bits(tokenizer, sample: Sample, cache, n_prompt: int) -> dict:
+    """Mean bits the needle's tokens hold (over layers, heads, K and V) against the median of the
+    other prompt tokens: does the allocation find what the question will read? NaN where the
+    sample has no needle or the cache holds no per-token widths."""
+    span = needle_token_span(tokenizer, sample)
+    layers = getattr(cache, "layers", [])
+    if span is None or not layers or not all(hasattr(layer, "bits_map") for layer in layers):
+        return {"needle_bits": math.nan, "haystack_bits": math.nan}
+    per_token = torch.stack([layer.bits_map()[0, :, :n_prompt].mean(dim=(0, 2)) for layer in layers]).mean(0)
+    inside = torch.zeros(n_prompt, dtype=torch.bool)
+    inside[span[0] : span[1] + 1] = True
+    return {"needle_bits": float(per_token[inside].mean()), "haystack_bits": float(per_token[~inside].median())}
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, seed: int = 0,
-             max_new_tokens: int = 16, decay: float = 0.9, progress: bool = True, desc: str = "evaluate") -> pd.DataFrame:
+             max_new_tokens: int = 16, decay: float = 0.9, progress: bool = True, desc: str = "evaluate",
+             prediction: str = "forced") -> pd.DataFrame:
     """Every run on every sample; returns the per-sample results frame."""
+    if prediction not in PREDICTION_MODES:
+        raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTION_MODES)}")
     for run in runs:  # fail on a bad config before any model work
         run.config()
+    track = any(needs_tracker(r) for r in runs)
+    windows = {getattr(r.config(), "obs_window", None) for r in runs if needs_tracker(r)} - {None}
+    if len(windows) > 1:
+        raise ValueError(f"runs that share one prefill must share obs_window; got {sorted(windows)}")
+    obs_window = windows.pop() if windows else 64
     rows = []
     bar = tqdm(total=len(samples) * len(runs), desc=desc, disable=not progress, unit="run")
     for sample in samples:
         ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
-        pre = prefill(model, ids, mask, decay)
+        pre = prefill(model, ids, mask, decay, obs_window, track=track)
         base = _sample_fields(sample, seed, ids.shape[1])
-        cont = None
-        if sample.metric == "perplexity":
-            cont = tokenizer(sample.meta["continuation"], add_special_tokens=False,
-                             return_tensors="pt")["input_ids"].to(model.device)
+        target = _target(tokenizer, sample, model.device)
+        ref_logprobs, ref_s = None, 0.0
+        if target is not None:  # FP16's answer distribution, once per sample for every run
+            ref_cache, _ = fork(pre, FP16_REFERENCE, model)
+            ref_logits, ref_s = forced_logits(model, pre, ref_cache, target)
+            ref_logprobs = torch.log_softmax(ref_logits, dim=-1)
+            del ref_cache, ref_logits
         limit = int(sample.meta.get("max_new_tokens", max_new_tokens))
-        oracle = oracle_tracker(model, pre, limit) if any(r.oracle for r in runs) and cont is None else None
+        if target is not None:
+            limit = min(limit, int(target.shape[1]) + ANSWER_SLACK)
+        wants_oracle = any(r.oracle for r in runs) and sample.metric != "perplexity"
+        oracle = oracle_tracker(model, pre, limit) if wants_oracle else None
         for run in runs:
-            row = {**_run_fields(run), **base, "prefill_s": pre.seconds, "error": ""}
+            row = {**_run_fields(run), **base, "prefill_s": pre.seconds, "reference_s": ref_s, "error": ""}
             try:
-                cache, fork_s = fork(pre, run, model)
-                if run.oracle and oracle is not None and getattr(cache, "tracker", None) is not None:
-                    cache.tracker = oracle.copy(keep=cache.tracker.keep, dtype=cache.tracker.dtype,
-                                                 per_head=cache.tracker.per_head)
-                if cont is not None:
-                    nll, dec_s = continuation_nll(model, pre, cache, cont)
-                    row.update(prediction="", score=math.nan, nll=nll, new_tokens=int(cont.shape[1]))
-                else:
-                    new, dec_s = decode(model, pre, cache, limit)
-                    pred = tokenizer.decode(new[0], skip_special_tokens=True)
-                    row.update(prediction=pred, nll=math.nan, new_tokens=int(new.shape[1]),
-                               score=scoring.score(sample.metric, pred, sample.answers, sample.meta))
-                mem = memory_of(cache)
-                row.update(kv_bytes=int(mem["kv_bytes"]), fp16_kv_bytes=int(mem["fp16_kv_bytes"]),
-                           kv_ratio=float(mem["ratio"]), mean_bits=float(mem["mean_bits"]),
-                           tracker_bytes=int(mem["tracker_bytes"]), fork_s=fork_s, decode_s=dec_s,
-                           tokens_per_s=row["new_tokens"] / dec_s if dec_s > 0 else math.nan)
+                row.update({**_EMPTY, **_one_run(model, tokenizer, sample, pre, run, target, ref_logprobs, oracle,
+                                                  prediction, limit)})
             except BudgetError as err:  # a budget under this context's floor: recorded, not hidden
                 log.warning("%s on %s: %s", run.label, sample.sample_id, err)
-                row.update(prediction="", score=math.nan, nll=math.nan, new_tokens=0, kv_bytes=0, fp16_kv_bytes=0,
-                           kv_ratio=math.nan, mean_bits=math.nan, tracker_bytes=0, fork_s=math.nan,
-                           decode_s=math.nan, tokens_per_s=math.nan, error=str(err))
+                row.update(_EMPTY, error=str(err))
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -114,13 +205,6 @@ def allocation_snapshot(model, tokenizer, sample: Sample, run: RunSpec, max_new_
     n = ids.shape[1]
     bits = torch.stack([layer.bits_map()[0, :, :n].mean(dim=(0, 2)) for layer in cache.layers])
     tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
-    needle = None
-    span = sample.meta.get("needle_char_span")
-    if span:
-        enc = tokenizer(sample.prompt, return_offsets_mapping=True, add_special_tokens=True)
-        offs = enc["offset_mapping"]
-        inside = [i for i, (a, b) in enumerate(offs) if b > span[0] and a < span[1]]
-        if inside:
-            needle = (inside[0], inside[-1])
+    needle = needle_token_span(tokenizer, sample)
     return {"bits": bits.numpy(), "tokens": tokens, "needle": needle,
             "prediction": tokenizer.decode(new[0], skip_special_tokens=True)}

@@ -55,19 +55,28 @@ def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9,
-            obs_window: int = 64) -> Prefill:
+            obs_window: int = 64, track: bool = True) -> Prefill:
     """Run the prompt minus its last token through an FP16 cache that tracks importance (every
-    statistic, float32: each method's cache copies the ones it keeps)."""
+    statistic, float32: each method's cache copies the ones it keeps).
+
+    `track=False` skips the importance statistics (a second pass over the attention scores)
+    when no method forked from this prefill reads them (`needs_tracker`).
+    """
     if input_ids.shape[1] < 3:
         raise ValueError(f"prompt too short to prefill: {input_ids.shape[1]} tokens (need at least 3)")
     use_smartkv_attention(model)
-    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None,
-                    ImportanceTracker(decay, obs_window))
+    tracker = ImportanceTracker(decay, obs_window) if track else None
+    cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, tracker)
     start = time.perf_counter()
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
           logits_to_keep=1)
     clear_active_update()
     return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
+
+
+def needs_tracker(run: RunSpec) -> bool:
+    """Whether `run`'s cache reads the prefill's importance statistics."""
+    return run.oracle or bool(getattr(run.config(), "tracks_attention", False))
 
 
 def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
@@ -80,6 +89,9 @@ def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
     tracker = getattr(cache, "tracker", None)
     if tracker is not None:
         shared = pre.cache.tracker
+        if shared is None:
+            raise ValueError(f"run {run.label!r} reads attention importance but the prefill did not track it "
+                             "(prefill with track=True)")
         if not shared.compatible(tracker):
             raise ValueError(
                 f"run {run.label!r} tracks decay={tracker.decay}, obs_window={tracker.obs_window} but the shared "
@@ -135,15 +147,23 @@ def decode(model, pre: Prefill, cache, max_new_tokens: int, do_sample: bool = Fa
 
 
 @torch.no_grad()
-def continuation_nll(model, pre: Prefill, cache, continuation: torch.Tensor) -> tuple[float, float]:
-    """Mean negative log-likelihood of `continuation` [1, n] teacher-forced through `cache`; and seconds."""
-    feed = torch.cat([pre.input_ids[:, -1:], continuation[:, :-1]], dim=1)
-    nll = 0.0
+def forced_logits(model, pre: Prefill, cache, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits [n, vocab] (float32) predicting each token of `target` [1, n], teacher-forced through `cache`.
+
+    Two forwards, whatever n is: the prompt's last token alone, as `generate`'s first step
+    (a cache quantizes its prefilled tokens on its first single-token update), then the gold
+    target minus its last token in one forward. Decoding token by token would cost n
+    forwards for the same logits, up to floating-point order.
+    """
+    if pre.input_ids.shape[0] != 1:
+        raise ValueError(f"forced_logits scores one prompt at a time, got a batch of {pre.input_ids.shape[0]}")
+    mask = pre.attention_mask
     start = time.perf_counter()
-    for i in range(feed.shape[1]):
-        # the prompt (its last token is fed at i = 0) plus the i continuation tokens fed so far
-        mask = torch.cat([pre.attention_mask, torch.ones(1, i, dtype=pre.attention_mask.dtype, device=pre.attention_mask.device)], dim=1)
-        logits = model(input_ids=feed[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
-        nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[continuation[0, i]])
+    first = model(input_ids=pre.input_ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    out = [first[0, -1:].float()]
+    if target.shape[1] > 1:
+        rest = target[:, :-1]
+        mask = torch.cat([mask, torch.ones_like(rest, dtype=mask.dtype)], dim=1)
+        out.append(model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0].float())
     clear_active_update()
-    return nll / continuation.shape[1], time.perf_counter() - start
+    return torch.cat(out, dim=0), time.perf_counter() - start

@@ -13,6 +13,7 @@ import pytest
 from smartkv.scoring import SCORERS, score
 from smartkv.tasks import TASKS, Sample, generate_task, load_longbench, register_task, task_names
 from smartkv.tasks.longbench import truncate_middle
+from smartkv.tasks.filler import REPEAT_SENTENCES
 from smartkv.tasks.niah import needle_text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
@@ -80,6 +81,11 @@ def test_samples_are_well_formed(generated, name):
         # Sized by tokens: never over the target, at most 3% under it.
         assert 0.97 * s.context_length <= ntok(s.prompt) <= s.context_length
         json.dumps(s.meta)
+        assert s.cluster
+        if s.target and name != "perplexity":
+            # The teacher-forced gold continuation is itself a right answer.
+            assert s.target.startswith(" ")
+            assert score(s.metric, s.target, s.answers, s.meta) == 1.0
         if name == "perplexity":
             assert s.answers == [] and s.depth is None
         else:
@@ -118,14 +124,41 @@ def test_needle_sits_at_its_depth(generated, name):
         assert abs((a - h0 - before) / filler - s.depth) < 0.02
 
 
-def test_niah_only_the_needle_moves_along_depth(generated):
-    samples = [s for s in generated["niah"] if s.context_length == 600 and s.sample_id.endswith("-0")]
-    assert [s.depth for s in samples] == DEPTHS
-    needle = needle_text(samples[0].answers[0])
-    assert all(s.prompt.count(needle) == 1 for s in samples)
-    stripped = {s.prompt.replace(needle + " ", "").replace(" " + needle, "") for s in samples}
-    assert len(stripped) == 1
-    assert samples[0].prompt.endswith("What is the pass key? The pass key is")
+def test_niah_is_the_classic_repeated_filler_passkey(generated):
+    for s in generated["niah"]:
+        assert s.prompt.startswith("There is an important info hidden inside a lot of irrelevant text.")
+        assert s.prompt.endswith("\n\nWhat is the pass key? The pass key is")
+        needle = needle_text(s.answers[0])
+        assert s.prompt.count(needle) == 1 and s.target == f" {s.answers[0]}"
+        h0, h1 = s.meta["haystack_char_span"]
+        filler = s.prompt[h0:h1].replace(needle, " ")
+        sentences = [x.strip() + "." for x in filler.split(".") if x.strip()]
+        assert set(sentences) <= set(REPEAT_SENTENCES)
+        assert len(set(sentences)) == 5  # the prompt's own block of five, repeated
+        assert len(sentences) >= 4 * 5
+
+
+def test_niah_classic_block_is_the_original_filler():
+    samples = generate_task("niah", TOK, n_per_cell=2, lengths=[600], depths=[0.5], seed=3, block="classic")
+    for s in samples:
+        h0, h1 = s.meta["haystack_char_span"]
+        assert s.prompt[h0:].startswith(" ".join(REPEAT_SENTENCES[:5]))
+    assert samples[0].answers != samples[1].answers  # keys still differ per prompt
+    with pytest.raises(ValueError, match="block='essay'; allowed: drawn, classic"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, block="essay")
+
+
+@pytest.mark.parametrize("name", ["niah", "ruler_multikey", "ruler_multivalue", "ruler_vt"])
+def test_every_prompt_is_its_own_cluster(generated, name):
+    """No two prompts share a haystack or a key (issue 8: shared material made 18 prompts 6 clusters)."""
+    samples = generated[name]
+    assert len({s.cluster for s in samples}) == len(samples)
+    assert all(s.cluster == s.sample_id for s in samples)
+    assert len({s.answers[0] for s in samples}) == len(samples)
+    h = [s.prompt[slice(*s.meta["haystack_char_span"])] for s in samples]
+    # The filler differs across prompts of one cell and across depths of one length.
+    first_sentences = {x[:200] for x in h}
+    assert len(first_sentences) >= len(samples) // 2
 
 
 def test_multikey_has_distractor_needles(generated):
@@ -143,6 +176,60 @@ def test_variable_tracking_chain_is_in_order(generated):
         first = s.prompt.index(f"VAR {names[0]} = {s.meta['value']}.")
         hops = [s.prompt.index(f"VAR {names[h]} = VAR {names[h - 1]}.") for h in range(1, len(names))]
         assert [first] + hops == sorted([first] + hops)
+
+
+def test_variable_tracking_value_query_needs_a_distractor_chain():
+    samples = generate_task("ruler_vt", TOK, n_per_cell=3, lengths=[600], depths=[], seed=3,
+                            query="value", num_hops=2, num_chains=2)
+    for s in samples:
+        value = s.answers[0]
+        assert s.target == f" {value}" and s.meta["value"] == value
+        assert len(re.findall(r"VAR [A-Z]{5} = \d{5}\.", s.prompt)) == 2  # two chains, two values
+        last = re.search(r"What is the value of VAR ([A-Z]{5})\?", s.prompt).group(1)
+        # Walk the chain back from the asked variable to its value.
+        name = last
+        for _ in range(3):
+            m = re.search(rf"VAR {name} = (VAR ([A-Z]{{5}})|(\d{{5}}))\.", s.prompt)
+            if m.group(3):
+                break
+            name = m.group(2)
+        assert m.group(3) == value
+    with pytest.raises(ValueError, match="num_chains >= 2"):
+        generate_task("ruler_vt", TOK, n_per_cell=1, lengths=[600], depths=[], seed=3, query="value")
+    with pytest.raises(ValueError, match="query='who'"):
+        generate_task("ruler_vt", TOK, n_per_cell=1, lengths=[600], depths=[], seed=3, query="who")
+
+
+def test_passkey_style_multikey_and_multivalue():
+    mk = generate_task("ruler_multikey", TOK, n_per_cell=2, lengths=[600], depths=[0.2, 0.8], seed=5,
+                       style="passkey", num_keys=3, digits=5)
+    for s in mk:
+        found = re.findall(r"The pass key for the (\w+) is (\d{5})\. Remember it\.", s.prompt)
+        assert len(found) == 3 and len({t for t, _ in found}) == 3
+        asked = re.search(r"What is the pass key for the (\w+)\?", s.prompt).group(1)
+        assert dict(found)[asked] == s.answers[0] and s.target == f" {s.answers[0]}"
+    mv = generate_task("ruler_multivalue", TOK, n_per_cell=2, lengths=[600], depths=[0.2, 0.8], seed=5,
+                       style="passkey", num_values=3, digits=5)
+    for s in mv:
+        found = re.findall(r"The (first|second|third) pass key for the (\w+) is (\d{5})\.", s.prompt)
+        # Ordinals follow the text, whichever needle sits at the sample's depth.
+        assert [o for o, _, _ in found] == ["first", "second", "third"]
+        thing = found[0][1]
+        assert sorted(v for _, _, v in found) == sorted(s.answers)
+        assert s.prompt.endswith(f"The first pass key for the {thing} is")
+        assert s.target == (f" {found[0][2]}. The second pass key for the {thing} is {found[1][2]}"
+                            f". The third pass key for the {thing} is {found[2][2]}")
+    with pytest.raises(ValueError, match="style='essay'; allowed: ruler, passkey"):
+        generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, style="essay")
+
+
+def test_haystack_kinds():
+    prose = generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, haystack="prose")
+    rep = generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3)
+    assert prose[0].answers == rep[0].answers and prose[0].prompt != rep[0].prompt
+    assert "The grass is green." not in prose[0].prompt
+    with pytest.raises(ValueError, match="haystack='essays'.*allowed: repeat, prose"):
+        generate_task("ruler_multikey", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, haystack="essays")
 
 
 def test_cwe_common_words_dominate(generated):
@@ -165,7 +252,8 @@ def test_fwe_answers_are_the_most_frequent(generated):
 def test_perplexity_continuation(generated):
     for s in generated["perplexity"]:
         cont = s.meta["continuation"]
-        assert cont.startswith(" ") and 0 < ntok(cont) <= 64
+        assert cont.startswith(" ") and 512 <= ntok(cont) <= 512 + 30  # at least 512: a sentence over
+        assert s.target == cont
         assert s.meta["continuation_tokens"] == ntok(cont)
         # Continuation is new text following the context, not a copy of its end.
         assert not s.prompt.endswith(cont.strip())

@@ -137,3 +137,32 @@ def distinct_word_maker(exclude: set[str] | None = None) -> Callable[[random.Ran
         return word
 
     return make
+
+
+# The passkey haystack of Mohtashami & Jaggi (2023, "Landmark Attention"): a few plain
+# statements repeated until the context is full. Small models find a needle in it far more
+# reliably than in varied prose (DESIGN.md, "Calibration"). The first five are the original
+# block; the rest let every prompt draw its own block, so no two prompts share a haystack.
+REPEAT_SENTENCES = [
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+    "There and back again.", "The snow is white.", "The night is dark.", "The sea is deep.",
+    "The road is long.", "The fire is warm.", "The stone is grey.", "The wind is cold.",
+    "The river is wide.", "The hill is steep.", "The bread is fresh.", "The bell is loud.",
+]
+
+
+def repeated_block(rng: random.Random, size: int = 5) -> list[str]:
+    """A prompt's own filler block: `size` distinct statements of `REPEAT_SENTENCES` in a drawn order."""
+    return rng.sample(REPEAT_SENTENCES, size)
+
+
+def cycle_maker(block: list[str]) -> Callable[[random.Random], str]:
+    """A `SentenceStream` maker that repeats `block` forever (it ignores the RNG)."""
+    state = {"next": 0}
+
+    def make(_rng: random.Random) -> str:
+        sentence = block[state["next"] % len(block)]
+        state["next"] += 1
+        return sentence
+
+    return make

@@ -1,22 +1,26 @@
-"""Needle-in-a-haystack passkey retrieval (Kamradt 2023; the passkey form of Mohtashami &
-Jaggi 2023, "Landmark Attention").
+"""Needle-in-a-haystack passkey retrieval, in the classic repeated-filler format of
+Mohtashami & Jaggi (2023, "Landmark Attention"), over a length x depth grid (Kamradt 2023).
 
-A five-digit pass key sits at `depth` in our own filler; the model must repeat it. The
-haystack and pass key depend on (seed, length, i) but not on depth, so along the depth axis
-of the grid only the needle's position changes.
+    <instruction> <filler block repeated> The pass key is 48213. Remember it. 48213 is the
+    pass key. <filler block repeated> What is the pass key? The pass key is
+
+Every prompt is independent: its own pass key and its own filler block (five statements
+drawn from `REPEAT_SENTENCES` in a drawn order), so each prompt is its own cluster and the
+prompts of a grid are independent replicates (issue 8: three depths that shared one
+haystack and key were one observation, not three).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartkv.tasks.filler import SentenceStream, rng_for
+from smartkv.tasks.filler import REPEAT_SENTENCES, SentenceStream, cycle_maker, repeated_block, rng_for
 from smartkv.tasks.haystack import build_haystack
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
 
 HEADER = (
-    "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
 )
 FOOTER = "\n\nWhat is the pass key? The pass key is"
@@ -26,28 +30,42 @@ def needle_text(passkey: str) -> str:
     return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
 
 
-@register_task("niah", "needle-in-a-haystack passkey retrieval over length x depth")
-def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int) -> list[Sample]:
+BLOCKS = ("drawn", "classic")
+
+
+def repeated_filler(*key: object, block: str = "drawn") -> SentenceStream:
+    """The prompt's repeated-filler stream: its own block drawn from `key`, or (`classic`) the
+    original five sentences in their original order, the same for every prompt."""
+    if block not in BLOCKS:
+        raise ValueError(f"niah: block={block!r}; allowed: {', '.join(BLOCKS)}")
+    sentences = REPEAT_SENTENCES[:5] if block == "classic" else repeated_block(rng_for(*key, "block"))
+    return SentenceStream(rng_for(*key, "filler"), cycle_maker(sentences))
+
+
+@register_task("niah", "needle-in-a-haystack passkey retrieval over length x depth (repeated filler)")
+def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
+             block: str = "drawn") -> list[Sample]:
+    repeated_filler(block=block)  # a bad block fails before any prompt is built
     samples = []
     for length in lengths:
-        for i in range(n_per_cell):
-            key = ("niah", seed, length, i)
-            passkey = str(rng_for(*key, "passkey").randint(10000, 99999))
-            needle = needle_text(passkey)
-            for depth in depths:
+        for depth in depths:
+            for i in range(n_per_cell):
+                sample_id = f"niah-s{seed}-L{length}-d{depth:.3f}-{i}"
+                key = ("niah", seed, length, f"{depth:.3f}", i)
+                passkey = str(rng_for(*key, "passkey").randint(10000, 99999))
                 hay = build_haystack(
-                    tokenizer, length,
-                    stream=SentenceStream(rng_for(*key, "filler")),
-                    header=HEADER, needles=[(needle, depth)], footer=FOOTER, what="niah",
+                    tokenizer, length, stream=repeated_filler(*key, block=block),
+                    header=HEADER, needles=[(needle_text(passkey), depth)], footer=FOOTER, what="niah",
                 )
                 samples.append(Sample(
                     task="niah",
-                    sample_id=f"niah-s{seed}-L{length}-d{depth:.3f}-{i}",
+                    sample_id=sample_id,
                     prompt=hay.prompt,
                     answers=[passkey],
                     metric="contains",
                     context_length=length,
                     depth=depth,
                     meta={"needle_char_span": hay.needle_spans[0], "haystack_char_span": hay.haystack_span},
+                    target=f" {passkey}",
                 ))
     return samples

@@ -6,8 +6,11 @@ chronicle": a cast whose homes, trades and belongings are fixed per sample and r
 throughout, so the context carries facts that make the continuation predictable, and damage
 to old cached tokens shows up as a worse perplexity.
 
-The prompt is the first ~`length` tokens of the text; meta["continuation"] holds the next
-~64 tokens, starting with the separating space, so prompt + continuation is the whole text.
+The prompt is the first ~`length` tokens of the text; `target` (and meta["continuation"])
+holds the next `continuation_tokens` (default 512) tokens or a sentence more, starting with the separating
+space, so prompt + continuation is the whole text. The continuation is scored in one
+teacher-forced forward through each method's cache (`smartkv.runner.forced_logits`), so its
+NLL is paired over prompts and costs one forward, not one per token.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def _story_sentence(world: list[dict[str, str]]) -> Callable[[Random], str]:
     return sentence
 
 
-@register_task("perplexity", "long synthetic story: context of `length` tokens + ~64-token continuation",
+@register_task("perplexity", "long synthetic story: context of `length` tokens + ~512-token continuation",
                uses_depth=False)
 def generate(
     tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-    continuation_tokens: int = 64,
+    continuation_tokens: int = 512,
 ) -> list[Sample]:
     samples = []
     for length in lengths:
@@ -73,10 +76,11 @@ def generate(
                 # Sentences after the context; the leading space joins them to the prompt.
                 return "".join(" " + s for s in stream.take(n + m)[n:])
 
-            _, continuation = fit_units(tail, lambda s: s, tokenizer, continuation_tokens,
+            m, continuation = fit_units(tail, lambda s: s, tokenizer, continuation_tokens,
                                         what="perplexity continuation")
-            if not continuation:  # one sentence longer than the budget: keep it anyway
-                continuation = tail(1)
+            if count_tokens(tokenizer, continuation) < continuation_tokens:
+                # At least `continuation_tokens`: one more sentence past the largest that fits.
+                continuation = tail(m + 1)
             samples.append(Sample(
                 task="perplexity",
                 sample_id=f"perplexity-s{seed}-L{length}-{i}",
@@ -87,5 +91,6 @@ def generate(
                 depth=None,
                 meta={"continuation": continuation,
                       "continuation_tokens": count_tokens(tokenizer, continuation)},
+                target=continuation,
             ))
     return samples

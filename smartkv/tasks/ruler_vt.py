@@ -12,12 +12,16 @@ import string
 from random import Random
 from typing import Any
 
-from smartkv.tasks.filler import SentenceStream, rng_for
+from smartkv.tasks.filler import rng_for
 from smartkv.tasks.haystack import build_haystack
+from smartkv.tasks.ruler_niah import haystack_stream
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
 
 HEADER = "Memorize and track the chains of variable assignment hidden in the following text.\n\n"
+
+
+QUERIES = ("names", "value")
 
 
 def _var_names(rng: Random, n: int) -> list[str]:
@@ -29,13 +33,26 @@ def _var_names(rng: Random, n: int) -> list[str]:
     return names
 
 
-@register_task("ruler_vt", "RULER variable tracking: list all variables bound to a value", uses_depth=False)
+@register_task("ruler_vt", "RULER variable tracking: follow chains of assignments", uses_depth=False)
 def generate(
     tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-    num_hops: int = 3, num_chains: int = 1,
+    num_hops: int = 3, num_chains: int = 1, haystack: str = "repeat", query: str = "names",
 ) -> list[Sample]:
     """`num_hops` assignments after the first make a chain of num_hops + 1 variables (RULER
-    uses 4 hops; 3 keeps the answer within ~32 generated tokens)."""
+    uses 4 hops; 3 keeps the answer within ~32 generated tokens). The haystack is the
+    passkey task's repeated filler (`haystack="prose"`: varied sentences).
+
+    query="names" asks RULER's question (every variable bound to the value; `target` lists
+    the chain in assignment order). query="value" asks the other way along the same chain,
+    which a small model can answer: the value of the chain's last variable (`target` is the
+    value); it needs num_chains >= 2, so that another chain's value is there to confuse.
+    """
+    if query not in QUERIES:
+        raise ValueError(f"ruler_vt: query={query!r}; allowed: {', '.join(QUERIES)}")
+    if query == "value" and num_chains < 2:
+        raise ValueError(f"ruler_vt: query='value' needs num_chains >= 2 (got {num_chains}): "
+                         "with one chain the only number in the text is the answer")
+    haystack_stream(haystack)  # a bad kind fails before any prompt is built
     samples = []
     for length in lengths:
         for i in range(n_per_cell):
@@ -54,24 +71,34 @@ def generate(
                 # Ascending positions keep each chain in reading order.
                 fracs = sorted(rng.random() for _ in statements)
                 needles.extend(zip(statements, fracs))
-            question = (
-                f"\n\nQuestion: Find all variables that are assigned the value {values[0]} in the "
-                f"text above. Answer: According to the chains of variable assignment in the text "
-                f"above, {len(chains[0])} variables are assigned the value {values[0]}, they are:"
-            )
+            if query == "names":
+                question = (
+                    f"\n\nQuestion: Find all variables that are assigned the value {values[0]} in the "
+                    f"text above. Answer: According to the chains of variable assignment in the text "
+                    f"above, {len(chains[0])} variables are assigned the value {values[0]}, they are:"
+                )
+                answers, target = list(chains[0]), " " + " ".join(chains[0])
+            else:
+                last = chains[0][-1]
+                question = (
+                    f"\n\nQuestion: What is the value of VAR {last}? Answer: Following the chains of "
+                    f"variable assignment in the text above, the value of VAR {last} is"
+                )
+                answers, target = [values[0]], f" {values[0]}"
             hay = build_haystack(
-                tokenizer, length, stream=SentenceStream(rng_for(*key, "filler")),
+                tokenizer, length, stream=haystack_stream(haystack, *key),
                 header=HEADER, needles=needles, footer=question, what="ruler_vt",
             )
             samples.append(Sample(
                 task="ruler_vt",
                 sample_id=f"ruler_vt-s{seed}-L{length}-{i}",
                 prompt=hay.prompt,
-                answers=list(chains[0]),
+                answers=answers,
                 metric="ruler_all",
                 context_length=length,
                 depth=None,
                 meta={"value": values[0], "needle_char_spans": hay.needle_spans,
                       "haystack_char_span": hay.haystack_span},
+                target=target,
             ))
     return samples

@@ -27,6 +27,12 @@ class Sample:
     context_length: the target context length in tokens (the grid value).
     depth:          needle depth in [0, 1] for needle tasks, else None.
     meta:           JSON-serializable extras (needle spans, the perplexity continuation...).
+    target:         the gold continuation of the prompt, scored teacher-forced (its tokens fed
+                    through the cache in one forward): e.g. " 48213" after "The pass key is",
+                    or the perplexity continuation. "" for a task scored by generation only.
+    cluster:        prompts that share material (a haystack, a key, a story) share a cluster,
+                    so a bootstrap resamples clusters rather than prompts; defaults to
+                    `sample_id` (the prompt shares nothing).
     """
 
     task: str
@@ -37,6 +43,12 @@ class Sample:
     context_length: int
     depth: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    target: str = ""
+    cluster: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cluster:
+            self.cluster = self.sample_id
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict for one parquet row; answers and meta become JSON strings."""
@@ -49,6 +61,8 @@ class Sample:
             "context_length": int(self.context_length),
             "depth": None if self.depth is None else float(self.depth),
             "meta": json.dumps(self.meta, sort_keys=True),
+            "target": self.target,
+            "cluster": self.cluster,
         }
 
     @classmethod
@@ -73,4 +87,7 @@ class Sample:
             context_length=int(row["context_length"]),
             depth=None if depth is None else float(depth),
             meta=dict(meta),
+            # Task sets prepared before these columns existed have neither.
+            target=str(row.get("target") or ""),
+            cluster=str(row.get("cluster") or ""),
         )
