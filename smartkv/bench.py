@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -158,7 +159,9 @@ def run_bench(model_name: str, dtype: str, runs: list[RunSpec], contexts: list[i
     for i, context in enumerate(contexts):
         # the first context warms every run past a re-allocation; later ones only need new shapes
         warm = min(new_tokens, WARMUP_TOKENS) if i == 0 else 2
+        start = time.perf_counter()
         blocks.append(bench_context(model, tok, runs, context, new_tokens, repeats, warm, profile))
+        print(f"[bench] context {context}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     result = {
         "new_tokens": new_tokens,
         "repeats": repeats,

@@ -30,7 +30,7 @@ def kernel():
 
 
 def make_history(b, hkv, d, s, n, w, *, head_major=False, kv_split=False, bit_set=(2, 3, 4, 8), group=32,
-                 symmetric=False, smoothing=True, dtype=torch.float16, seed=0):
+                 symmetric=False, smoothing=True, dtype=torch.float16, seed=0, shuffle=True):
     gen = torch.Generator().manual_seed(seed)
     t = s + n + w
     k = torch.randn(b, hkv, t, d, generator=gen)
@@ -56,7 +56,8 @@ def make_history(b, hkv, d, s, n, w, *, head_major=False, kv_split=False, bit_se
         which = torch.randint(0, len(bit_set), (n_units,), generator=gen)
         for lvl, bits in enumerate(bit_set):
             ids = torch.nonzero(which == lvl).flatten()
-            ids = ids[torch.randperm(ids.numel(), generator=gen)]  # rows need not be in unit order
+            if shuffle:  # rows need not be in unit order
+                ids = ids[torch.randperm(ids.numel(), generator=gen)]
             levels.append((quantize_rows(units[ids], bits, group, symmetric), ids.to(torch.int32)))
     return PackedHistory(
         sink_k=k[:, :, :s].to(dtype), sink_v=v[:, :, :s].to(dtype), levels=levels, n_quant=n, unit_len=unit_len,
@@ -173,3 +174,17 @@ def test_pytorch_path_when_disabled(monkeypatch):
                                                              scale=0.2)
     assert torch.allclose(out, want, atol=1e-5)
     assert torch.allclose(probs.sum(-1), torch.ones(1, 4))
+
+
+def test_threads_split_heads_without_changing_results(kernel):
+    history = make_history(2, 3, 64, 4, 90, 6, seed=11)
+    query = torch.randn(2, 9, 1, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed_decode_attention(query, history, 0.125)
+        torch.set_num_threads(2)
+        two = packed_decode_attention(query, history, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -27,13 +27,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "kernels.h"
-#include "unpack.h"
 
 namespace {
+
+// Helpers are forced inline so that each one is compiled into both clones of attend_head
+// (AVX2 and baseline x86-64); a call to an out-of-line copy would run the baseline code.
+#define SKV_INLINE inline __attribute__((always_inline))
 
 struct Level {
   int np = 0;
@@ -80,7 +84,7 @@ int plane_widths(int bits, int* w) {
 
 // Eight partial sums so that the compiler can vectorize without re-associating (-ffp-contract=off
 // and no fast-math keep a plain reduction serial).
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+SKV_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -90,31 +94,111 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
 }
 
-inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+SKV_INLINE void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// The D codes of token t's K (kv = 0) or V (kv = 1) in batch row b, KV head h, as floats;
-// returns the level and sets the scale/zero pointers at the slice's first group.
-inline const Level& load_codes(const Ctx& C, int64_t t, int64_t b, int64_t h, int kv, uint8_t* codes, float* cf,
+// Where token t's K (kv = 0) or V (kv = 1) slice of one (batch row, KV head) lives: the slice
+// index grows by 2 * B * Hkv per token, a multiple of the slices per unit (1, 2, Hkv or 2 * Hkv),
+// so the unit grows by a fixed step and the offset inside it never changes: no division per token.
+struct SliceWalk {
+  int64_t unit0, step, off;
+  SliceWalk(const Ctx& C, int64_t b, int64_t h, int kv) {
+    const int64_t slice0 = C.head_major ? (b * C.Hkv + h) * 2 + kv : (b * 2 + kv) * C.Hkv + h;
+    const int64_t per_unit = C.unit_len / C.D;
+    unit0 = slice0 / per_unit;
+    off = (slice0 - unit0 * per_unit) * C.D;
+    step = 2 * C.B * C.Hkv / per_unit;
+  }
+};
+
+constexpr int64_t kAhead = 4;
+
+// float16 bits -> float, branch-free: move exponent and mantissa into float position and
+// multiply by 2^112 to re-bias (exact for normal and subnormal halves; scales and zero-points
+// are finite, so inf/nan need no care). c10::Half's portable conversion is several times longer.
+SKV_INLINE float half_to_float(const at::Half h) {
+  const uint32_t x = h.x;
+  const uint32_t bits = (x & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  f *= 5.192296858534828e+33f;  // 2^112
+  return (x & 0x8000u) ? -f : f;
+}
+
+// Unpack a plane slice with shifts and masks (no table), which the compiler vectorizes.
+template <int W, bool FIRST>
+SKV_INLINE void unpack_slice(const uint8_t* __restrict src, int64_t nbytes, int shift, uint8_t* __restrict codes) {
+  constexpr int per = 8 / W;
+  constexpr uint8_t mask = static_cast<uint8_t>((1 << W) - 1);
+  for (int64_t j = 0; j < nbytes; ++j) {
+    const uint8_t byte = src[j];
+    for (int k = 0; k < per; ++k) {
+      const uint8_t v = static_cast<uint8_t>(((byte >> (k * W)) & mask) << shift);
+      if (FIRST)
+        codes[j * per + k] = v;
+      else
+        codes[j * per + k] |= v;
+    }
+  }
+}
+
+template <bool FIRST>
+SKV_INLINE void unpack_slice_any(int w, const uint8_t* src, int64_t nbytes, int shift, uint8_t* codes) {
+  switch (w) {
+    case 8: unpack_slice<8, FIRST>(src, nbytes, shift, codes); break;
+    case 4: unpack_slice<4, FIRST>(src, nbytes, shift, codes); break;
+    case 2: unpack_slice<2, FIRST>(src, nbytes, shift, codes); break;
+    default: unpack_slice<1, FIRST>(src, nbytes, shift, codes); break;
+  }
+}
+
+// The D codes of token t's slice as floats; returns the level and sets the scale/zero pointers
+// at the slice's first group.
+SKV_INLINE const Level& load_codes(const Ctx& C, const SliceWalk& w, int64_t t, uint8_t* codes, float* cf,
                                const at::Half** sc, const at::Half** zc) {
-  const int64_t slice = C.head_major ? ((t * C.B + b) * C.Hkv + h) * 2 + kv : ((t * C.B + b) * 2 + kv) * C.Hkv + h;
-  const int64_t pos = slice * C.D;
-  const int64_t unit = pos / C.unit_len;
-  const int64_t off = pos - unit * C.unit_len;
+  const int64_t unit = w.unit0 + t * w.step;
   const Level& L = C.levels[C.unit_level[unit]];
   const int64_t row = C.unit_row[unit];
+  if (t + kAhead < C.n) {  // rows of a level need not be in token order: fetch a later token's codes early
+    const int64_t ahead = unit + kAhead * w.step;
+    const Level& A = C.levels[C.unit_level[ahead]];
+    for (int p = 0; p < A.np; ++p)
+      __builtin_prefetch(A.pptr[p] + C.unit_row[ahead] * A.pstride[p] + w.off * A.pwidth[p] / 8);
+  }
   for (int p = 0; p < L.np; ++p) {
-    const uint8_t* src = L.pptr[p] + row * L.pstride[p] + off * L.pwidth[p] / 8;
+    const uint8_t* src = L.pptr[p] + row * L.pstride[p] + w.off * L.pwidth[p] / 8;
     if (p == 0)
-      smartkv::unpack_any<true>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
+      unpack_slice_any<true>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
     else
-      smartkv::unpack_any<false>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
+      unpack_slice_any<false>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
   }
   for (int64_t d = 0; d < C.D; ++d) cf[d] = static_cast<float>(codes[d]);
-  *sc = L.sptr + row * L.sstride + off / C.group;
-  *zc = L.zptr ? L.zptr + row * L.zstride + off / C.group : nullptr;
+  *sc = L.sptr + row * L.sstride + w.off / C.group;
+  *zc = L.zptr ? L.zptr + row * L.zstride + w.off / C.group : nullptr;
   return L;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), branch-free so that the loop vectorizes:
+// 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), p the degree-6
+// Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2). Below -87 it returns 0.
+SKV_INLINE float exp_nonpositive(float x) {
+  const float keep = x >= -87.0f ? 1.0f : 0.0f;  // masked (-inf) and negligible scores give exactly 0
+  x = std::max(x, -87.0f);
+  // round to nearest by the 1.5 * 2^23 trick (a plain add and subtract, which vectorizes)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n * keep;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -149,14 +233,15 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
     const float* k = C.sink_k + ((b * C.Hkv + h) * C.S + t) * D;
     for (int64_t j = 0; j < g; ++j) P[j * T + t] = dot(qs + j * D, k, D);
   }
+  const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
   for (int64_t t = 0; t < C.n; ++t) {
-    const Level& L = load_codes(C, t, b, h, 0, codes.data(), cf, &sc, &zc);
+    const Level& L = load_codes(C, kwalk, t, codes.data(), cf, &sc, &zc);
     for (int64_t j = 0; j < g; ++j) {
       float s = cst[j];
       for (int64_t gi = 0; gi < ng; ++gi) {
         const float dc = dot(qk + j * D + gi * G, cf + gi * G, G);
-        const float scale = static_cast<float>(sc[gi]);
-        const float zero = zc ? static_cast<float>(zc[gi]) : -L.offset * scale;
+        const float scale = half_to_float(sc[gi]);
+        const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
         s += scale * dc + zero * qsum[j * ng + gi];
       }
       P[j * T + C.S + t] = s;
@@ -180,11 +265,19 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
       std::fill(row, row + T, 0.0f);
       continue;
     }
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8)
+      for (int k = 0; k < 8; ++k) {
+        row[t + k] = exp_nonpositive(row[t + k] - m);
+        part[k] += row[t + k];
+      }
     double total = 0.0;
-    for (int64_t t = 0; t < T; ++t) {
-      row[t] = std::exp(row[t] - m);
+    for (; t < T; ++t) {
+      row[t] = exp_nonpositive(row[t] - m);
       total += row[t];
     }
+    for (int k = 0; k < 8; ++k) total += part[k];
     const float inv = static_cast<float>(1.0 / total);
     for (int64_t t = 0; t < T; ++t) row[t] *= inv;
   }
@@ -198,13 +291,13 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
     bool any = false;
     for (int64_t j = 0; j < g; ++j) any = any || P[j * T + C.S + t] != 0.0f;
     if (!any) continue;  // masked (or underflowed) for every query head: skip the unpack
-    const Level& L = load_codes(C, t, b, h, 1, codes.data(), cf, &sc, &zc);
+    const Level& L = load_codes(C, vwalk, t, codes.data(), cf, &sc, &zc);
     for (int64_t j = 0; j < g; ++j) {
       const float p = P[j * T + C.S + t];
       for (int64_t gi = 0; gi < ng; ++gi) {
-        const float a = p * static_cast<float>(sc[gi]);
+        const float a = p * half_to_float(sc[gi]);
         axpy(a, cf + gi * G, acc + j * D + gi * G, G);
-        zacc[j * ng + gi] += zc ? p * static_cast<float>(zc[gi]) : -a * L.offset;
+        zacc[j * ng + gi] += zc ? p * half_to_float(zc[gi]) : -a * L.offset;
       }
     }
   }
