@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "unpack.h"
 
 namespace {
 
@@ -50,6 +51,9 @@ struct Level {
   const at::Half* zptr = nullptr;  // null: symmetric
   int64_t zstride = 0;
   float offset = 0.0f;
+  int bits = 0;
+  int64_t rows = 0;
+  const int32_t* index = nullptr;  // unit of each row; null: row r holds unit r
 };
 
 struct Ctx {
@@ -65,6 +69,7 @@ struct Ctx {
   const bool* allowed;  // [B, T] or null
   float scaling;
   const Level* levels;
+  int64_t n_levels;
   const int8_t* unit_level;
   const int32_t* unit_row;
   float* out;
@@ -100,7 +105,7 @@ SKV_INLINE void axpy(float a, const float* __restrict x, float* __restrict y, in
 
 // Where token t's K (kv = 0) or V (kv = 1) slice of one (batch row, KV head) lives: the slice
 // index grows by 2 * B * Hkv per token, a multiple of the slices per unit (1, 2, Hkv or 2 * Hkv),
-// so the unit grows by a fixed step and the offset inside it never changes: no division per token.
+// so the unit grows by a fixed step and the offset inside it never changes.
 struct SliceWalk {
   int64_t unit0, step, off;
   SliceWalk(const Ctx& C, int64_t b, int64_t h, int kv) {
@@ -110,9 +115,14 @@ struct SliceWalk {
     off = (slice0 - unit0 * per_unit) * C.D;
     step = 2 * C.B * C.Hkv / per_unit;
   }
+  // The token whose slice unit `u` holds, or -1 when u holds another batch row's or head's.
+  SKV_INLINE int64_t token_of(int64_t u, int64_t n) const {
+    const int64_t d = u - unit0;
+    if (d < 0) return -1;
+    const int64_t t = step == 1 ? d : d / step;
+    return (t * step == d && t < n) ? t : -1;
+  }
 };
-
-constexpr int64_t kAhead = 4;
 
 // float16 bits -> float, branch-free: move exponent and mantissa into float position and
 // multiply by 2^112 to re-bias (exact for normal and subnormal halves; scales and zero-points
@@ -126,57 +136,55 @@ SKV_INLINE float half_to_float(const at::Half h) {
   return (x & 0x8000u) ? -f : f;
 }
 
-// Unpack a plane slice with shifts and masks (no table), which the compiler vectorizes.
+// One plane of a slice through the per-byte tables of unpack.h (W and FIRST known at compile time).
 template <int W, bool FIRST>
-SKV_INLINE void unpack_slice(const uint8_t* __restrict src, int64_t nbytes, int shift, uint8_t* __restrict codes) {
-  constexpr int per = 8 / W;
-  constexpr uint8_t mask = static_cast<uint8_t>((1 << W) - 1);
+SKV_INLINE void unpack_plane_slice(const uint8_t* __restrict src, int64_t nbytes, int shift, uint8_t* __restrict codes) {
+  if (W == 8) {
+    for (int64_t j = 0; j < nbytes; ++j) codes[j] = FIRST ? src[j] : static_cast<uint8_t>(codes[j] | src[j]);
+    return;
+  }
   for (int64_t j = 0; j < nbytes; ++j) {
-    const uint8_t byte = src[j];
-    for (int k = 0; k < per; ++k) {
-      const uint8_t v = static_cast<uint8_t>(((byte >> (k * W)) & mask) << shift);
-      if (FIRST)
-        codes[j * per + k] = v;
-      else
-        codes[j * per + k] |= v;
+    if (W == 1) {
+      uint64_t v = smartkv::kTables.w1[src[j]] << shift;
+      if (!FIRST) { uint64_t old; std::memcpy(&old, codes + 8 * j, 8); v |= old; }
+      std::memcpy(codes + 8 * j, &v, 8);
+    } else if (W == 2) {
+      uint32_t v = smartkv::kTables.w2[src[j]] << shift;
+      if (!FIRST) { uint32_t old; std::memcpy(&old, codes + 4 * j, 4); v |= old; }
+      std::memcpy(codes + 4 * j, &v, 4);
+    } else {
+      uint16_t v = static_cast<uint16_t>(smartkv::kTables.w4[src[j]] << shift);
+      if (!FIRST) { uint16_t old; std::memcpy(&old, codes + 2 * j, 2); v |= old; }
+      std::memcpy(codes + 2 * j, &v, 2);
     }
   }
 }
 
 template <bool FIRST>
-SKV_INLINE void unpack_slice_any(int w, const uint8_t* src, int64_t nbytes, int shift, uint8_t* codes) {
+SKV_INLINE void unpack_plane_any(int w, const uint8_t* src, int64_t nbytes, int shift, uint8_t* codes) {
   switch (w) {
-    case 8: unpack_slice<8, FIRST>(src, nbytes, shift, codes); break;
-    case 4: unpack_slice<4, FIRST>(src, nbytes, shift, codes); break;
-    case 2: unpack_slice<2, FIRST>(src, nbytes, shift, codes); break;
-    default: unpack_slice<1, FIRST>(src, nbytes, shift, codes); break;
+    case 8: unpack_plane_slice<8, FIRST>(src, nbytes, shift, codes); break;
+    case 4: unpack_plane_slice<4, FIRST>(src, nbytes, shift, codes); break;
+    case 2: unpack_plane_slice<2, FIRST>(src, nbytes, shift, codes); break;
+    default: unpack_plane_slice<1, FIRST>(src, nbytes, shift, codes); break;
   }
 }
 
-// The D codes of token t's slice as floats; returns the level and sets the scale/zero pointers
-// at the slice's first group.
-SKV_INLINE const Level& load_codes(const Ctx& C, const SliceWalk& w, int64_t t, uint8_t* codes, float* cf,
-                               const at::Half** sc, const at::Half** zc) {
-  const int64_t unit = w.unit0 + t * w.step;
-  const Level& L = C.levels[C.unit_level[unit]];
-  const int64_t row = C.unit_row[unit];
-  if (t + kAhead < C.n) {  // rows of a level need not be in token order: fetch a later token's codes early
-    const int64_t ahead = unit + kAhead * w.step;
-    const Level& A = C.levels[C.unit_level[ahead]];
-    for (int p = 0; p < A.np; ++p)
-      __builtin_prefetch(A.pptr[p] + C.unit_row[ahead] * A.pstride[p] + w.off * A.pwidth[p] / 8);
-  }
+// The D codes of row `row`'s slice at `off` as floats, with the scale/zero pointers at its first
+// group. Within one level's loop the widths do not change, so the branches here always go the
+// same way and are predicted.
+SKV_INLINE void load_codes(const Level& L, int64_t row, int64_t off, int64_t D, int64_t G, uint8_t* codes, float* cf,
+                           const at::Half** sc, const at::Half** zc) {
   for (int p = 0; p < L.np; ++p) {
-    const uint8_t* src = L.pptr[p] + row * L.pstride[p] + w.off * L.pwidth[p] / 8;
+    const uint8_t* src = L.pptr[p] + row * L.pstride[p] + off * L.pwidth[p] / 8;
     if (p == 0)
-      unpack_slice_any<true>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
+      unpack_plane_any<true>(L.pwidth[p], src, D * L.pwidth[p] / 8, L.pshift[p], codes);
     else
-      unpack_slice_any<false>(L.pwidth[p], src, C.D * L.pwidth[p] / 8, L.pshift[p], codes);
+      unpack_plane_any<false>(L.pwidth[p], src, D * L.pwidth[p] / 8, L.pshift[p], codes);
   }
-  for (int64_t d = 0; d < C.D; ++d) cf[d] = static_cast<float>(codes[d]);
-  *sc = L.sptr + row * L.sstride + w.off / C.group;
-  *zc = L.zptr ? L.zptr + row * L.zstride + w.off / C.group : nullptr;
-  return L;
+  for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(codes[d]);
+  *sc = L.sptr + row * L.sstride + off / G;
+  *zc = L.zptr ? L.zptr + row * L.zstride + off / G : nullptr;
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max), branch-free so that the loop vectorizes:
@@ -233,18 +241,25 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
     const float* k = C.sink_k + ((b * C.Hkv + h) * C.S + t) * D;
     for (int64_t j = 0; j < g; ++j) P[j * T + t] = dot(qs + j * D, k, D);
   }
+  // Quantized tokens level by level, rows in storage order: sequential reads, and the plane
+  // widths are compile-time constants inside each level's loop (no per-token branching on width).
   const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
-  for (int64_t t = 0; t < C.n; ++t) {
-    const Level& L = load_codes(C, kwalk, t, codes.data(), cf, &sc, &zc);
-    for (int64_t j = 0; j < g; ++j) {
-      float s = cst[j];
-      for (int64_t gi = 0; gi < ng; ++gi) {
-        const float dc = dot(qk + j * D + gi * G, cf + gi * G, G);
-        const float scale = half_to_float(sc[gi]);
-        const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
-        s += scale * dc + zero * qsum[j * ng + gi];
+  for (int64_t l = 0; l < C.n_levels; ++l) {
+    const Level& L = C.levels[l];
+    for (int64_t r = 0; r < L.rows; ++r) {
+      const int64_t t = kwalk.token_of(L.index ? L.index[r] : r, C.n);
+      if (t < 0) continue;  // a row of another batch row or head
+      load_codes(L, r, kwalk.off, D, G, codes.data(), cf, &sc, &zc);
+      for (int64_t j = 0; j < g; ++j) {
+        float s = cst[j];
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          const float dc = dot(qk + j * D + gi * G, cf + gi * G, G);
+          const float scale = half_to_float(sc[gi]);
+          const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
+          s += scale * dc + zero * qsum[j * ng + gi];
+        }
+        P[j * T + C.S + t] = s;
       }
-      P[j * T + C.S + t] = s;
     }
   }
   for (int64_t t = 0; t < C.W; ++t) {
@@ -287,11 +302,15 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
     const float* v = C.sink_v + ((b * C.Hkv + h) * C.S + t) * D;
     for (int64_t j = 0; j < g; ++j) axpy(P[j * T + t], v, acc + j * D, D);
   }
-  for (int64_t t = 0; t < C.n; ++t) {
+  for (int64_t l = 0; l < C.n_levels; ++l) {
+    const Level& L = C.levels[l];
+    for (int64_t r = 0; r < L.rows; ++r) {
+    const int64_t t = vwalk.token_of(L.index ? L.index[r] : r, C.n);
+    if (t < 0) continue;
     bool any = false;
     for (int64_t j = 0; j < g; ++j) any = any || P[j * T + C.S + t] != 0.0f;
     if (!any) continue;  // masked (or underflowed) for every query head: skip the unpack
-    const Level& L = load_codes(C, vwalk, t, codes.data(), cf, &sc, &zc);
+    load_codes(L, r, vwalk.off, D, G, codes.data(), cf, &sc, &zc);
     for (int64_t j = 0; j < g; ++j) {
       const float p = P[j * T + C.S + t];
       for (int64_t gi = 0; gi < ng; ++gi) {
@@ -299,6 +318,7 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
         axpy(a, cf + gi * G, acc + j * D + gi * G, G);
         zacc[j * ng + gi] += zc ? p * half_to_float(zc[gi]) : -a * L.offset;
       }
+    }
     }
   }
   for (int64_t t = 0; t < C.W; ++t) {
@@ -400,6 +420,9 @@ std::vector<at::Tensor> packed_decode_attention(
     TORCH_CHECK(idx.numel() == rows || (idx.numel() == 0 && rows == n_units),
                 "index of level ", l, " has ", idx.numel(), " entries for ", rows, " rows");
     const int32_t* ip = idx.numel() ? idx.data_ptr<int32_t>() : nullptr;
+    L.bits = bits;
+    L.rows = rows;
+    L.index = ip;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t u = ip ? ip[r] : r;
       TORCH_CHECK(u >= 0 && u < n_units, "unit ", u, " out of range for ", n_units, " units");
@@ -438,6 +461,7 @@ std::vector<at::Tensor> packed_decode_attention(
   C.win_k = win_k.data_ptr<float>();
   C.win_v = win_v.data_ptr<float>();
   C.levels = levels.data();
+  C.n_levels = static_cast<int64_t>(nl);
   C.unit_level = unit_level.data();
   C.unit_row = unit_row.data();
   C.out = out.data_ptr<float>();
