@@ -16,6 +16,15 @@ SMARTKV_NO_KERNEL=1 and geometries the kernel does not take.
 
 The history is described by `PackedHistory`, which mirrors how `smartkv.cache.mixed` lays a
 layer out (sinks, quantized units token-major, recent window); see its docstring.
+
+Not wired into the cache yet. The intended wiring, for a decode step (one query token):
+the layer's `update` returns zero-cost placeholders (e.g. `torch.zeros(()).expand(B, H, T, D)`)
+and publishes its `PackedHistory` on the active update; `smartkv_attention` sees it, calls
+`packed_decode_attention(query, history, scaling, allowed)` with `allowed` = the bool mask's
+`[:, 0, -1, :]` (None when transformers passes no mask), returns `out.transpose(1, 2)` (the
+[B, q, H, D] layout of `sdpa_attention_forward`), and hands `tracker_mass(probs, Hkv)` to the
+tracker instead of calling `observe` (which would redo q.k). Prefill, sliding-window or
+soft-capped attention keep the de-quantize + SDPA path.
 """
 
 from __future__ import annotations
