@@ -70,8 +70,6 @@ struct Ctx {
   float scaling;
   const Level* levels;
   int64_t n_levels;
-  const int8_t* unit_level;
-  const int32_t* unit_row;
   float* out;
   float* probs;
 };
@@ -242,7 +240,7 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
     for (int64_t j = 0; j < g; ++j) P[j * T + t] = dot(qs + j * D, k, D);
   }
   // Quantized tokens level by level, rows in storage order: sequential reads, and the plane
-  // widths are compile-time constants inside each level's loop (no per-token branching on width).
+  // widths stay the same through each level's loop (no mispredicted branch per token).
   const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
   for (int64_t l = 0; l < C.n_levels; ++l) {
     const Level& L = C.levels[l];
@@ -371,14 +369,13 @@ std::vector<at::Tensor> packed_decode_attention(
   C.ng = C.D / group_size;
   C.scaling = static_cast<float>(scaling);
 
-  // Levels and the unit -> (level, row) map.
+  // Levels, and a check that every unit is stored at exactly one level.
   const size_t nl = level_bits.size();
   TORCH_CHECK(nl <= 127 && scales.size() == nl && indices.size() == nl && (zeros.empty() || zeros.size() == nl),
               "level lists disagree in length");
   std::vector<Level> levels(nl);
   const int64_t n_units = C.n * C.B * (2 * C.Hkv * C.D / unit_len);
   std::vector<int8_t> unit_level(n_units, -1);
-  std::vector<int32_t> unit_row(n_units, 0);
   size_t pi = 0;
   for (size_t l = 0; l < nl; ++l) {
     Level& L = levels[l];
@@ -428,7 +425,6 @@ std::vector<at::Tensor> packed_decode_attention(
       TORCH_CHECK(u >= 0 && u < n_units, "unit ", u, " out of range for ", n_units, " units");
       TORCH_CHECK(unit_level[u] < 0, "unit ", u, " is stored twice");
       unit_level[u] = static_cast<int8_t>(l);
-      unit_row[u] = static_cast<int32_t>(r);
     }
   }
   TORCH_CHECK(pi == planes.size(), "more planes than the levels' bit widths need");
@@ -462,8 +458,6 @@ std::vector<at::Tensor> packed_decode_attention(
   C.win_v = win_v.data_ptr<float>();
   C.levels = levels.data();
   C.n_levels = static_cast<int64_t>(nl);
-  C.unit_level = unit_level.data();
-  C.unit_row = unit_row.data();
   C.out = out.data_ptr<float>();
   C.probs = probs.data_ptr<float>();
   if (C.T == 0) return {out, probs};
