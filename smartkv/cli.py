@@ -133,15 +133,24 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from smartkv.bench import DEFAULT_RUNS, parse_runs, run_bench
 
-    runs = parse_runs(args.run) if args.run else DEFAULT_RUNS
+    try:
+        runs = parse_runs(args.run) if args.run else DEFAULT_RUNS
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     for r in runs:
         r.config()  # validate first
-    if args.context < 16:
-        raise UsageError(f"--context {args.context} must be >= 16 tokens")
+    for c in args.context:
+        if c < 16:
+            raise UsageError(f"--context {c} must be >= 16 tokens")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats} must be >= 1 (3 or more for a spread)")
+    if args.new_tokens < 1:
+        raise UsageError(f"--new-tokens {args.new_tokens} must be >= 1")
     from smartkv.models import resolve_model_path
 
     resolve_model_path(args.model)  # a missing model folder is one line, before any work
-    result = run_bench(args.model, args.dtype, runs, args.context, args.new_tokens, args.repeats, args.threads)
+    result = run_bench(args.model, args.dtype, runs, args.context, args.new_tokens, args.repeats, args.threads,
+                       profile=not args.no_phases)
     text = json.dumps(result, indent=2, default=list)
     if args.out:
         from smartkv.io import atomic_write_text
@@ -170,11 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="decode tokens/s of each method relative to fp16, measured in one run")
-    b.add_argument("--context", type=int, default=4096, help="prompt length in tokens")
+    b = sub.add_parser("bench", help="decode tokens/s of each method against context length, relative to fp16, one process")
+    b.add_argument("--context", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="prompt lengths in tokens (default: 1024 2048 4096 8192)")
     b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
+    b.add_argument("--repeats", type=int, default=3, help="timed round-robin repeats per method (median and spread reported)")
     b.add_argument("--run", action="append", help="LABEL=METHOD[:key=value,...], repeatable (default: the standard set)")
+    b.add_argument("--no-phases", action="store_true",
+                   help="skip the extra timed-phase decode of each smartkv run (tracking / re-allocation shares)")
     b.add_argument("--out", default=None, help="also write the JSON result here")
     b.add_argument("--json", action="store_true")
     _add_model_args(b)

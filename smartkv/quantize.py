@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from smartkv import kernels
+
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 METADATA_DTYPE = torch.float16
 _FP16_MAX = 65504.0
+_KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -156,14 +159,48 @@ class QuantizedRows:
         return out if out.dtype == dtype else out.to(dtype)
 
     def dequantize_into(self, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Write the de-quantized rows into `out[index[i]]` (or `out[i]` when `index` is None).
+        """Write the de-quantized rows into `out[index[i]]` (or `out[i]` when `index` is None); returns `out`.
 
-        Same values as `out.index_copy_(0, index.long(), self.dequantize(out.dtype))`, through the
-        fused CPU kernel of `smartkv.kernels` when it is available. Returns `out`.
+        `out` is [M, length]; `index` holds `n_rows` distinct row numbers (int32 or int64) or is
+        None. The result equals `out.index_copy_(0, index.long(), self.dequantize(out.dtype))`
+        exactly. A float32/bfloat16/float16 CPU `out` with contiguous rows goes through the fused
+        C++ kernel (`smartkv.kernels`; a failed build raises KernelBuildError unless
+        SMARTKV_NO_KERNEL=1); other devices and dtypes, or SMARTKV_NO_KERNEL=1, take the PyTorch path.
         """
-        from smartkv.kernels import dequantize_into  # lazy: kernels imports this module
+        if out.dim() != 2 or out.shape[1] != self.length:
+            raise ValueError(f"out must be [M, {self.length}], got shape {tuple(out.shape)}")
+        if index is not None and (index.dim() != 1 or index.shape[0] != self.n_rows):
+            raise ValueError(f"index must hold {self.n_rows} row numbers, got shape {tuple(index.shape)}")
+        # Device and dtype first: a CUDA run never builds the CPU extension.
+        module = kernels.kernel_module() if self._kernel_can_write(out, index) else None
+        if module is None:
+            return self._dequantize_into_reference(out, index)
+        planes = [p if p.stride(-1) == 1 else p.contiguous() for p in self.planes]
+        scale = self.scale if self.scale.stride(-1) == 1 else self.scale.contiguous()
+        zero = self.zero
+        if zero is not None and zero.stride(-1) != 1:
+            zero = zero.contiguous()
+        if index is not None and not index.is_contiguous():
+            index = index.contiguous()
+        module.dequantize_into(planes, list(plane_widths(self.bits)), scale, zero, self.bits, self.length,
+                               self.group_size, out, index)
+        return out
 
-        return dequantize_into(self, out, index)
+    def _kernel_can_write(self, out: torch.Tensor, index: torch.Tensor | None) -> bool:
+        if out.device.type != "cpu" or out.dtype not in _KERNEL_OUT_DTYPES or out.stride(1) != 1:
+            return False
+        if self.scale.device.type != "cpu" or self.scale.dtype != torch.float16:
+            return False
+        return index is None or (index.device.type == "cpu" and index.dtype in (torch.int32, torch.int64))
+
+    def _dequantize_into_reference(self, out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The PyTorch path of `dequantize_into`."""
+        deq = self.dequantize(out.dtype)
+        if index is None:
+            out[: self.n_rows] = deq
+        else:
+            out.index_copy_(0, index.long(), deq)
+        return out
 
     def select(self, index: torch.Tensor) -> "QuantizedRows":
         """The rows at `index` (a bool mask or integer indices)."""

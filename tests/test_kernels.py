@@ -1,10 +1,16 @@
-"""The fused de-quantization kernel equals the PyTorch path bit for bit; the fallback always works.
+"""The fused de-quantization kernel equals the PyTorch path bit for bit; a failed build is an error.
 
 The first run builds the C++ extension (about a minute on two cores) into
-`$SMARTKV_HOME/torch_extensions`; later runs load it from there.
+`$SMARTKV_HOME/torch_extensions`; later runs load it from there. A build failure fails the
+kernel tests (the fixture raises KernelBuildError); they skip only when SMARTKV_NO_KERNEL=1
+is set on purpose, and the PyTorch-path tests below run either way.
 """
 
 import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +23,9 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not kernels.kernel_available():
-        pytest.skip(f"fused kernel unavailable: {kernels.fallback_reason()}")
+    if kernels.disabled():
+        pytest.skip("SMARTKV_NO_KERNEL=1 is set: the PyTorch path is in use on purpose")
+    assert kernels.kernel_available()  # a failed build raises KernelBuildError: the test errors
     return kernels
 
 
@@ -58,7 +65,7 @@ def check_all(rows, seed=0):
         for dtype in OUT_DTYPES:
             out = torch.randn(m, rows.length).to(dtype)
             want = reference(rows, out, index)
-            got = kernels.dequantize_into(rows, out.clone(), index)
+            got = rows.dequantize_into(out.clone(), index)
             assert got.dtype == dtype
             assert torch.equal(got, want), (name, dtype, (got.float() - want.float()).abs().max())
 
@@ -107,7 +114,7 @@ def test_kernel_strided_out_rows(kernel):
     out = big[:, :50]  # rows 57 apart, contiguous within a row
     index = torch.randperm(60)[: rows.n_rows].to(torch.int32)
     want = reference(rows, out, index)
-    kernels.dequantize_into(rows, out, index)
+    rows.dequantize_into(out, index)
     assert torch.equal(out, want)
     assert torch.equal(big[:, 50:], big.clone()[:, 50:])
 
@@ -123,71 +130,110 @@ def test_kernel_method_on_quantized_rows(kernel):
 def test_kernel_empty_rows(kernel):
     rows = make_rows(3, False, 64, 32).select(torch.zeros(37, dtype=torch.bool))
     out = torch.ones(4, 64)
-    kernels.dequantize_into(rows, out, torch.zeros(0, dtype=torch.int32))
-    kernels.dequantize_into(rows, out)
+    rows.dequantize_into(out, torch.zeros(0, dtype=torch.int32))
+    rows.dequantize_into(out)
     assert torch.equal(out, torch.ones(4, 64))
 
 
 def test_kernel_rejects_bad_index(kernel):
     rows = make_rows(3, False, 64, 32, n=4)
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.dequantize_into(rows, torch.zeros(4, 64), torch.tensor([0, 1, 2, 4], dtype=torch.int32))
+        rows.dequantize_into(torch.zeros(4, 64), torch.tensor([0, 1, 2, 4], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.dequantize_into(rows, torch.zeros(4, 64), torch.tensor([0, -1, 2, 3], dtype=torch.int32))
+        rows.dequantize_into(torch.zeros(4, 64), torch.tensor([0, -1, 2, 3], dtype=torch.int32))
     with pytest.raises(RuntimeError):
-        kernels.dequantize_into(rows, torch.zeros(3, 64))  # fewer rows than quantized rows
+        rows.dequantize_into(torch.zeros(3, 64))  # fewer rows than quantized rows
 
 
 def test_shape_checks():
     rows = make_rows(3, False, 64, 32, n=4)
     with pytest.raises(ValueError):
-        kernels.dequantize_into(rows, torch.zeros(4, 63))
+        rows.dequantize_into(torch.zeros(4, 63))
     with pytest.raises(ValueError):
-        kernels.dequantize_into(rows, torch.zeros(4, 64), torch.arange(3, dtype=torch.int32))
+        rows.dequantize_into(torch.zeros(4, 64), torch.arange(3, dtype=torch.int32))
 
 
-# --- fallback: runs whether or not a compiler is present ------------------------------------
+# --- PyTorch path: runs whether or not a compiler is present ---------------------------------
+
+
+def reset_loader(monkeypatch, build):
+    monkeypatch.setattr(kernels, "_build", build)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setattr(kernels, "_logged", False)
+
+
+def broken_build():
+    raise RuntimeError("Error building extension 'smartkv_cpu'\nno compiler")
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_fallback_matches_reference(monkeypatch, bits, symmetric):
-    monkeypatch.setattr(kernels, "_load", lambda: None)
+def test_pytorch_path_matches_reference(monkeypatch, bits, symmetric):
+    monkeypatch.setenv("SMARTKV_NO_KERNEL", "1")
     check_all(make_rows(bits, symmetric, 50, 16))
 
 
-def test_fallback_when_env_var_set(monkeypatch):
+def test_env_var_selects_pytorch_path_and_logs_once(monkeypatch, caplog):
+    reset_loader(monkeypatch, broken_build)  # would raise if anything tried to build
     monkeypatch.setenv("SMARTKV_NO_KERNEL", "1")
-    assert not kernels.kernel_available()
+    with caplog.at_level(logging.INFO, logger="smartkv.kernels"):
+        assert not kernels.kernel_available()
+        assert not kernels.warm_up()
+        rows = make_rows(5, False, 64, 32)
+        check_all(rows)
     assert "SMARTKV_NO_KERNEL" in kernels.fallback_reason()
-    rows = make_rows(5, False, 64, 32)
-    check_all(rows)
+    messages = [r.getMessage() for r in caplog.records if r.name == "smartkv.kernels"]
+    assert len(messages) == 1 and "SMARTKV_NO_KERNEL" in messages[0]
     out = torch.zeros(40, 64)
     index = torch.randperm(40)[: rows.n_rows].to(torch.int32)
     assert torch.equal(rows.dequantize_into(out, index), reference(rows, torch.zeros(40, 64), index))
 
 
-def test_fallback_when_build_fails_logs_once(monkeypatch, caplog):
-    def broken_build():
-        raise RuntimeError("Error building extension 'smartkv_dequant'\nno compiler")
+def test_failed_build_raises_a_clear_error(monkeypatch):
+    calls = []
 
+    def counting_broken_build():
+        calls.append(1)
+        broken_build()
+
+    reset_loader(monkeypatch, counting_broken_build)
     monkeypatch.delenv("SMARTKV_NO_KERNEL", raising=False)
-    monkeypatch.setattr(kernels, "_build", broken_build)
-    monkeypatch.setattr(kernels, "_module", None)
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_logged", False)
-    monkeypatch.setattr(kernels, "_reason", None)
-    with caplog.at_level(logging.INFO, logger="smartkv.kernels"):
-        assert not kernels.kernel_available()
-        assert not kernels.kernel_available()
-        check_all(make_rows(3, False, 50, 16))
-    messages = [r.getMessage() for r in caplog.records if r.name == "smartkv.kernels"]
-    assert len(messages) == 1 and "no compiler" in messages[0]
-    assert "no compiler" in kernels.fallback_reason()
+    rows = make_rows(3, False, 50, 16)
+    for _ in range(2):
+        with pytest.raises(kernels.KernelBuildError, match="no compiler.*SMARTKV_NO_KERNEL=1"):
+            rows.dequantize_into(torch.zeros(40, 50))
+    with pytest.raises(kernels.KernelBuildError):
+        kernels.kernel_available()
+    assert len(calls) == 1  # the failure is remembered, not rebuilt on every call
+    assert kernels.fallback_reason() is None
 
 
-def test_fallback_for_unsupported_out_dtype():
+def test_tensors_the_kernel_cannot_take_never_build_it(monkeypatch):
+    # float64 stands in for any tensor the kernel does not take (CUDA tensors included): the
+    # device and dtype are checked before anything is built.
+    reset_loader(monkeypatch, broken_build)
+    monkeypatch.delenv("SMARTKV_NO_KERNEL", raising=False)
     rows = make_rows(3, False, 64, 32)
     out = torch.zeros(40, 64, dtype=torch.float64)
     index = torch.randperm(40)[: rows.n_rows].to(torch.int32)
-    assert torch.equal(kernels.dequantize_into(rows, out, index), reference(rows, torch.zeros(40, 64, dtype=torch.float64), index))
+    want = reference(rows, torch.zeros(40, 64, dtype=torch.float64), index)
+    assert torch.equal(rows.dequantize_into(out, index), want)
+    assert kernels._error is None and kernels._module is None
+
+
+def test_kernel_module_imports_nothing_from_smartkv():
+    code = (
+        "import sys, smartkv.kernels; "
+        "bad = sorted(m for m in sys.modules if m.startswith('smartkv.') and m != 'smartkv.kernels'); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_sources_ship_as_package_data():
+    for name in kernels.SOURCES:
+        assert (kernels.SOURCE_DIR / name).is_file(), name
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"csrc/*.cpp"' in pyproject and '"csrc/*.h"' in pyproject
+    assert re.search(r'^\s*"ninja', pyproject.split("[project.optional-dependencies]")[0], re.M)

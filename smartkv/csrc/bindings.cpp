@@ -1,0 +1,10 @@
+// Python bindings of the smartkv CPU extension (built by smartkv/kernels.py).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_into", &dequantize_into, "packed rows -> values scattered into out (see dequant.cpp)");
+  m.def("packed_decode_attention", &packed_decode_attention,
+        "decode attention over a mixed-precision history read from packed codes (see packed_attention.cpp)");
+}

@@ -1,0 +1,470 @@
+// Decode attention of one query per head over a mixed-precision KV history, read straight from
+// the packed codes: no full-precision copy of the history is ever made.
+//
+// History of one layer, oldest first (the token order of smartkv/cache/mixed.py):
+//   [ sinks: float ][ quantized: n_quant tokens in packed units ][ window: float ]
+// The quantized tokens are laid out as a virtual flat array in token-major order,
+//   layer-major units: [n, B, 2 (K, V), H, D]      head-major units: [n, B, H, 2, D],
+// cut into units of `unit_len` values (a token's K and V over all heads, one head's K and V,
+// or either alone with kv_split). Each unit is one row of some level's QuantizedRows; the
+// level's int32 index says which unit each row holds (empty index: rows in unit order).
+//
+// Keys (scores): k = shift + kscale * (code * s + z) per group (key smoothing optional), so
+//   q . k = q . shift + sum_groups [ s * sum_d (q * kscale)_d code_d + z * sum_d (q * kscale)_d ]
+// The query side (q * kscale, its group sums, q . shift) is computed once per head; each token
+// costs one unpack of D codes and a dot product with the codes per query head.
+// Values: sum_t p_t (code * s + z) = sum_t (p_t s) code + sum_t p_t z, so per group the weighted
+// codes and the weighted zero-points accumulate separately and meet once at the end.
+// Symmetric rows (value = (code - offset) * s) fold the same way with z = -offset * s.
+//
+// Grouped-query attention: the g query heads of a KV head share one unpack per token. Work is
+// split over (batch row, KV head) pairs with at::parallel_for (OpenMP). The softmax weights are
+// written to `probs`, so the importance tracker needs no second q.k.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "unpack.h"
+
+namespace {
+
+// Helpers are forced inline so that each one is compiled into both clones of attend_head
+// (AVX2 and baseline x86-64); a call to an out-of-line copy would run the baseline code.
+#define SKV_INLINE inline __attribute__((always_inline))
+
+struct Level {
+  int np = 0;
+  const uint8_t* pptr[4] = {nullptr, nullptr, nullptr, nullptr};
+  int64_t pstride[4] = {0, 0, 0, 0};
+  int pwidth[4] = {0, 0, 0, 0};
+  int pshift[4] = {0, 0, 0, 0};
+  const at::Half* sptr = nullptr;
+  int64_t sstride = 0;
+  const at::Half* zptr = nullptr;  // null: symmetric
+  int64_t zstride = 0;
+  float offset = 0.0f;
+  int bits = 0;
+  int64_t rows = 0;
+  const int32_t* index = nullptr;  // unit of each row; null: row r holds unit r
+};
+
+struct Ctx {
+  int64_t B, Hq, Hkv, D, g, S, W, n, T, unit_len, group, ng;
+  bool head_major;
+  const float* q;
+  const float* sink_k;
+  const float* sink_v;
+  const float* win_k;
+  const float* win_v;
+  const float* k_shift;  // [B, Hkv, D] or null
+  const float* k_scale;
+  const bool* allowed;  // [B, T] or null
+  float scaling;
+  const Level* levels;
+  int64_t n_levels;
+  float* out;
+  float* probs;
+};
+
+int plane_widths(int bits, int* w) {
+  int np = 0, rest = bits;
+  for (int width : {8, 4, 2, 1}) {
+    if (rest >= width) {
+      w[np++] = width;
+      rest -= width;
+    }
+  }
+  return np;
+}
+
+// Eight partial sums so that the compiler can vectorize without re-associating (-ffp-contract=off
+// and no fast-math keep a plain reduction serial).
+SKV_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
+}
+
+SKV_INLINE void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Where token t's K (kv = 0) or V (kv = 1) slice of one (batch row, KV head) lives: the slice
+// index grows by 2 * B * Hkv per token, a multiple of the slices per unit (1, 2, Hkv or 2 * Hkv),
+// so the unit grows by a fixed step and the offset inside it never changes.
+struct SliceWalk {
+  int64_t unit0, step, off;
+  SliceWalk(const Ctx& C, int64_t b, int64_t h, int kv) {
+    const int64_t slice0 = C.head_major ? (b * C.Hkv + h) * 2 + kv : (b * 2 + kv) * C.Hkv + h;
+    const int64_t per_unit = C.unit_len / C.D;
+    unit0 = slice0 / per_unit;
+    off = (slice0 - unit0 * per_unit) * C.D;
+    step = 2 * C.B * C.Hkv / per_unit;
+  }
+  // The token whose slice unit `u` holds, or -1 when u holds another batch row's or head's.
+  SKV_INLINE int64_t token_of(int64_t u, int64_t n) const {
+    const int64_t d = u - unit0;
+    if (d < 0) return -1;
+    const int64_t t = step == 1 ? d : d / step;
+    return (t * step == d && t < n) ? t : -1;
+  }
+};
+
+// float16 bits -> float, branch-free: move exponent and mantissa into float position and
+// multiply by 2^112 to re-bias (exact for normal and subnormal halves; scales and zero-points
+// are finite, so inf/nan need no care). c10::Half's portable conversion is several times longer.
+SKV_INLINE float half_to_float(const at::Half h) {
+  const uint32_t x = h.x;
+  const uint32_t bits = (x & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  f *= 5.192296858534828e+33f;  // 2^112
+  return (x & 0x8000u) ? -f : f;
+}
+
+// One plane of a slice through the per-byte tables of unpack.h (W and FIRST known at compile time).
+template <int W, bool FIRST>
+SKV_INLINE void unpack_plane_slice(const uint8_t* __restrict src, int64_t nbytes, int shift, uint8_t* __restrict codes) {
+  if (W == 8) {
+    for (int64_t j = 0; j < nbytes; ++j) codes[j] = FIRST ? src[j] : static_cast<uint8_t>(codes[j] | src[j]);
+    return;
+  }
+  for (int64_t j = 0; j < nbytes; ++j) {
+    if (W == 1) {
+      uint64_t v = smartkv::kTables.w1[src[j]] << shift;
+      if (!FIRST) { uint64_t old; std::memcpy(&old, codes + 8 * j, 8); v |= old; }
+      std::memcpy(codes + 8 * j, &v, 8);
+    } else if (W == 2) {
+      uint32_t v = smartkv::kTables.w2[src[j]] << shift;
+      if (!FIRST) { uint32_t old; std::memcpy(&old, codes + 4 * j, 4); v |= old; }
+      std::memcpy(codes + 4 * j, &v, 4);
+    } else {
+      uint16_t v = static_cast<uint16_t>(smartkv::kTables.w4[src[j]] << shift);
+      if (!FIRST) { uint16_t old; std::memcpy(&old, codes + 2 * j, 2); v |= old; }
+      std::memcpy(codes + 2 * j, &v, 2);
+    }
+  }
+}
+
+template <bool FIRST>
+SKV_INLINE void unpack_plane_any(int w, const uint8_t* src, int64_t nbytes, int shift, uint8_t* codes) {
+  switch (w) {
+    case 8: unpack_plane_slice<8, FIRST>(src, nbytes, shift, codes); break;
+    case 4: unpack_plane_slice<4, FIRST>(src, nbytes, shift, codes); break;
+    case 2: unpack_plane_slice<2, FIRST>(src, nbytes, shift, codes); break;
+    default: unpack_plane_slice<1, FIRST>(src, nbytes, shift, codes); break;
+  }
+}
+
+// The D codes of row `row`'s slice at `off` as floats, with the scale/zero pointers at its first
+// group. Within one level's loop the widths do not change, so the branches here always go the
+// same way and are predicted.
+SKV_INLINE void load_codes(const Level& L, int64_t row, int64_t off, int64_t D, int64_t G, uint8_t* codes, float* cf,
+                           const at::Half** sc, const at::Half** zc) {
+  for (int p = 0; p < L.np; ++p) {
+    const uint8_t* src = L.pptr[p] + row * L.pstride[p] + off * L.pwidth[p] / 8;
+    if (p == 0)
+      unpack_plane_any<true>(L.pwidth[p], src, D * L.pwidth[p] / 8, L.pshift[p], codes);
+    else
+      unpack_plane_any<false>(L.pwidth[p], src, D * L.pwidth[p] / 8, L.pshift[p], codes);
+  }
+  for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(codes[d]);
+  *sc = L.sptr + row * L.sstride + off / G;
+  *zc = L.zptr ? L.zptr + row * L.zstride + off / G : nullptr;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), branch-free so that the loop vectorizes:
+// 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), p the degree-6
+// Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2). Below -87 it returns 0.
+SKV_INLINE float exp_nonpositive(float x) {
+  const float keep = x >= -87.0f ? 1.0f : 0.0f;  // masked (-inf) and negligible scores give exactly 0
+  x = std::max(x, -87.0f);
+  // round to nearest by the 1.5 * 2^23 trick (a plain add and subtract, which vectorizes)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n * keep;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch, std::vector<uint8_t>& codes) {
+  const int64_t D = C.D, g = C.g, ng = C.ng, T = C.T, G = C.group;
+  float* qs = scratch.data();      // [g, D] scaled query
+  float* qk = qs + g * D;          // [g, D] query folded with the key scale
+  float* qsum = qk + g * D;        // [g, ng] group sums of qk
+  float* cst = qsum + g * ng;      // [g] q . shift
+  float* zacc = cst + g;           // [g, ng] weighted zero-points
+  float* cf = zacc + g * ng;       // [D] codes as floats
+  const int64_t kv_off = (b * C.Hkv + h) * D;
+  for (int64_t j = 0; j < g; ++j) {
+    const float* qj = C.q + (b * C.Hq + h * g + j) * D;
+    for (int64_t d = 0; d < D; ++d) qs[j * D + d] = qj[d] * C.scaling;
+    for (int64_t d = 0; d < D; ++d) qk[j * D + d] = C.k_scale ? qs[j * D + d] * C.k_scale[kv_off + d] : qs[j * D + d];
+    cst[j] = C.k_shift ? dot(qs + j * D, C.k_shift + kv_off, D) : 0.0f;
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < G; ++d) s += qk[j * D + gi * G + d];
+      qsum[j * ng + gi] = s;
+      zacc[j * ng + gi] = 0.0f;
+    }
+  }
+  float* P = C.probs + (b * C.Hq + h * g) * T;  // row j at P + j * T
+  const at::Half* sc;
+  const at::Half* zc;
+  // --- scores
+  for (int64_t t = 0; t < C.S; ++t) {
+    const float* k = C.sink_k + ((b * C.Hkv + h) * C.S + t) * D;
+    for (int64_t j = 0; j < g; ++j) P[j * T + t] = dot(qs + j * D, k, D);
+  }
+  // Quantized tokens level by level, rows in storage order: sequential reads, and the plane
+  // widths stay the same through each level's loop (no mispredicted branch per token).
+  const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
+  for (int64_t l = 0; l < C.n_levels; ++l) {
+    const Level& L = C.levels[l];
+    for (int64_t r = 0; r < L.rows; ++r) {
+      const int64_t t = kwalk.token_of(L.index ? L.index[r] : r, C.n);
+      if (t < 0) continue;  // a row of another batch row or head
+      load_codes(L, r, kwalk.off, D, G, codes.data(), cf, &sc, &zc);
+      for (int64_t j = 0; j < g; ++j) {
+        float s = cst[j];
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          const float dc = dot(qk + j * D + gi * G, cf + gi * G, G);
+          const float scale = half_to_float(sc[gi]);
+          const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
+          s += scale * dc + zero * qsum[j * ng + gi];
+        }
+        P[j * T + C.S + t] = s;
+      }
+    }
+  }
+  for (int64_t t = 0; t < C.W; ++t) {
+    const float* k = C.win_k + ((b * C.Hkv + h) * C.W + t) * D;
+    for (int64_t j = 0; j < g; ++j) P[j * T + C.S + C.n + t] = dot(qs + j * D, k, D);
+  }
+  // --- softmax (masked tokens get exactly 0; a row with nothing to attend is all 0)
+  const bool* allowed = C.allowed ? C.allowed + b * T : nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < g; ++j) {
+    float* row = P + j * T;
+    if (allowed)
+      for (int64_t t = 0; t < T; ++t)
+        if (!allowed[t]) row[t] = neg_inf;
+    float m = neg_inf;
+    for (int64_t t = 0; t < T; ++t) m = std::max(m, row[t]);
+    if (m == neg_inf) {
+      std::fill(row, row + T, 0.0f);
+      continue;
+    }
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8)
+      for (int k = 0; k < 8; ++k) {
+        row[t + k] = exp_nonpositive(row[t + k] - m);
+        part[k] += row[t + k];
+      }
+    double total = 0.0;
+    for (; t < T; ++t) {
+      row[t] = exp_nonpositive(row[t] - m);
+      total += row[t];
+    }
+    for (int k = 0; k < 8; ++k) total += part[k];
+    const float inv = static_cast<float>(1.0 / total);
+    for (int64_t t = 0; t < T; ++t) row[t] *= inv;
+  }
+  // --- values
+  float* acc = C.out + (b * C.Hq + h * g) * D;  // [g, D], zeroed by the caller
+  for (int64_t t = 0; t < C.S; ++t) {
+    const float* v = C.sink_v + ((b * C.Hkv + h) * C.S + t) * D;
+    for (int64_t j = 0; j < g; ++j) axpy(P[j * T + t], v, acc + j * D, D);
+  }
+  for (int64_t l = 0; l < C.n_levels; ++l) {
+    const Level& L = C.levels[l];
+    for (int64_t r = 0; r < L.rows; ++r) {
+    const int64_t t = vwalk.token_of(L.index ? L.index[r] : r, C.n);
+    if (t < 0) continue;
+    bool any = false;
+    for (int64_t j = 0; j < g; ++j) any = any || P[j * T + C.S + t] != 0.0f;
+    if (!any) continue;  // masked (or underflowed) for every query head: skip the unpack
+    load_codes(L, r, vwalk.off, D, G, codes.data(), cf, &sc, &zc);
+    for (int64_t j = 0; j < g; ++j) {
+      const float p = P[j * T + C.S + t];
+      for (int64_t gi = 0; gi < ng; ++gi) {
+        const float a = p * half_to_float(sc[gi]);
+        axpy(a, cf + gi * G, acc + j * D + gi * G, G);
+        zacc[j * ng + gi] += zc ? p * half_to_float(zc[gi]) : -a * L.offset;
+      }
+    }
+    }
+  }
+  for (int64_t t = 0; t < C.W; ++t) {
+    const float* v = C.win_v + ((b * C.Hkv + h) * C.W + t) * D;
+    for (int64_t j = 0; j < g; ++j) axpy(P[j * T + C.S + C.n + t], v, acc + j * D, D);
+  }
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t d = 0; d < D; ++d) acc[j * D + d] += zacc[j * ng + d / G];
+}
+
+void check_float(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t D) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
+                  t.size(3) == D,
+              name, " must be a contiguous float32 [B, Hkv, n, D] tensor");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> packed_decode_attention(
+    at::Tensor query, at::Tensor sink_k, at::Tensor sink_v, at::Tensor win_k, at::Tensor win_v,
+    std::vector<at::Tensor> planes, std::vector<int64_t> level_bits, std::vector<at::Tensor> scales,
+    std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
+    bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
+    c10::optional<at::Tensor> allowed, double scaling) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous() && query.dim() == 3,
+              "query must be a contiguous float32 [B, Hq, D] tensor");
+  Ctx C;
+  C.B = query.size(0);
+  C.Hq = query.size(1);
+  C.D = query.size(2);
+  C.Hkv = sink_k.size(1);
+  TORCH_CHECK(C.Hkv >= 1 && C.Hq % C.Hkv == 0, "query heads ", C.Hq, " are not a multiple of KV heads ", C.Hkv);
+  C.g = C.Hq / C.Hkv;
+  check_float(sink_k, "sink_k", C.B, C.Hkv, C.D);
+  check_float(sink_v, "sink_v", C.B, C.Hkv, C.D);
+  check_float(win_k, "win_k", C.B, C.Hkv, C.D);
+  check_float(win_v, "win_v", C.B, C.Hkv, C.D);
+  C.S = sink_k.size(2);
+  C.W = win_k.size(2);
+  TORCH_CHECK(sink_v.size(2) == C.S && win_v.size(2) == C.W, "keys and values disagree in length");
+  C.n = n_quant;
+  C.T = C.S + C.n + C.W;
+  C.unit_len = unit_len;
+  C.head_major = head_major;
+  C.group = group_size;
+  TORCH_CHECK(C.D % 8 == 0, "head_dim ", C.D, " must be a multiple of 8 (whole bytes per head in every plane)");
+  TORCH_CHECK(group_size >= 1 && C.D % group_size == 0, "group_size ", group_size, " must divide head_dim ", C.D);
+  TORCH_CHECK(unit_len >= C.D && unit_len % C.D == 0 && (2 * C.Hkv * C.D) % unit_len == 0,
+              "unit_len ", unit_len, " must be D, 2D, H*D or 2*H*D");
+  C.ng = C.D / group_size;
+  C.scaling = static_cast<float>(scaling);
+
+  // Levels, and a check that every unit is stored at exactly one level.
+  const size_t nl = level_bits.size();
+  TORCH_CHECK(nl <= 127 && scales.size() == nl && indices.size() == nl && (zeros.empty() || zeros.size() == nl),
+              "level lists disagree in length");
+  std::vector<Level> levels(nl);
+  const int64_t n_units = C.n * C.B * (2 * C.Hkv * C.D / unit_len);
+  std::vector<int8_t> unit_level(n_units, -1);
+  size_t pi = 0;
+  for (size_t l = 0; l < nl; ++l) {
+    Level& L = levels[l];
+    const int bits = static_cast<int>(level_bits[l]);
+    TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8");
+    int w[4];
+    L.np = plane_widths(bits, w);
+    const at::Tensor& s = scales[l];
+    TORCH_CHECK(s.dim() == 2 && s.scalar_type() == at::kHalf && s.stride(1) == 1 && s.size(1) == unit_len / group_size,
+                "scale of level ", l, " must be float16 [N, unit_len / group_size] with contiguous rows");
+    const int64_t rows = s.size(0);
+    int shift = bits;
+    for (int p = 0; p < L.np; ++p) {
+      TORCH_CHECK(pi < planes.size(), "too few planes for the levels' bit widths");
+      const at::Tensor& t = planes[pi++];
+      TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kByte && t.stride(1) == 1 && t.size(0) == rows &&
+                      t.size(1) >= unit_len * w[p] / 8,
+                  "plane of level ", l, " must be uint8 [N, unit_len * width / 8] with contiguous rows");
+      shift -= w[p];
+      L.pptr[p] = t.data_ptr<uint8_t>();
+      L.pstride[p] = t.stride(0);
+      L.pwidth[p] = w[p];
+      L.pshift[p] = shift;
+    }
+    L.sptr = s.data_ptr<at::Half>();
+    L.sstride = s.stride(0);
+    if (!zeros.empty()) {
+      const at::Tensor& z = zeros[l];
+      TORCH_CHECK(z.scalar_type() == at::kHalf && z.sizes() == s.sizes() && z.stride(1) == 1,
+                  "zero of level ", l, " must be float16 shaped like its scale");
+      L.zptr = z.data_ptr<at::Half>();
+      L.zstride = z.stride(0);
+    } else {
+      L.offset = bits > 1 ? static_cast<float>((1 << (bits - 1)) - 1) : 0.0f;
+    }
+    const at::Tensor& idx = indices[l];
+    TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
+                "index of level ", l, " must be a contiguous int32 vector");
+    TORCH_CHECK(idx.numel() == rows || (idx.numel() == 0 && rows == n_units),
+                "index of level ", l, " has ", idx.numel(), " entries for ", rows, " rows");
+    const int32_t* ip = idx.numel() ? idx.data_ptr<int32_t>() : nullptr;
+    L.bits = bits;
+    L.rows = rows;
+    L.index = ip;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t u = ip ? ip[r] : r;
+      TORCH_CHECK(u >= 0 && u < n_units, "unit ", u, " out of range for ", n_units, " units");
+      TORCH_CHECK(unit_level[u] < 0, "unit ", u, " is stored twice");
+      unit_level[u] = static_cast<int8_t>(l);
+    }
+  }
+  TORCH_CHECK(pi == planes.size(), "more planes than the levels' bit widths need");
+  for (int64_t u = 0; u < n_units; ++u) TORCH_CHECK(unit_level[u] >= 0, "unit ", u, " is stored at no level");
+
+  at::Tensor shift_t, scale_t;
+  C.k_shift = C.k_scale = nullptr;
+  TORCH_CHECK(k_shift.has_value() == k_scale.has_value(), "k_shift and k_scale come together");
+  if (k_shift.has_value()) {
+    shift_t = *k_shift;
+    scale_t = *k_scale;
+    for (const at::Tensor* t : {&shift_t, &scale_t})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C.B * C.Hkv * C.D,
+                  "k_shift and k_scale must be contiguous float32 [B, Hkv, D]");
+    C.k_shift = shift_t.data_ptr<float>();
+    C.k_scale = scale_t.data_ptr<float>();
+  }
+  C.allowed = nullptr;
+  if (allowed.has_value()) {
+    TORCH_CHECK(allowed->scalar_type() == at::kBool && allowed->is_contiguous() && allowed->dim() == 2 &&
+                    allowed->size(0) == C.B && allowed->size(1) == C.T,
+                "allowed must be a contiguous bool [B, T] tensor");
+    C.allowed = allowed->data_ptr<bool>();
+  }
+  at::Tensor out = at::zeros({C.B, C.Hq, C.D}, query.options());
+  at::Tensor probs = at::empty({C.B, C.Hq, C.T}, query.options());
+  C.q = query.data_ptr<float>();
+  C.sink_k = sink_k.data_ptr<float>();
+  C.sink_v = sink_v.data_ptr<float>();
+  C.win_k = win_k.data_ptr<float>();
+  C.win_v = win_v.data_ptr<float>();
+  C.levels = levels.data();
+  C.n_levels = static_cast<int64_t>(nl);
+  C.out = out.data_ptr<float>();
+  C.probs = probs.data_ptr<float>();
+  if (C.T == 0) return {out, probs};
+  at::parallel_for(0, C.B * C.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * C.g * C.D + 2 * C.g * C.ng + C.g + C.D);
+    std::vector<uint8_t> codes(C.D + 16);
+    for (int64_t task = begin; task < end; ++task) attend_head(C, task / C.Hkv, task % C.Hkv, scratch, codes);
+  });
+  return {out, probs};
+}

@@ -1,0 +1,194 @@
+"""Decode attention read straight from a mixed-precision layer's packed codes.
+
+`packed_decode_attention(query, history, scaling)` returns what SDPA over the de-quantized
+history returns, and the softmax weights the importance tracker needs, in one C++ call per
+layer and step (`smartkv/csrc/packed_attention.cpp`): the full-precision keys and values of
+the quantized tokens are never materialised. Scale, zero-point and the per-channel key centre
+are folded into the query (q.k per group on the integer codes); values accumulate the
+weighted codes and the weighted zero-points per group separately. This is the "fold the
+de-quantization into the matmul" idea of KIVI's decode kernels (Liu et al., 2024, "KIVI: A
+Tuning-Free Asymmetric 2bit Quantization for KV Cache") and QServe/Atom-style group-wise
+kernels, here for rows of mixed bit widths on CPU with OpenMP over (batch row, KV head).
+
+`reference_decode_attention` is the PyTorch path (de-quantize, assemble, SDPA, explicit
+softmax for the weights): the kernel is tested against it, and it serves CUDA tensors,
+SMARTKV_NO_KERNEL=1 and geometries the kernel does not take.
+
+The history is described by `PackedHistory`, which mirrors how `smartkv.cache.mixed` lays a
+layer out (sinks, quantized units token-major, recent window); see its docstring.
+
+Not wired into the cache yet. The intended wiring, for a decode step (one query token):
+the layer's `update` returns zero-cost placeholders (e.g. `torch.zeros(()).expand(B, H, T, D)`)
+and publishes its `PackedHistory` on the active update; `smartkv_attention` sees it, calls
+`packed_decode_attention(query, history, scaling, allowed)` with `allowed` = the bool mask's
+`[:, 0, -1, :]` (None when transformers passes no mask), returns `out.transpose(1, 2)` (the
+[B, q, H, D] layout of `sdpa_attention_forward`), and hands `tracker_mass(probs, Hkv)` to the
+tracker instead of calling `observe` (which would redo q.k). Prefill, sliding-window or
+soft-capped attention keep the de-quantize + SDPA path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smartkv import kernels
+from smartkv.quantize import QuantizedRows
+
+
+@dataclass
+class PackedHistory:
+    """One layer's keys and values, oldest first: sinks, quantized units, window.
+
+    - `sink_k`, `sink_v`, `win_k`, `win_v`: full-precision [B, Hkv, n, D] (any float dtype).
+    - `levels`: (rows, index) per bit width; `rows` holds units of `unit_len` values, `index`
+      the int32 unit number of each row, or None when the rows are every unit in order.
+    - Units: the quantized tokens' values in token-major order, [n_quant, B, 2, Hkv, D] when
+      `head_major` is False (granularity "layer": a unit is a token's K and V over all heads,
+      or its K or its V alone with kv_split) and [n_quant, B, Hkv, 2, D] when True
+      (granularity "head"), cut into consecutive units of `unit_len` values.
+    - `k_shift`, `k_scale`: key smoothing's per-channel centre and half-range [B, Hkv, 1, D]
+      (keys = shift + scale * de-quantized), or None.
+    """
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    levels: list[tuple[QuantizedRows, torch.Tensor | None]]
+    n_quant: int
+    unit_len: int
+    head_major: bool
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    k_shift: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.sink_k.shape[-2] + self.n_quant + self.win_k.shape[-2]
+
+
+def kernel_can_take(query: torch.Tensor, history: PackedHistory) -> bool:
+    """Whether the C++ kernel handles this geometry (else the reference path is used)."""
+    d = query.shape[-1]
+    if query.device.type != "cpu" or query.dim() != 4 or query.shape[2] != 1 or d % 8:
+        return False
+    if query.shape[1] % history.sink_k.shape[1]:
+        return False
+    for rows, _ in history.levels:
+        if rows.scale.dtype != torch.float16 or rows.scale.device.type != "cpu" or d % rows.group_size:
+            return False
+        if rows.length != history.unit_len:
+            return False
+    return True
+
+
+def packed_decode_attention(
+    query: torch.Tensor, history: PackedHistory, scaling: float, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one decode query per head over `history`.
+
+    query: [B, Hq, 1, D] (Hq a multiple of the KV heads); allowed: bool [B, T] (True = may attend,
+    T = history.length) or None. Returns (out [B, Hq, 1, D] in the query's dtype, probs [B, Hq, T]
+    float32), as SDPA and softmax(q.k * scaling) over the de-quantized history would; a row with
+    nothing allowed gets zeros. CPU tensors go through the C++ kernel (a failed build raises
+    KernelBuildError unless SMARTKV_NO_KERNEL=1); anything else takes `reference_decode_attention`.
+    """
+    _check(query, history, allowed)
+    module = kernels.kernel_module() if kernel_can_take(query, history) else None
+    if module is None:
+        return reference_decode_attention(query, history, scaling, allowed)
+    b, hq, _, d = query.shape
+    planes, bits, scales, zeros, indices = [], [], [], [], []
+    symmetric = None
+    for rows, index in history.levels:
+        if symmetric is None:
+            symmetric = rows.symmetric
+        elif symmetric != rows.symmetric:
+            raise ValueError("every level must be symmetric, or none")
+        planes.extend(p if p.stride(-1) == 1 else p.contiguous() for p in rows.planes)
+        bits.append(rows.bits)
+        scales.append(rows.scale if rows.scale.stride(-1) == 1 else rows.scale.contiguous())
+        if not rows.symmetric:
+            zeros.append(rows.zero if rows.zero.stride(-1) == 1 else rows.zero.contiguous())
+        indices.append(_EMPTY_INDEX if index is None else index.to(torch.int32).contiguous())
+    group = history.levels[0][0].group_size if history.levels else d
+    if any(rows.group_size != group for rows, _ in history.levels):
+        raise ValueError("every level must share one group size")
+    shift = scale = None
+    if history.k_shift is not None:
+        shift = history.k_shift.float().reshape(b, -1, d).contiguous()
+        scale = history.k_scale.float().reshape(b, -1, d).contiguous()
+    out, probs = module.packed_decode_attention(
+        query.float().reshape(b, hq, d).contiguous(),
+        _f32(history.sink_k), _f32(history.sink_v), _f32(history.win_k), _f32(history.win_v),
+        planes, bits, scales, zeros, indices, history.n_quant, history.unit_len, history.head_major, group,
+        shift, scale, None if allowed is None else allowed.to(torch.bool).contiguous(), float(scaling),
+    )
+    return out.view(b, hq, 1, d).to(query.dtype), probs
+
+
+_EMPTY_INDEX = torch.empty(0, dtype=torch.int32)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous()
+
+
+def _check(query: torch.Tensor, history: PackedHistory, allowed: torch.Tensor | None) -> None:
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"query must be [B, Hq, 1, D] (one decode query), got shape {tuple(query.shape)}")
+    b, hkv, _, d = history.sink_k.shape
+    if query.shape[0] != b or query.shape[-1] != d or query.shape[1] % hkv:
+        raise ValueError(f"query {tuple(query.shape)} does not fit a history of [B={b}, Hkv={hkv}, D={d}]")
+    if allowed is not None and tuple(allowed.shape) != (b, history.length):
+        raise ValueError(f"allowed must be [B, T] = [{b}, {history.length}], got shape {tuple(allowed.shape)}")
+
+
+def dequantized_history(history: PackedHistory, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full keys and values [B, Hkv, T, D] the history stands for (the PyTorch path)."""
+    b, h, _, d = history.sink_k.shape
+    n = history.n_quant
+    parts_k, parts_v = [history.sink_k.to(dtype)], [history.sink_v.to(dtype)]
+    if n:
+        n_units = n * b * 2 * h * d // history.unit_len
+        buf = torch.empty(n_units, history.unit_len, dtype=dtype, device=history.sink_k.device)
+        for rows, index in history.levels:
+            if rows.n_rows:
+                rows.dequantize_into(buf, index)
+        shape = (n, b, h, 2, d) if history.head_major else (n, b, 2, h, d)
+        kv = buf.view(shape)
+        k, v = (kv[:, :, :, 0], kv[:, :, :, 1]) if history.head_major else (kv[:, :, 0], kv[:, :, 1])
+        k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [B, H, n, D]
+        if history.k_shift is not None:
+            k = torch.addcmul(history.k_shift.to(dtype), k, history.k_scale.to(dtype))
+        parts_k.append(k)
+        parts_v.append(v)
+    parts_k.append(history.win_k.to(dtype))
+    parts_v.append(history.win_v.to(dtype))
+    return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+
+def reference_decode_attention(
+    query: torch.Tensor, history: PackedHistory, scaling: float, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path: de-quantize the history, SDPA for the output, an explicit softmax for the weights."""
+    _check(query, history, allowed)
+    k, v = dequantized_history(history, query.dtype)
+    groups = query.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, Hq, T]
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.bool()[:, None, :], float("-inf"))
+    live = torch.isfinite(scores.amax(dim=-1, keepdim=True))
+    probs = torch.where(live, torch.softmax(scores, dim=-1), torch.zeros_like(scores)).nan_to_num_(0.0)
+    mask = None if allowed is None else allowed.bool()[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    out = torch.where(live.unsqueeze(-1), out, torch.zeros_like(out))
+    return out, probs
+
+
+def tracker_mass(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-KV-head attention mass [B, Hkv, T] from per-query-head weights [B, Hq, T] (what the tracker adds)."""
+    b, hq, t = probs.shape
+    return probs.view(b, kv_heads, hq // kv_heads, t).sum(dim=2)

@@ -1,0 +1,90 @@
+"""Bench helpers (spread, run parsing, CLI checks) and the phase timers, without the real model."""
+
+import time
+
+import pytest
+
+from smartkv import cli
+from smartkv.bench import DEFAULT_CONTEXTS, DEFAULT_RUNS, parse_runs, spread
+from smartkv.phase_timer import PHASES, resolve, timed_phases
+
+
+class Toy:
+    def outer(self, x):
+        time.sleep(0.02)
+        return self.inner(x) + 1
+
+    def inner(self, x):
+        time.sleep(0.01)
+        return x * 2
+
+
+class ToyChild(Toy):
+    pass
+
+
+TOY = {"outer": (f"{__name__}:Toy.outer",), "inner": (f"{__name__}:Toy.inner",)}
+
+
+def test_every_phase_target_exists():
+    # a renamed cache method must break this test, not silently time nothing
+    for targets in PHASES.values():
+        for target in targets:
+            resolve(target)
+
+
+def test_phases_time_outermost_calls_and_restore_the_methods():
+    before = (Toy.__dict__["outer"], Toy.__dict__["inner"])
+    with timed_phases(TOY) as t:
+        assert ToyChild().outer(3) == 7
+        assert Toy().inner(1) == 2
+    assert (Toy.__dict__["outer"], Toy.__dict__["inner"]) == before
+    assert t["outer_calls"] == 1 and t["inner_calls"] == 1  # the nested inner() counts for outer
+    assert t["outer"] >= 0.03 and 0.01 <= t["inner"] < t["outer"]
+
+
+def test_inherited_method_is_patched_and_removed(monkeypatch):
+    with timed_phases({"child": (f"{__name__}:ToyChild.inner",)}) as t:
+        ToyChild().inner(2)
+        Toy().inner(2)  # the parent's method is not timed
+    assert "inner" not in ToyChild.__dict__
+    assert t["child_calls"] == 1
+
+
+def test_missing_target_raises():
+    with pytest.raises(AttributeError, match="no method"):
+        with timed_phases({"x": (f"{__name__}:Toy.nope",)}):
+            pass
+    assert "nope" not in Toy.__dict__
+
+
+def test_spread_of_timings():
+    s = spread([3.0, 1.0, 2.0, 10.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0
+    assert s["q1"] <= s["median"] <= s["q3"]
+    assert spread([4.0]) == {"median": 4.0, "min": 4.0, "max": 4.0, "q1": 4.0, "q3": 4.0}
+
+
+def test_default_set_and_parsed_runs():
+    labels = [r.label for r in DEFAULT_RUNS]
+    for want in ("fp16", "uniform-4", "kivi-2", "kivi-4", "smartkv-b0.25", "smartkv-b0.35", "hf_quanto-4", "hf_hqq-4"):
+        assert want in labels
+    assert tuple(DEFAULT_CONTEXTS) == (1024, 2048, 4096, 8192)
+    runs = parse_runs(["s=smartkv:budget=0.3,bits=4"])
+    assert runs[0].method == "fp16"  # the reference is always measured
+    assert runs[1].params == {"budget": 0.3, "bits": 4} and runs[1].family == "smartkv"
+    with pytest.raises(ValueError, match="LABEL=METHOD"):
+        parse_runs(["nolabel"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--context", "8"], "--context 8"),
+    (["bench", "--repeats", "0"], "--repeats 0"),
+    (["bench", "--new-tokens", "0"], "--new-tokens 0"),
+    (["bench", "--run", "oops"], "LABEL=METHOD"),
+    (["bench", "--run", "x=smartkv:budget=7"], "budget"),
+])
+def test_bench_bad_input_exits_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
