@@ -47,12 +47,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "n_samples": g["sample_id"].nunique(),
             "n_seeds": g["seed"].nunique(),
             "kv_ratio": g["kv_ratio"].mean(),
-            "tokens_per_s": g["tokens_per_s"].mean(),
+            # Throughput only where the frame has timings: the pipeline's results do not (they
+            # live in data/timings/, read by the latency stage), so these stay NaN there.
+            "tokens_per_s": _timing(g).mean(),
             # Medians resist the odd slow sample (GC, page faults) on a shared CPU.
-            "tokens_per_s_median": g["tokens_per_s"].median(),
+            "tokens_per_s_median": _timing(g).median(),
         }
         rows.append(row)
     return _order_runs(pd.DataFrame(rows))
+
+
+def _timing(g: pd.DataFrame) -> pd.Series:
+    return g["tokens_per_s"] if "tokens_per_s" in g else pd.Series(np.nan, index=g.index)
 
 
 def _order_runs(summary: pd.DataFrame) -> pd.DataFrame:
@@ -79,7 +85,7 @@ def overall(summary_or_df: pd.DataFrame) -> pd.DataFrame:
         per_seed = task_seed.groupby(["run", "seed"], sort=False).mean()
         out = per_seed.groupby("run", sort=False).agg(["mean", lambda s: s.std(ddof=1)])
         out.columns = ["score_mean", "score_std"]
-        extra = df.groupby("run", sort=False)[["kv_ratio", "tokens_per_s"]].mean()
+        extra = df.assign(tokens_per_s=_timing(df)).groupby("run", sort=False)[["kv_ratio", "tokens_per_s"]].mean()
         out = out.join(extra).join(_run_meta(df))
     else:
         s = summary_or_df[summary_or_df["task"] != PERPLEXITY_TASK]
@@ -322,7 +328,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
     runs = list(dict.fromkeys(summary["run"]))
     cell = {(r.run, r.task): r for r in summary.itertuples(index=False)}
     header = ["run", *[f"{t} (ppl ↓)" if t == PERPLEXITY_TASK else t for t in tasks]]
-    header += ["KV memory (× FP16)", "tokens/s"]
+    timed = summary["tokens_per_s"].notna().any()
+    header += ["KV memory (× FP16)"] + (["tokens/s"] if timed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [f"`{run}`"]
@@ -335,6 +342,6 @@ def markdown_table(summary: pd.DataFrame) -> str:
             else:
                 cells.append(_fmt(r.score_mean, r.score_std))
         rs = summary[summary["run"] == run]
-        cells += [f"{rs['kv_ratio'].mean():.3f}", f"{rs['tokens_per_s'].mean():.1f}"]
+        cells += [f"{rs['kv_ratio'].mean():.3f}"] + ([f"{rs['tokens_per_s'].mean():.1f}"] if timed else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
