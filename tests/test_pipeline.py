@@ -4,7 +4,7 @@
 params, after `dvc repro` and a commit of every output (all are `cache: false`). Checked:
 every metrics, plots and results file appears with sane values; a second `dvc repro` does
 nothing; re-running a model stage reproduces its results byte for byte (content-only
-hashes), so only the timings' reader re-runs; a `git clone` is up to date (`dvc status`
+hashes), so only the timings' reader (and the report) re-run; a `git clone` is up to date (`dvc status`
 clean) and `dvc exp run -S budget=0.3` there skips prepare, baselines and match; queued
 dev-seed experiments feed the sweeps summary.
 """
@@ -136,12 +136,13 @@ def test_pipeline_end_to_end(origin: Path):
     assert not ran_stages(run([DVC, "repro"], repo))
 
     # A model stage re-run from scratch reproduces its results byte for byte (no timestamp, no
-    # timing inside): so nothing downstream re-runs except the reader of the timings.
+    # timing inside): so nothing downstream re-runs except the reader of the timings (and the
+    # report, which embeds its figure).
     before = {p: (repo / p).read_bytes() for p in ["data/smartkv.parquet", *(f"metrics/{m}" for m in DETERMINISTIC)]}
     timings = (repo / "data/timings/smartkv.parquet").read_bytes()
     run([DVC, "repro", "--force", "--single-item", "smartkv"], repo)
     out = run([DVC, "repro"], repo)
-    assert ran_stages(out) == {"latency"}, out[-2000:]
+    assert ran_stages(out) == {"latency", "report"}, out[-2000:]
     for path, data in before.items():
         assert (repo / path).read_bytes() == data, f"{path} changed on a re-run"
     assert (repo / "data/timings/smartkv.parquet").read_bytes() != timings  # the clock did move

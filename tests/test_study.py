@@ -11,15 +11,15 @@ import pytest
 from smartkv.study import driver, match, sweeps
 
 
-def rows(run, split, ratios, error=""):
+def rows(run, split, ratios, error="", metric="substring"):
     return [{"run": run, "split": split, "kv_ratio": r, "error": error, "seed": 0, "task": "niah",
-             "sample_id": f"s{i}"} for i, r in enumerate(ratios)]
+             "sample_id": f"s{i}", "metric": metric} for i, r in enumerate(ratios)]
 
 
 def test_measure_means_each_split_over_scored_rows():
     df = pd.DataFrame(rows("int3", "test", [0.25, 0.27]) + rows("int3", "dev", [0.3])
                       + rows("int3", "test", [math.nan], error="floor") + rows("kivi-2", "test", [0.2, 0.4])
-                      + rows("fp16", "test", [1.0]))
+                      + rows("fp16", "test", [1.0]) + rows("int3", "test", [0.5], metric="perplexity"))
     m = match.measure(df, ["int3", "kivi-2"])
     assert m["test"]["int3"] == {"kv_ratio": 0.26, "kv_ratio_min": 0.25, "kv_ratio_max": 0.27, "n_prompts": 2}
     assert m["dev"]["int3"]["kv_ratio"] == 0.3 and "kivi-2" not in m["dev"]

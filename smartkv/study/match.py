@@ -21,10 +21,13 @@ DIGITS = 6
 
 
 def measure(baselines: pd.DataFrame, labels: list[str]) -> dict:
-    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts}}} over scored rows.
+    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts}}} over measured rows.
 
-    `kv_ratio` is the mean over prompts, the memory the statistics compare."""
+    `kv_ratio` is the mean over the accuracy prompts (perplexity's teacher-forced rows hold
+    more tokens and are compared apart), the memory `metrics/main.json` reports."""
     ok = baselines[(baselines["error"] == "") & baselines["kv_ratio"].notna()]
+    if "metric" in ok and (ok["metric"] != "perplexity").any():
+        ok = ok[ok["metric"] != "perplexity"]
     out: dict = {}
     for split, rows in ok.groupby("split", sort=True):
         out[split] = {}
