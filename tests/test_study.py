@@ -109,3 +109,8 @@ def test_budget_sweep_is_shown_not_chosen():
                          {**CURRENT, "budget": 0.3})
     assert s["params"]["budget"]["best_on_dev"] is None
     assert [v["kv_ratio"] for v in s["params"]["budget"]["values"]] == pytest.approx([0.29, 0.49])
+
+
+def test_a_tie_on_dev_keeps_the_current_value():
+    s = sweeps.summarize(sweeps.finished(shown(exp("d85", "dev", 0.7, decay=0.85), exp("d90", "dev", 0.7))), CURRENT)
+    assert s["params"]["decay"]["best_on_dev"] == 0.9

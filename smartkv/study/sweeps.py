@@ -79,7 +79,12 @@ def summarize(experiments: list[dict], current: dict) -> dict:
                            "n_prompts": es[0]["headline"]["n_prompts"]})
         scored = [v for v in values if not math.isnan(v["score_mean"])]
         # For the budget, more memory always helps: the choice is a trade-off, shown, not picked.
-        best = None if p == "budget" or not scored else max(scored, key=lambda v: v["score_mean"])["value"]
+        # A tie keeps the current value: dev evidence must beat it to move a default.
+        best = None
+        if p != "budget" and scored:
+            top = max(v["score_mean"] for v in scored)
+            tied = [v["value"] for v in scored if v["score_mean"] == top]
+            best = now[p] if any(_key(v) == _key(now[p]) for v in tied) else tied[0]
         summary["params"][p] = {"current": now[p], "best_on_dev": best, "values": values}
     if not summary["params"]:
         summary["note"] = "no parameter swept with the others at their current values"
