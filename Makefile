@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()+b'$(TORCH)').hexdigest()[:12])")
 
-.PHONY: setup venv-kvpress test test-fast repro bench demo clean-venv
+.PHONY: setup venv-kvpress test test-fast repro sweeps bench demo clean-venv plots-template
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,27 @@ test-fast: setup
 # dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH
 repro: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# after `dvc queue start` has finished: the sweeps summary of every finished experiment
+sweeps: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force sweeps
+
+# `dvc plots show` offline: vega, vega-lite and vega-embed inlined into the HTML template that
+# .dvc/config names (committed; re-run only to change versions; needs npm and the npm registry)
+VEGA := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+PLOTS_TEMPLATE := .dvc/offline_plots.html
+plots-template:
+	rm -rf .cache/npm && mkdir -p .cache/npm
+	cd .cache/npm && npm pack -q $(VEGA) >/dev/null && for f in *.tgz; do mkdir -p $${f%.tgz} && tar xzf $$f -C $${f%.tgz}; done
+	sed '/<!-- vega libraries -->/q' .dvc/offline_plots.in.html > $(PLOTS_TEMPLATE).tmp
+	for lib in $(VEGA); do \
+	  name=$${lib%@*}; dir=.cache/npm/$$name-$${lib#*@}/package; \
+	  printf '    <script>/* %s (npm), BSD-3-Clause */\n' "$$lib" >> $(PLOTS_TEMPLATE).tmp; \
+	  cat $$dir/build/$$name.min.js >> $(PLOTS_TEMPLATE).tmp; printf '\n    </script>\n' >> $(PLOTS_TEMPLATE).tmp; \
+	done
+	sed '1,/<!-- vega libraries -->/d' .dvc/offline_plots.in.html >> $(PLOTS_TEMPLATE).tmp
+	! grep -q '<script src=' $(PLOTS_TEMPLATE).tmp
+	mv $(PLOTS_TEMPLATE).tmp $(PLOTS_TEMPLATE)
 
 bench: setup
 	$(PY) -m smartkv bench --context 4096 --new-tokens 32 --repeats 3 --threads 2 --out metrics/bench_decode_4k.json

@@ -154,7 +154,7 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
     for run in runs:  # fail on a bad config before any model work
         run.config()
     track = any(needs_tracker(r) for r in runs)
-    windows = {getattr(r.config(), "obs_window", None) for r in runs if needs_tracker(r)} - {None}
+    windows = {getattr(r.config(), "obs_window", None) for r in runs} - {None}
     if len(windows) > 1:
         raise ValueError(f"runs that share one prefill must share obs_window; got {sorted(windows)}")
     obs_window = windows.pop() if windows else 64

@@ -5,14 +5,17 @@ directory (same filesystem, so `os.replace` is atomic), then replace. A crash or
 exception mid-write leaves the previous file untouched and no temporary file behind —
 DVC would otherwise cache a truncated parquet as if it were a result.
 
-Results files carry their provenance (resolved config, git revision, library versions)
-inside the parquet schema metadata, so a number can always be traced to what produced it.
+Results files carry their provenance (resolved config, library versions) inside the
+parquet schema metadata, so a number can always be traced to what produced it. Nothing in
+it varies from run to run (no timestamp, no git revision by default): DVC hashes outputs
+by content, and a re-run that reproduces the same results must reproduce the same bytes.
+The code that made an output is pinned by `dvc.lock` (the hash of every code dependency)
+and by the commit that holds both.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import importlib.metadata
 import json
 import os
@@ -103,12 +106,13 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def provenance(config: dict, repo_dir: str | os.PathLike = _REPO_ROOT) -> dict:
+def provenance(config: dict, repo_dir: str | os.PathLike = _REPO_ROOT, revision: bool = False) -> dict:
+    """Config and library versions; `revision=True` adds the git revision (for documents such
+    as REPORT.md that nothing downstream hashes; it is "-dirty" inside `dvc exp run`)."""
     from smartkv import __version__
 
-    return {
+    out = {
         "config": config,
-        "git_revision": git_revision(repo_dir),
         "versions": {
             "python": platform.python_version(),
             "torch": _version("torch"),
@@ -117,5 +121,7 @@ def provenance(config: dict, repo_dir: str | os.PathLike = _REPO_ROOT) -> dict:
             "numpy": _version("numpy"),
             "pandas": _version("pandas"),
         },
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if revision:
+        out["git_revision"] = git_revision(repo_dir)
+    return out

@@ -60,7 +60,9 @@ def _save(fig: Figure, out_stem: str | Path) -> list[Path]:
     for ext in ("png", "pdf"):
         path = Path(f"{out_stem}.{ext}")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight")
+            # No creation date in the PDF: a figure's bytes (and DVC's hash) depend on its content only.
+            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight",
+                        metadata={"CreationDate": None} if ext == "pdf" else None)
         paths.append(path)
     return paths
 

@@ -2,21 +2,29 @@
 
 Random allocation, fixed after prefill (realloc_freq=0), static importance (cumulative) vs
 EMA, DP vs greedy, layer-aware vs equal per-layer budgets, and the oracle allocation
-(importance from the whole FP16 generation) for the regret figure. The headline run itself
-(greedy, EMA) comes from data/smartkv.parquet, not recomputed. -> data/ablations.parquet.
+(importance from the whole FP16 generation) for the regret figure, on the `split` seeds.
+The headline run itself comes from data/smartkv.parquet, not recomputed.
+-> data/ablations.parquet, data/timings/ablations.parquet.
 """
 
 from __future__ import annotations
 
-from stages.common import RESULTS, ablation_runs, evaluate_runs, get, model_settings, stage_main
+from smartkv.study import get
+from smartkv.study.driver import evaluate_runs
+from smartkv.study.params import model_settings, study_split
+from smartkv.study.runs import ablation_runs
+from stages.common import TASKS_FILE, stage_main, write_results
 
 
 @stage_main
 def main(params: dict) -> None:
     model_settings(params)
+    split = study_split(params)
     runs = ablation_runs(params)
-    config = {k: get(params, k) for k in ("model", "dtype", "budget", "smartkv", "decay", "realloc_freq", "ablations")}
-    evaluate_runs(params, runs, RESULTS["ablations"], "ablations", config)
+    df = evaluate_runs(params, runs, TASKS_FILE, split=split, desc="ablations")
+    config = {k: get(params, k) for k in ("model", "dtype", "split", "budget", "smartkv", "decay", "realloc_freq",
+                                          "ablations")}
+    write_results(df, "ablations", config)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 - allocation_map: bits per token x layer for a short needle prompt, needle outlined, the
   prompt's tokens as labels (a fresh SmartKV run at the headline settings);
 - ablations: ablation bars; regret: accuracy lost against the oracle allocation;
-- latency: decode throughput relative to FP16 (+ plots/latency.csv; wall-clock, not deterministic).
+(Throughput has its own stage, `latency`: its inputs are wall-clock timings.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from stages.common import (DATA, HEADLINE, PLOTS, ParamError, ablation_runs, device_setting, get, model_settings,
-                           read_results, section, smartkv_runs, stage_main)
+from smartkv.study.params import ParamError, device_setting, model_settings, section, study_split
+from smartkv.study.runs import HEADLINE, ablation_runs, headline_run
+from stages.common import DATA, PLOTS, read_results, stage_main
 
 log = logging.getLogger("stages.figures")
 
@@ -79,7 +80,7 @@ def allocation_example(params: dict, settings: dict):
     from smartkv.plots import allocation_map
     from smartkv.tasks import generate_task
 
-    head = smartkv_runs(params)[0]
+    head = headline_run(params)
     model_name, dtype = model_settings(params)
     model, tok = load_model(model_name, dtype=dtype, device=device_setting(params))
     sample = generate_task("niah", tok, n_per_cell=1, lengths=[settings["length"]], depths=[settings["depth"]],
@@ -93,14 +94,14 @@ def allocation_example(params: dict, settings: dict):
 @stage_main
 def main(params: dict) -> None:
     from smartkv.io import read_parquet_with_meta
-    from smartkv.plots import ablation_bars, latency_bars, needle_heatmaps, pareto, write_plot_data
+    from smartkv.plots import ablation_bars, needle_heatmaps, pareto, write_plot_data
     from smartkv.stats import overall
 
     settings = figure_settings(params)
-    smartkv_runs(params), ablation_runs(params)  # validate before any work
-    main_df = read_results("baselines", "smartkv")
-    abl_df = read_results("ablations")
-    summary, _ = read_parquet_with_meta(DATA / "summary.parquet")
+    split = study_split(params)
+    headline_run(params), ablation_runs(params)  # validate before any work
+    main_df = read_results("baselines", "smartkv", split=split)
+    abl_df = read_results("ablations", split=split)
     abl_summary, _ = read_parquet_with_meta(DATA / "ablation_summary.parquet")
 
     ov = overall(main_df)
@@ -125,14 +126,6 @@ def main(params: dict) -> None:
     else:
         placeholder(PLOTS / "regret", "no oracle ablation in this study")
     write_plot_data(abl_ov[["run", "score_mean", "score_std", "kv_ratio"]], PLOTS / "ablations.csv")
-
-    lat = pd.concat([summary, abl_summary[abl_summary["run"] != HEADLINE]], ignore_index=True)
-    latency_bars(lat, PLOTS / "latency")
-    fp = lat[lat["method"] == "fp16"].groupby("task")["tokens_per_s"].mean()
-    lat = lat[lat["task"].isin(fp.index)].assign(rel=lambda d: d["tokens_per_s"] / d["task"].map(fp))
-    lat_run = lat.groupby("run", sort=False).agg(family=("family", "first"), tokens_per_s=("tokens_per_s", "mean"),
-                                                 rel_to_fp16=("rel", "mean")).reset_index()
-    write_plot_data(lat_run, PLOTS / "latency.csv")
     log.info("figures written under %s", PLOTS)
 
 

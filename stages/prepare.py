@@ -1,6 +1,7 @@
-"""Stage `prepare`: task sets from seeds (and LongBench when enabled) -> data/tasks.parquet.
+"""Stage `prepare`: task sets from the dev and test seeds (and LongBench when enabled) -> data/tasks.parquet.
 
-One row per sample, with its seed and the number of new tokens to generate for it.
+One row per sample, with its seed, its split (`dev` or `test`) and the number of new tokens
+to generate for it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import logging
 
 import pandas as pd
 
-from stages.common import TASKS_FILE, check_seeds, get, longbench_plan, model_settings, stage_main, task_plan
+from smartkv.study import get
+from smartkv.study.grid import longbench_plan, task_plan
+from smartkv.study.params import model_settings, seeds_by_split
+from stages.common import TASKS_FILE, stage_main
 
 log = logging.getLogger("stages.prepare")
 
@@ -24,32 +28,34 @@ def load_tokenizer(model_name: str):
 
 @stage_main
 def main(params: dict) -> None:
+    from tqdm.auto import tqdm
+
     from smartkv.io import atomic_write_parquet, provenance
     from smartkv.tasks import generate_task
 
-    seeds = check_seeds(params)
+    seeds = seeds_by_split(params)
     plan = task_plan(params)
     lb = longbench_plan(params)
     model_name, _ = model_settings(params)
     tokenizer = load_tokenizer(model_name)
+    jobs = [(split, seed, t) for split, ss in seeds.items() for seed in ss for t in plan + ([lb] if lb else [])]
     rows = []
-    for seed in seeds:
-        for t in plan:
+    for split, seed, t in tqdm(jobs, desc="prepare", unit="task set"):
+        if t is lb:
+            samples = generate_task("longbench", tokenizer, n_per_cell=lb["n_per_task"], lengths=lb["lengths"],
+                                    depths=[], seed=seed, source=lb["source"], tasks=lb["tasks"])
+        else:
             samples = generate_task(t["name"], tokenizer, n_per_cell=t["n_per_cell"], lengths=t["lengths"],
                                     depths=t["depths"], seed=seed, **t["kwargs"])
             for s in samples:
                 s.meta.setdefault("max_new_tokens", t["max_new_tokens"])
-                rows.append({**s.to_row(), "seed": seed})
-            log.info("seed %d: %s -> %d samples", seed, t["name"], len(samples))
-        if lb is not None:
-            samples = generate_task("longbench", tokenizer, n_per_cell=lb["n_per_task"], lengths=lb["lengths"],
-                                    depths=[], seed=seed, source=lb["source"], tasks=lb["tasks"])
-            rows += [{**s.to_row(), "seed": seed} for s in samples]
-            log.info("seed %d: longbench -> %d samples", seed, len(samples))
+        rows += [{**s.to_row(), "seed": seed, "split": split} for s in samples]
+        log.debug("%s seed %d: %s -> %d samples", split, seed, "longbench" if t is lb else t["name"], len(samples))
     df = pd.DataFrame(rows)
     config = {k: get(params, k, None) for k in ("model", "seeds", "tasks", "longbench", "max_new_tokens")}
     atomic_write_parquet(df, TASKS_FILE, provenance(config))
-    log.info("wrote %s: %d samples", TASKS_FILE, len(df))
+    log.info("wrote %s: %d samples (%s)", TASKS_FILE, len(df),
+             ", ".join(f"{k} {v}" for k, v in df["split"].value_counts().sort_index().items()))
 
 
 if __name__ == "__main__":

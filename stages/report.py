@@ -8,7 +8,9 @@ import platform
 
 import pandas as pd
 
-from stages.common import DATA, HEADLINE, PLOTS, get, stage_main
+from smartkv.study import get
+from smartkv.study.runs import HEADLINE
+from stages.common import DATA, PLOTS, stage_main
 
 log = logging.getLogger("stages.report")
 REPORT = "REPORT.md"
@@ -31,7 +33,7 @@ def setup(params: dict, n_samples: int) -> dict:
     return {
         "model": get(params, "model"),
         "dtype": get(params, "dtype"),
-        "seeds": get(params, "seeds"),
+        "seeds": f"{get(params, 'split')}: {get(params, 'seeds')[get(params, 'split')]}",
         "tasks": grid + ("; LongBench: " + ", ".join(lb.get("tasks", [])) if lb.get("enabled") else ""),
         "samples per method": n_samples,
         "headline budget": get(params, "budget"),
@@ -62,9 +64,9 @@ def main(params: dict) -> None:
         tests = tests[tests["task"] == "all"].reset_index(drop=True)
     n = int(summary[summary["run"] == HEADLINE]["n_samples"].sum()) if len(summary) else 0
     figures = {cap: str(PLOTS / f"{stem}.png") for cap, stem in FIGURES.items() if (PLOTS / f"{stem}.png").exists()}
-    config = {k: get(params, k, None) for k in ("model", "dtype", "seeds", "tasks", "longbench", "budget", "budgets",
+    config = {k: get(params, k, None) for k in ("model", "dtype", "seeds", "split", "tasks", "longbench", "budget", "budgets",
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
-    text = render_report(summary, tests, abl_summary, figures, setup(params, n), provenance(config), report_dir=".")
+    text = render_report(summary, tests, abl_summary, figures, setup(params, n), provenance(config, revision=True), report_dir=".")
     text = text.replace("## Limitations", ablation_significance(abl_tests) + "## Limitations", 1)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))

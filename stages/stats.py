@@ -6,8 +6,6 @@ Reads data/{baselines,smartkv,ablations}.parquet. Writes
 - metrics/main.json (per run: mean of per-task means, pooled mean, KV memory), metrics/tasks.json
   (per run x task), metrics/significance.json, metrics/ablations.json, metrics/power.json (exact
   McNemar power): deterministic, identical on a re-run;
-- metrics/latency.json: decode tokens/s, measured wall time, so it differs on every run and is
-  kept out of the files above;
 - metrics/main_table.md: the per-task table, the matched comparisons and the power line.
 """
 
@@ -18,7 +16,9 @@ import math
 
 import pandas as pd
 
-from stages.common import DATA, HEADLINE, METRICS, ParamError, get, read_results, section, stage_main
+from smartkv.study.params import ParamError, section, study_split
+from smartkv.study.runs import HEADLINE
+from stages.common import DATA, METRICS, read_results, stage_main
 
 log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
@@ -108,8 +108,9 @@ def main(params: dict) -> None:
     from smartkv.stats import main_table, markdown_table, metrics_json, overall, power_report, summarize
 
     settings = stats_settings(params)
-    main_df = read_results("baselines", "smartkv")
-    abl_df = read_results("ablations")
+    split = study_split(params)
+    main_df = read_results("baselines", "smartkv", split=split)
+    abl_df = read_results("ablations", split=split)
     summary = summarize(main_df)
     ov = overall(main_df)
     tests = matched_tests(main_df, ov, settings)
@@ -147,13 +148,6 @@ def main(params: dict) -> None:
                                          if r != oracle[0] and not math.isnan(ref[r] - ref[oracle[0]])}
     abl["tests"] = strip_timing(metrics_json(abl_summary.iloc[0:0], abl_tests)).get("tests", {})
     atomic_write_json(METRICS / "ablations.json", abl)
-    lat = pd.concat([summary, abl_summary[abl_summary["run"] != HEADLINE]])
-    latency = {"note": None, "runs": {}}
-    latency.pop("note")
-    for run, g in lat.groupby("run", sort=False):
-        latency["runs"][run] = {"tokens_per_s": float(g["tokens_per_s"].mean()),
-                                "tokens_per_s_median": float(g["tokens_per_s_median"].median())}
-    atomic_write_json(METRICS / "latency.json", latency)
     atomic_write_text(METRICS / "main_table.md", main_table(summary, tests, power))
     log.info("main table:\n%s", markdown_table(summary))
 

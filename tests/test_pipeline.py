@@ -1,8 +1,12 @@
-"""The DVC pipeline end to end on tiny params, in a temporary copy of the repository (slow).
+"""The DVC pipeline end to end on the tiny profile, in temporary git repositories (slow).
 
-Checks that every metrics and plots file appears with sane values, that a second
-`dvc repro` does nothing, that re-running a model stage gives the same metrics, and that
-changing `budget` re-runs only what depends on it.
+`origin` is a copy of this repository's code with tests/fixtures/params_tiny.yaml as its
+params, after `dvc repro` and a commit of every output (all are `cache: false`). Checked:
+every metrics, plots and results file appears with sane values; a second `dvc repro` does
+nothing; re-running a model stage reproduces its results byte for byte (content-only
+hashes), so only the timings' reader (and the report) re-run; a `git clone` is up to date (`dvc status`
+clean) and `dvc exp run -S budget=0.3` there skips prepare, baselines and match; queued
+dev-seed experiments feed the sweeps summary.
 """
 
 from __future__ import annotations
@@ -15,46 +19,26 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "fixtures" / "params_tiny.yaml"
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
-METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json"]
-FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency"]
+METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
+           "matched_budgets.json"]
+DETERMINISTIC = [m for m in METRICS if m != "latency.json"]
+FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency", "sweeps"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv"]
-STAGES = ["prepare", "baselines", "smartkv", "ablations", "stats", "figures", "report"]
-
-
-def tiny_params(params: dict) -> dict:
-    """Smallest study that still exercises every stage: 2 seeds (for a std), 160-token prompts."""
-    p = dict(params)
-    p["seeds"] = [0, 1]
-    p["tasks"] = {
-        "niah": {"lengths": [160], "depths": [0.5], "n_per_cell": 1, "max_new_tokens": 6},
-        "perplexity": {"lengths": [160], "n_per_cell": 1, "kwargs": {"continuation_tokens": 8}},
-    }
-    p["longbench"] = {**p["longbench"], "enabled": False}
-    p["budget"] = 0.5
-    p["budgets"] = [0.3]
-    p["baselines"] = [
-        {"label": "fp16", "method": "fp16"},
-        {"label": "int4", "method": "uniform", "params": {"bits": 4}},
-        {"label": "int2", "method": "uniform", "params": {"bits": 2}},
-        {"label": "kivi-2", "method": "kivi", "params": {"bits": 2}},
-    ]
-    p["ablations"] = [{"label": "random-alloc", "params": {"allocation": "random"}},
-                      {"label": "oracle", "oracle": True}]
-    p["figures"] = {"heatmap_runs": ["fp16", "int2", "smartkv"]}
-    p["allocation_example"] = {"length": 80, "depth": 0.5, "seed": 0, "max_new_tokens": 4}
-    return p
+RESULTS = ["tasks", "baselines", "smartkv", "ablations", "summary", "tests", "ablation_summary", "ablation_tests"]
+STAGES = ["prepare", "baselines", "match", "smartkv", "ablations", "stats", "figures", "latency", "report", "sweeps"]
 
 
 def run(cmd: list, cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "SMARTKV_LOG": "WARNING"}
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+           "SMARTKV_LOG": "WARNING", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # stages import the code of the repository they run in
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=2400)  # a shared 2-core machine
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr
 
@@ -63,9 +47,14 @@ def ran_stages(out: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in out}
 
 
+def git(*args: str, cwd: Path) -> str:
+    return run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("pipeline")
+def origin(tmp_path_factory) -> Path:
+    """The tiny study, reproduced and committed with every output, as a clone would get it."""
+    dst = tmp_path_factory.mktemp("origin")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split("\n")
     skip = ("data/", "metrics/", "plots/", "dvc.lock", "REPORT.md")
@@ -74,26 +63,30 @@ def repo(tmp_path_factory) -> Path:
             continue
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(params), sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
-    if not (dst / ".dvc").is_dir():
-        run([DVC, "init", "-q"], dst)
+    shutil.copy2(TINY, dst / "params.yaml")
+    git("init", "-q", cwd=dst)
+    git("add", "-A", cwd=dst)
+    git("commit", "-qm", "tiny study: code", cwd=dst)
+    out = run([DVC, "repro"], dst)
+    assert ran_stages(out) == set(STAGES), out[-3000:]
+    git("add", "-A", cwd=dst)
+    git("commit", "-qm", "tiny study: results", cwd=dst)
     return dst
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end(repo: Path):
-    out = run([DVC, "repro"], repo)
-    assert ran_stages(out) == set(STAGES), out[-3000:]
+def test_pipeline_end_to_end(origin: Path):
+    repo = origin
+    assert git("status", "--porcelain", cwd=repo).strip() == "", "an output is not committed to git"
+    tracked = set(git("ls-files", cwd=repo).split())
+    for name in RESULTS:
+        assert f"data/{name}.parquet" in tracked
+    assert {f"data/timings/{s}.parquet" for s in ("baselines", "smartkv", "ablations")} <= tracked
 
     for name in METRICS:
-        data = json.loads((repo / "metrics" / name).read_text())
-        assert data, name
+        assert json.loads((repo / "metrics" / name).read_text()), name
     main = json.loads((repo / "metrics/main.json").read_text())["runs"]
-    assert {"fp16", "int4", "int2", "kivi-2", "smartkv", "smartkv-b0.30"} <= set(main)
+    assert {"fp16", "int4", "int2", "kivi-2", "smartkv", "smartkv@int4", "smartkv-b0.30"} <= set(main)
     for run_name, m in main.items():
         assert 0.0 <= m["score_mean"] <= 1.0, (run_name, m)
         assert 0.0 < m["kv_ratio"] <= 1.01, (run_name, m)
@@ -101,51 +94,89 @@ def test_pipeline_end_to_end(repo: Path):
     assert main["fp16"]["kv_ratio"] == pytest.approx(1.0)
     assert main["int2"]["kv_ratio"] < main["int4"]["kv_ratio"] < 1.0
     assert main["smartkv"]["kv_ratio"] <= 0.5 + 1e-6
-    assert "score_std" in main["fp16"]  # 2 seeds give a std
+    assert "score_std" in main["fp16"]  # 2 test seeds give a std
+
+    # Matching: int4's memory measured per split; SmartKV ran at exactly that budget (a cap).
+    matched = json.loads((repo / "metrics/matched_budgets.json").read_text())
+    assert set(matched) == {"dev", "test"} and set(matched["test"]) == {"int4"}
+    assert matched["test"]["int4"]["kv_ratio"] == pytest.approx(main["int4"]["kv_ratio"], abs=1e-6)
+    assert main["smartkv@int4"]["kv_ratio"] <= matched["test"]["int4"]["kv_ratio"] + 1e-6
+    import pandas as pd
+
+    sk = pd.read_parquet(repo / "data/smartkv.parquet")
+    assert set(sk["split"]) == {"test"} and set(sk["seed"]) == {0, 1}
+    assert json.loads(sk.loc[sk["run"] == "smartkv@int4", "config"].iloc[0])["budget"] == \
+        matched["test"]["int4"]["kv_ratio"]
+    assert set(sk.loc[sk["run"] == "smartkv@int4", "matched_to"]) == {"int4"}
+    assert not {"tokens_per_s", "decode_s", "prefill_s"} & set(sk.columns)
+    bl = pd.read_parquet(repo / "data/baselines.parquet")
+    assert set(bl["split"]) == {"dev", "test"}  # baselines cover both, so no split change re-runs them
+
     lat = json.loads((repo / "metrics/latency.json").read_text())["runs"]
-    assert all(v["tokens_per_s"] > 0 for v in lat.values())
+    assert all(v["tokens_per_s"] > 0 for v in lat.values()) and "smartkv@int4" in lat
     sig = json.loads((repo / "metrics/significance.json").read_text())["tests"]
     assert sig and all(0 <= t["all"]["p"] <= t["all"]["p_holm"] <= 1 for t in sig.values())
     power = json.loads((repo / "metrics/power.json").read_text())
     assert 0 < power["n_for_target_power_by_discordance"]["0.30"]
     abl = json.loads((repo / "metrics/ablations.json").read_text())
     assert {"smartkv", "random-alloc", "oracle"} <= set(abl["runs"])
-    assert "regret_vs_oracle" in abl
+    assert json.loads((repo / "metrics/sweeps.json").read_text())["note"] == "no experiments yet"
 
     for stem in FIGURES:
         for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
             path = repo / "plots" / f"{stem}.{ext}"
             assert path.read_bytes()[:4] == magic and path.stat().st_size > 1000, path
     for name in CSVS:
-        lines = (repo / "plots" / name).read_text().strip().splitlines()
-        assert len(lines) >= 3, name
+        assert len((repo / "plots" / name).read_text().strip().splitlines()) >= 3, name
     report = (repo / "REPORT.md").read_text()
     for heading in ("## Setup", "## Main results", "## Figures", "## Ablations", "## Significance", "## Limitations"):
         assert heading in report
-    assert "plots/pareto.png" in report
-    assert (repo / "dvc.lock").is_file()
-    assert not list((repo / "data").glob(".*.tmp")), "a temporary file was left behind"
+    assert not list(repo.glob("**/.*.tmp")), "a temporary file was left behind"
 
     # Nothing changed: nothing runs.
-    out = run([DVC, "repro"], repo)
-    assert not ran_stages(out), out[-2000:]
+    assert not ran_stages(run([DVC, "repro"], repo))
 
-    # Re-running a model stage from scratch gives identical metrics (deterministic on CPU);
-    # only the timings in metrics/latency.json may differ.
-    before = {n: (repo / "metrics" / n).read_text() for n in METRICS if n != "latency.json"}
+    # A model stage re-run from scratch reproduces its results byte for byte (no timestamp, no
+    # timing inside): so nothing downstream re-runs except the reader of the timings (and the
+    # report, which embeds its figure).
+    before = {p: (repo / p).read_bytes() for p in ["data/smartkv.parquet", *(f"metrics/{m}" for m in DETERMINISTIC)]}
+    timings = (repo / "data/timings/smartkv.parquet").read_bytes()
     run([DVC, "repro", "--force", "--single-item", "smartkv"], repo)
-    run([DVC, "repro"], repo)
-    for name, text in before.items():
-        assert (repo / "metrics" / name).read_text() == text, f"{name} changed on a re-run"
-
-    # Only what depends on `budget` re-runs (not prepare, not baselines).
-    shown = run([DVC, "metrics", "show", "--json"], repo)
-    assert "main.json" in shown
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["budget"] = 0.4
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([DVC, "repro"], repo)
-    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "report"}, out[-2000:]
-    main2 = json.loads((repo / "metrics/main.json").read_text())["runs"]
-    assert main2["fp16"] == main["fp16"]  # baselines untouched
-    assert main2["smartkv"]["kv_ratio"] <= 0.4 + 1e-6
+    assert ran_stages(out) == {"latency", "report"}, out[-2000:]
+    for path, data in before.items():
+        assert (repo / path).read_bytes() == data, f"{path} changed on a re-run"
+    assert (repo / "data/timings/smartkv.parquet").read_bytes() != timings  # the clock did move
+    git("checkout", "--", ".", cwd=repo)  # leave origin as committed for the clone test
+
+
+@pytest.mark.slow
+def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path: Path):
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    status = run([DVC, "status"], clone)
+    assert "up to date" in status, status
+
+    # The headline budget: only what reads it re-runs (not prepare, baselines or match).
+    out = run([DVC, "exp", "run", "-S", "budget=0.3"], clone)
+    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "report"}, out[-2000:]
+    main = json.loads((clone / "metrics/main.json").read_text())["runs"]
+    assert main["smartkv"]["kv_ratio"] <= 0.3 + 1e-6
+    git("checkout", "--", ".", cwd=clone)  # every output is in git: this restores the committed study
+
+    # A dev-seed sweep over decay, queued and run as README says; the smartkv stage alone.
+    run([DVC, "exp", "run", "--queue", "-S", "split=dev", "-S", "decay=0.85,0.9", "smartkv"], clone)
+    run([DVC, "exp", "run", "--run-all"], clone)
+    out = run([DVC, "repro", "--force", "sweeps"], clone)
+    assert ran_stages(out) == {"sweeps"}, out[-2000:]
+    sweeps = json.loads((clone / "metrics/sweeps.json").read_text())
+    assert sweeps["n_experiments"] == 3 and sweeps["n_dev"] == 2, sweeps
+    decay = sweeps["params"]["decay"]
+    assert [v["value"] for v in decay["values"]] == [0.85, 0.9] and decay["current"] == 0.9
+    assert all(0 <= v["score_mean"] <= 1 and v["n_prompts"] == 1 for v in decay["values"])
+    assert decay["best_on_dev"] in (0.85, 0.9)
+
+    # `dvc plots show` on the clone: the data plots' libraries are inlined, nothing is fetched.
+    html = run([DVC, "plots", "show", "-o", tmp_path / "html"], clone) and (tmp_path / "html/index.html").read_text()
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html
+    assert html.count("vegaEmbed(") >= 3 and "vega-embed" in html  # the three data plots and the library

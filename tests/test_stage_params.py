@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import common
-from stages.common import ParamError
+from smartkv.study import ParamError
+from smartkv.study.grid import longbench_plan, task_plan
+from smartkv.study.params import seeds_by_split, study_split
+from smartkv.study.runs import HEADLINE, ablation_runs, baseline_runs, match_labels, matched_label, smartkv_runs
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "longbench"
+PROFILES = [REPO / "params.yaml", REPO / "tests" / "fixtures" / "params_tiny.yaml"]
 
 
 @pytest.fixture()
@@ -22,13 +25,38 @@ def params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_default_params_validate(params):
-    assert common.check_seeds(params)
-    assert common.task_plan(params)
-    runs = common.baseline_runs(params) + common.smartkv_runs(params) + common.ablation_runs(params)
-    labels = [r.label for r in runs]
+def validate(p: dict) -> list:
+    seeds_by_split(p)
+    study_split(p)
+    task_plan(p)
+    match_labels(p)
+    return baseline_runs(p) + smartkv_runs(p, {"int3": 0.25}) + ablation_runs(p)
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_profiles_validate(path):
+    p = yaml.safe_load(path.read_text())
+    labels = [r.label for r in validate(p)]
     assert len(labels) == len(set(labels))
-    assert common.smartkv_runs(params)[0].label == common.HEADLINE
+    assert labels.count(HEADLINE) == 1
+    assert set(p) == set(yaml.safe_load(PROFILES[0].read_text())), "the tiny profile must set every key"
+
+
+def test_matched_runs_take_the_measured_budget(params):
+    runs = smartkv_runs(params, {"int3": 0.2512, "kivi-2": 0.2791})
+    by_label = {r.label: r for r in runs}
+    assert runs[0].label == HEADLINE and runs[0].params["budget"] == params["budget"]
+    assert by_label[matched_label("int3")].params["budget"] == 0.2512
+    assert by_label["smartkv@kivi-2"].params["budget"] == 0.2791
+    # the matched runs share every other SmartKV setting with the headline
+    assert {k: v for k, v in by_label["smartkv@int3"].params.items() if k != "budget"} == \
+           {k: v for k, v in runs[0].params.items() if k != "budget"}
+
+
+def test_empty_budget_sweep_leaves_the_headline(params):
+    p = copy.deepcopy(params)
+    p["budgets"] = []
+    assert [r.label for r in smartkv_runs(p)] == [HEADLINE]
 
 
 @pytest.mark.parametrize(
@@ -36,15 +64,20 @@ def test_default_params_validate(params):
     [
         (lambda p: p.update(budget=0), "budget"),
         (lambda p: p.update(budget=1.5), "budget"),
-        (lambda p: p.update(budgets=[]), "budgets"),
+        (lambda p: p.update(budgets="0.3"), "budgets"),
         (lambda p: p.update(budgets=[0.3, 2.0]), "budgets[1]"),
         (lambda p: p["baselines"].append({"label": "x", "method": "nope"}), "method"),
         (lambda p: p["baselines"].append({"label": "x", "method": "uniform", "params": {"bits": 5}}), "bits"),
         (lambda p: p["baselines"].append({"label": "fp16", "method": "fp16"}), "duplicate"),
+        (lambda p: p["baselines"].append({"label": "smartkv@x", "method": "fp16"}), "matched runs"),
         (lambda p: p["ablations"].append({"label": "y", "params": {"allocation": "magic"}}), "allocation"),
         (lambda p: p.update(decay=1.0), "decay"),
         (lambda p: p.update(realloc_freq=-1), "realloc_freq"),
-        (lambda p: p.update(seeds=[]), "seeds"),
+        (lambda p: p.update(seeds=[0, 1]), "seeds"),
+        (lambda p: p.update(seeds={"dev": [], "test": [0]}), "seeds.dev"),
+        (lambda p: p.update(seeds={"dev": [0], "test": [0, 1]}), "both dev and test"),
+        (lambda p: p.update(split="train"), "split"),
+        (lambda p: p.update(match=["int7"]), "match"),
         (lambda p: p["tasks"]["niah"].update(lengths=[]), "tasks.niah.lengths"),
         (lambda p: p["tasks"]["niah"].update(depths=[]), "tasks.niah.depths"),
         (lambda p: p["tasks"].update(nope={"lengths": [100]}), "unknown task"),
@@ -57,24 +90,35 @@ def test_bad_params_name_the_key(params, edit, key):
     p = copy.deepcopy(params)
     edit(p)
     with pytest.raises(ParamError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        common.check_seeds(p)
-        common.task_plan(p)
-        common.baseline_runs(p)
-        common.smartkv_runs(p)
-        common.ablation_runs(p)
+        validate(p)
+
+
+def test_one_check_per_value(params):
+    """budget and decay are checked by the method-level helpers, one message for both paths."""
+    from smartkv.methods.registry import ConfigError, make_config
+
+    p = copy.deepcopy(params)
+    p["decay"] = 1.0
+    with pytest.raises(ParamError) as study_err:
+        smartkv_runs(p)
+    with pytest.raises(ConfigError) as method_err:
+        make_config("smartkv", decay=1.0)
+    assert str(method_err.value) == f"smartkv: {study_err.value}"
 
 
 def test_longbench_fixture_folder_validates(params):
     p = copy.deepcopy(params)
     p["longbench"] = {"enabled": True, "source": str(FIXTURE), "tasks": ["trec", "hotpotqa"],
                       "max_context_tokens": [512], "n_per_task": 1}
-    assert common.longbench_plan(p)["tasks"] == ["trec", "hotpotqa"]
+    assert longbench_plan(p)["tasks"] == ["trec", "hotpotqa"]
 
 
 def test_stage_exits_2_with_one_line(tmp_path, params):
     p = copy.deepcopy(params)
     p["budget"] = 1.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "matched_budgets.json").write_text("{}")
     env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}
     proc = subprocess.run([sys.executable, "-m", "stages.smartkv_runs"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from smartkv.cache.base import KVCache
 from smartkv.cache.mixed import MixedPrecisionLayer, MixedSpec
 from smartkv.importance import SIGNALS, ImportanceTracker
-from smartkv.methods.common import check_bits, check_budget, check_choice, check_int, n_layers
+from smartkv.methods.common import check_bits, check_budget, check_choice, check_decay, check_int, n_layers
 from smartkv.methods.registry import ConfigError, register
 
 ALLOCATIONS = ("greedy", "dp", "layer_aware", "random", "fixed")
@@ -72,8 +72,7 @@ class SmartKVConfig:
         check_choice(m, "allocation", self.allocation, ALLOCATIONS)
         check_choice(m, "signal", self.signal, SIGNALS)
         check_choice(m, "granularity", self.granularity, ("layer", "head"))
-        if not 0.0 < self.decay < 1.0:
-            raise ConfigError(f"{m}: decay={self.decay!r} must lie in (0, 1)")
+        check_decay(m, self.decay)
         if self.key_weight <= 0:
             raise ConfigError(f"{m}: key_weight={self.key_weight!r} must be > 0")
         if not 0.0 <= self.prior <= 1.0:

@@ -56,12 +56,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "n_seeds": g["seed"].nunique(),
             "n_rows": len(g),  # prompts x seeds: the weight of this task in pooled means
             "kv_ratio": g["kv_ratio"].mean(),
-            "tokens_per_s": g["tokens_per_s"].mean(),
+            # Throughput only where the frame has timings: the pipeline's results do not (they
+            # live in data/timings/, read by the latency stage), so these stay NaN there.
+            "tokens_per_s": _timing(g).mean(),
             # Medians resist the odd slow sample (GC, page faults) on a shared CPU.
-            "tokens_per_s_median": g["tokens_per_s"].median(),
+            "tokens_per_s_median": _timing(g).median(),
         }
         rows.append(row)
     return _order_runs(pd.DataFrame(rows))
+
+
+def _timing(g: pd.DataFrame) -> pd.Series:
+    return g["tokens_per_s"] if "tokens_per_s" in g else pd.Series(np.nan, index=g.index)
 
 
 def _order_runs(summary: pd.DataFrame) -> pd.DataFrame:
@@ -106,7 +112,8 @@ def overall(summary_or_df: pd.DataFrame) -> pd.DataFrame:
         out.columns = ["score_mean", "score_std"]
         g = df.groupby("run", sort=False)
         out = out.join(pd.DataFrame({"score_pooled": g["score"].mean(), "n_tasks": g["task"].nunique(),
-                                     "tokens_per_s": g["tokens_per_s"].mean()}))
+                                     "tokens_per_s": df.assign(tokens_per_s=_timing(df))
+                                     .groupby("run", sort=False)["tokens_per_s"].mean()}))
         out = out.join(_run_meta(df))
     else:
         s = frame[frame["task"] != PERPLEXITY_TASK]
@@ -121,7 +128,7 @@ def overall(summary_or_df: pd.DataFrame) -> pd.DataFrame:
                 ),
                 "score_pooled": (s["score_mean"] * w).groupby(s["run"], sort=False).sum() / w.groupby(s["run"]).sum(),
                 "n_tasks": g["task"].nunique(),
-                "tokens_per_s": g["tokens_per_s"].mean(),
+                "tokens_per_s": s.assign(tokens_per_s=_timing(s)).groupby("run", sort=False)["tokens_per_s"].mean(),
             }
         ).join(g[[c for c in RUN_META if c in s.columns]].first())
     out["kv_ratio"] = run_memory(frame)

@@ -74,7 +74,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
     memory = run_memory(summary)
     header = ["run", *[f"{t} (ppl ↓)" if t == PERPLEXITY_TASK else t for t in tasks]]
     header += [TASK_MEAN_HEADER] if len(acc_tasks) > 1 else []
-    header += [MEMORY_HEADER, "tokens/s"]
+    timed = "tokens_per_s" in summary and summary["tokens_per_s"].notna().any()  # the pipeline keeps timings apart
+    header += [MEMORY_HEADER] + (["tokens/s"] if timed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [f"`{run}`"]
@@ -90,7 +91,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             means = [cell[(run, t)].score_mean for t in acc_tasks if (run, t) in cell]
             cells.append(_fmt(sum(means) / len(means), math.nan) if len(means) == len(acc_tasks) else "–")
         rs = summary[summary["run"] == run]
-        cells += [f"{memory[run]:.3f}", f"{rs['tokens_per_s'].mean():.1f}"]
+        cells += [f"{memory[run]:.3f}"] + ([f"{rs['tokens_per_s'].mean():.1f}"] if timed else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

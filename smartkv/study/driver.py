@@ -1,0 +1,135 @@
+"""Evaluate runs on the prepared task sets: one prefill per sample, shared by the runs.
+
+Results and timings are kept apart. A results frame holds only what the same code and
+data reproduce bit for bit on one machine (predictions, scores, bytes), so the hash DVC
+records for it depends on content alone; wall-clock columns go to a timings frame, which
+only the `latency` stage reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from smartkv.runner import RunSpec
+from smartkv.study.params import ParamError, device_setting, model_settings
+from smartkv.study.runs import matched_baseline, with_seed
+
+log = logging.getLogger(__name__)
+
+# Decay of the shared prefill's importance tracker for runs that track no attention (every
+# baseline): nothing reads it, so it is a constant, not a param dependency.
+BASELINE_DECAY = 0.9
+# Wall-clock columns of `smartkv.evaluate.evaluate`'s rows: they differ on every run.
+TIMING_COLUMNS = ("prefill_s", "fork_s", "forced_s", "reference_s", "decode_s", "tokens_per_s")
+# What identifies a row, repeated in the timings frame so it can be joined back.
+ROW_KEYS = ("run", "method", "family", "split", "task", "sample_id", "seed", "context_length", "new_tokens")
+
+
+def read_tasks(path: str | Path, split: str | None = None) -> dict[int, list]:
+    """Prepared samples per seed (of one split, or all)."""
+    from smartkv.io import read_parquet_with_meta
+    from smartkv.tasks.sample import Sample
+
+    if not Path(path).is_file():
+        raise ParamError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
+    df, _ = read_parquet_with_meta(path)
+    if split is not None:
+        df = df[df["split"] == split]
+    out: dict[int, list] = {}
+    for row in df.to_dict("records"):
+        out.setdefault(int(row["seed"]), []).append(Sample.from_row(row))
+    return out
+
+
+def split_of_seeds(path: str | Path) -> dict[int, str]:
+    from smartkv.io import read_parquet_with_meta
+
+    df, _ = read_parquet_with_meta(path)
+    return {int(s): str(sp) for s, sp in df.groupby("seed")["split"].first().items()}
+
+
+def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, split: str | None,
+                  desc: str) -> pd.DataFrame:
+    """Every run on every prepared sample of `split` (None: every seed), seed by seed.
+
+    One row per (run, sample, seed), in a stable order (seed, task, sample, run order);
+    with the timing columns, which `split_timings` takes apart before writing.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from smartkv.evaluate import evaluate
+    from smartkv.models import load_model
+
+    model_name, dtype = model_settings(params)
+    device = device_setting(params)
+    tasks = read_tasks(tasks_file, split)
+    if not tasks:
+        raise ParamError(f"{tasks_file} has no samples for split {split!r}: re-run the prepare stage")
+    splits = split_of_seeds(tasks_file)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    # Runs that track attention must share the prefill's decay and observation window: one
+    # evaluate (one prefill per sample) per (decay, obs_window).
+    groups = []
+    for seed, samples in sorted(tasks.items()):
+        by_tracking: dict[tuple, list] = {}
+        for r in (with_seed(r, seed) for r in runs):
+            cfg = r.config()
+            key = (float(getattr(cfg, "decay", BASELINE_DECAY)), getattr(cfg, "obs_window", None))
+            by_tracking.setdefault(key, []).append(r)
+        groups += [(seed, samples, key[0], group) for key, group in by_tracking.items()]
+    # One bar over the whole stage (its ETA is the stage's); evaluate's own bar shows the group.
+    total = tqdm(total=sum(len(s) * len(g) for _, s, _, g in groups), desc=f"{desc} (all seeds)", unit="run",
+                 position=0)
+    frames = []
+    for i, (seed, samples, decay, group) in enumerate(groups):
+        frames.append(evaluate(model, tokenizer, samples, group, seed=seed, decay=decay,
+                               desc=f"{desc} seed {seed} [{i + 1}/{len(groups)}]"))
+        total.update(len(samples) * len(group))
+    total.close()
+    df = pd.concat(frames, ignore_index=True)
+    df["split"] = df["seed"].map(splits)
+    df["matched_to"] = df["run"].map(matched_baseline)
+    order = {r.label: i for i, r in enumerate(runs)}
+    df = df.sort_values(["seed", "task", "sample_id", "run"], key=lambda s: s.map(order) if s.name == "run" else s,
+                        kind="stable").reset_index(drop=True)
+    errors = df[df["error"] != ""]
+    if len(errors):
+        log.warning("%d of %d rows below their budget's floor (score NaN): %s", len(errors), len(df),
+                    ", ".join(sorted(set(errors["run"]))))
+    return df
+
+
+def split_timings(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results without wall-clock columns, timings keyed by ROW_KEYS)."""
+    timing = [c for c in TIMING_COLUMNS if c in df.columns]
+    keys = [c for c in ROW_KEYS if c in df.columns]
+    return df.drop(columns=timing), df[keys + timing].copy()
+
+
+def read_results(paths: list[str | Path], split: str | None = None) -> pd.DataFrame:
+    """Per-sample results of several stages, restricted to one split's seeds."""
+    from smartkv.io import read_parquet_with_meta
+
+    df = pd.concat([read_parquet_with_meta(p)[0] for p in paths], ignore_index=True)
+    return df if split is None else df[df["split"] == split].reset_index(drop=True)
+
+
+def run_metrics(df: pd.DataFrame) -> dict:
+    """{"runs": {label: {score_mean, kv_ratio, n_prompts, n_errors, nll_mean}}}: per-prompt means
+    of one stage's rows, for `dvc exp show` and the sweeps summary (the stats stage does the rest)."""
+    out = {}
+    for run, g in df.groupby("run", sort=False):
+        ok = g[g["error"] == ""]
+        scored = ok[ok["metric"] != "perplexity"]["score"].dropna()
+        nll = ok["nll"].dropna() if "nll" in ok else pd.Series(dtype=float)
+        m = {"score_mean": float(scored.mean()) if len(scored) else None,
+             "kv_ratio": float(ok["kv_ratio"].mean()) if len(ok) else None,
+             "n_prompts": int(len(scored)), "n_errors": int(len(g) - len(ok)),
+             "nll_mean": float(nll.mean()) if len(nll) else None}
+        out[str(run)] = {k: v for k, v in m.items() if v is not None}
+    return {"runs": out}

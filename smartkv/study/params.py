@@ -1,0 +1,120 @@
+"""`params.yaml`: loading, look-up by dotted key, and the study-level keys.
+
+Each value has one check. Method params (`budget`, `decay`, `realloc_freq`, bit widths...)
+are checked by the method's config dataclass or the helpers it uses
+(`smartkv.methods.common`); this module only adds the key's name. Keys that belong to the
+study alone (seeds and their split, model, device) are checked here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smartkv.methods.registry import ConfigError
+
+PARAMS_FILE = "params.yaml"
+SPLITS = ("dev", "test")
+
+
+class ParamError(ConfigError):
+    """A bad value in params.yaml; the message starts with the key."""
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path} not found (run from the repository root)")
+    with path.open(encoding="utf-8") as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ParamError("top level must be a mapping of keys to values")
+    return params
+
+
+def get(params: dict, key: str, default: Any = ...) -> Any:
+    """`params[a][b]` for key "a.b"; missing keys are an error unless a default is given."""
+    cur: Any = params
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            if default is ...:
+                raise ParamError(f"{key}: missing")
+            return default
+        cur = cur[part]
+    return cur
+
+
+def section(params: dict, key: str) -> dict:
+    value = get(params, key, {}) or {}
+    if not isinstance(value, dict):
+        raise ParamError(f"{key} must be a mapping")
+    return value
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_positive_int(key: str, value: Any) -> int:
+    if not is_int(value) or value < 1:
+        raise ParamError(f"{key}={value!r} must be a positive integer")
+    return value
+
+
+def seeds_by_split(params: dict) -> dict[str, list[int]]:
+    """`seeds: {dev: [...], test: [...]}`: dev seeds for choosing (sweeps, tuning), test seeds
+    for reporting. Both non-empty, distinct integers, no seed in both."""
+    seeds = get(params, "seeds")
+    if not isinstance(seeds, dict) or set(seeds) != set(SPLITS):
+        raise ParamError(f"seeds={seeds!r} must map dev and test to lists of seeds, "
+                         "e.g. {dev: [100], test: [0, 1, 2]}")
+    for split in SPLITS:
+        s = seeds[split]
+        if not isinstance(s, list) or not s or not all(is_int(x) for x in s) or len(set(s)) != len(s):
+            raise ParamError(f"seeds.{split}={s!r} must be a non-empty list of distinct integers")
+    both = sorted(set(seeds["dev"]) & set(seeds["test"]))
+    if both:
+        raise ParamError(f"seeds: {both} are both dev and test seeds; a seed chooses or reports, never both")
+    return {split: list(seeds[split]) for split in SPLITS}
+
+
+def study_split(params: dict) -> str:
+    """`split`: the seeds SmartKV and the ablations run on and the statistics report: `test` for
+    the study, `dev` for sweeps and tuning."""
+    split = get(params, "split")
+    if split not in SPLITS:
+        raise ParamError(f"split={split!r} must be one of {', '.join(SPLITS)}")
+    return split
+
+
+def model_settings(params: dict) -> tuple[str, str]:
+    from smartkv.models import resolve_dtype
+
+    model, dtype = get(params, "model"), get(params, "dtype")
+    if not isinstance(model, str) or not model:
+        raise ParamError(f"model={model!r} must be `default` or a Hugging Face id / local path")
+    try:
+        resolve_dtype(dtype)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ParamError(f"dtype={dtype!r}: {err}") from None
+    return model, dtype
+
+
+def device_setting(params: dict) -> str:
+    """`device` (default cpu); a GPU that is not there is an error before any work."""
+    import torch
+
+    device = get(params, "device", "cpu")
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ParamError(f"device={device!r} must be cpu, cuda, cuda:<n> or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamError(f"device={device!r}: no CUDA GPU is visible to torch")
+    return device

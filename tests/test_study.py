@@ -1,0 +1,116 @@
+"""smartkv.study without a model: matched budgets, results/timings split, sweeps summary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from smartkv.study import driver, match, sweeps
+
+
+def rows(run, split, ratios, error="", metric="substring"):
+    return [{"run": run, "split": split, "kv_ratio": r, "error": error, "seed": 0, "task": "niah",
+             "sample_id": f"s{i}", "metric": metric} for i, r in enumerate(ratios)]
+
+
+def test_measure_means_each_split_over_scored_rows():
+    df = pd.DataFrame(rows("int3", "test", [0.25, 0.27]) + rows("int3", "dev", [0.3])
+                      + rows("int3", "test", [math.nan], error="floor") + rows("kivi-2", "test", [0.2, 0.4])
+                      + rows("fp16", "test", [1.0]) + rows("int3", "test", [0.5], metric="perplexity"))
+    m = match.measure(df, ["int3", "kivi-2"])
+    assert m["test"]["int3"] == {"kv_ratio": 0.26, "kv_ratio_min": 0.25, "kv_ratio_max": 0.27, "n_prompts": 2}
+    assert m["dev"]["int3"]["kv_ratio"] == 0.3 and "kivi-2" not in m["dev"]
+    assert m["test"]["kivi-2"]["kv_ratio"] == pytest.approx(0.3)
+    assert "fp16" not in m["test"]  # only the baselines asked for
+    assert match.budgets(m, "test") == {"int3": 0.26, "kivi-2": pytest.approx(0.3)}
+
+
+def test_budgets_skip_what_smartkv_cannot_match():
+    m = {"test": {"peer": {"kv_ratio": 1.2}, "int4": {"kv_ratio": 0.31}}}
+    assert match.budgets(m, "test") == {"int4": 0.31}
+    assert match.budgets(m, "dev") == {}
+
+
+def test_split_timings_keeps_results_free_of_wall_clock():
+    df = pd.DataFrame([{"run": "fp16", "method": "fp16", "family": "baseline", "split": "test", "task": "niah",
+                        "sample_id": "a", "seed": 0, "context_length": 100, "new_tokens": 4, "score": 1.0,
+                        "prediction": "x", "prefill_s": 0.1, "fork_s": 0.01, "decode_s": 0.2, "tokens_per_s": 20.0}])
+    results, timings = driver.split_timings(df)
+    assert not set(driver.TIMING_COLUMNS) & set(results.columns)
+    assert {"score", "prediction"} <= set(results.columns)
+    assert set(timings.columns) == set(driver.ROW_KEYS) | set(driver.TIMING_COLUMNS)
+    assert timings["tokens_per_s"].tolist() == [20.0]
+
+
+def test_run_metrics_are_per_prompt_means():
+    base = {"metric": "substring", "nll": math.nan, "kv_ratio": 0.25}
+    df = pd.DataFrame([{**base, "run": "smartkv", "score": 1.0, "error": ""},
+                       {**base, "run": "smartkv", "score": 0.0, "error": ""},
+                       {**base, "run": "smartkv", "score": math.nan, "error": "below floor", "kv_ratio": math.nan},
+                       {**base, "run": "smartkv", "metric": "perplexity", "score": math.nan, "nll": 2.0, "error": ""}])
+    m = driver.run_metrics(df)["runs"]["smartkv"]
+    assert m == {"score_mean": 0.5, "kv_ratio": 0.25, "n_prompts": 2, "n_errors": 1, "nll_mean": 2.0}
+
+
+def exp(name, split, score, **params):
+    p = {"split": split, "budget": 0.25, "decay": 0.9, "realloc_freq": 16, "smartkv": {"allocation": "greedy"}}
+    for k, v in params.items():
+        if k == "allocation":
+            p["smartkv"]["allocation"] = v
+        else:
+            p[k] = v
+    return {"rev": name * 8, "name": name, "error": None,
+            "data": {"params": {"params.yaml": {"data": p}},
+                     "metrics": {sweeps.METRICS_FILE: {"data": {"runs": {"smartkv": {
+                         "score_mean": score, "kv_ratio": p["budget"] - 0.01, "n_prompts": 10}}}}}}}
+
+
+def shown(*exps):
+    """The shape of `dvc exp show --json`: the workspace, then baseline commits with experiments."""
+    return [{"rev": "workspace", "experiments": None},
+            {"rev": "abc", "experiments": [{"revs": [e], "name": e["name"]} for e in exps]}]
+
+
+CURRENT = {"budget": 0.25, "decay": 0.9, "realloc_freq": 16, "smartkv": {"allocation": "greedy"}}
+
+
+def test_sweeps_with_no_experiments_say_so(tmp_path):
+    s = sweeps.summarize(sweeps.finished(shown()), CURRENT)
+    assert s["note"] == "no experiments yet" and s["n_experiments"] == 0 and s["params"] == {}
+    paths = sweeps.plot(s, tmp_path / "sweeps")
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_sweeps_choose_on_dev_seeds_one_factor_at_a_time(tmp_path):
+    exps = [exp("d85", "dev", 0.6, decay=0.85), exp("d90", "dev", 0.7), exp("d95", "dev", 0.8, decay=0.95),
+            exp("t95", "test", 0.1, decay=0.95),              # test seeds: never evidence
+            exp("d95r8", "dev", 0.99, decay=0.95, realloc_freq=8),  # two factors off the current values
+            exp("r8", "dev", 0.5, realloc_freq=8), exp("dp", "dev", 0.75, allocation="dp")]
+    failed = {**exp("bad", "dev", 0.9, decay=0.99), "error": {"msg": "failed"}}
+    s = sweeps.summarize(sweeps.finished(shown(*exps, failed)), CURRENT)
+    assert s["n_experiments"] == 7 and s["n_dev"] == 6
+    decay = s["params"]["decay"]
+    assert [v["value"] for v in decay["values"]] == [0.85, 0.9, 0.95]
+    assert [v["experiments"] for v in decay["values"]] == [["d85"], ["d90"], ["d95"]]
+    assert decay["best_on_dev"] == 0.95 and decay["current"] == 0.9
+    assert s["params"]["realloc_freq"]["best_on_dev"] == 16
+    assert s["params"]["smartkv.allocation"]["best_on_dev"] == "dp"
+    assert "budget" not in s["params"]  # one value only: not swept
+    json.dumps(s)  # what the stage writes
+    paths = sweeps.plot(s, tmp_path / "sweeps")
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_budget_sweep_is_shown_not_chosen():
+    s = sweeps.summarize(sweeps.finished(shown(exp("b3", "dev", 0.8, budget=0.3), exp("b5", "dev", 0.9, budget=0.5))),
+                         {**CURRENT, "budget": 0.3})
+    assert s["params"]["budget"]["best_on_dev"] is None
+    assert [v["kv_ratio"] for v in s["params"]["budget"]["values"]] == pytest.approx([0.29, 0.49])
+
+
+def test_a_tie_on_dev_keeps_the_current_value():
+    s = sweeps.summarize(sweeps.finished(shown(exp("d85", "dev", 0.7, decay=0.85), exp("d90", "dev", 0.7))), CURRENT)
+    assert s["params"]["decay"]["best_on_dev"] == 0.9
