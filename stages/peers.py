@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 from smartkv.kvpress_peers import PRESSES, PeerSpec
-from stages.common import (DATA, PARAMS_FILE, TASKS_FILE, ParamError, _is_num, check_max_new_tokens, device_setting,
-                           get, load_params, model_settings, read_tasks)
+from smartkv.study.driver import read_tasks
+from smartkv.study.params import (PARAMS_FILE, ParamError, check_positive_int, device_setting, get, is_num,
+                                  load_params, model_settings, study_split)
+from stages.common import DATA, TASKS_FILE
 
 PEERS_FILE = DATA / "peers.parquet"
 log = logging.getLogger("stages.peers")
@@ -53,7 +55,7 @@ def peer_specs(params: dict) -> list[PeerSpec]:
         if press not in PRESSES:
             raise ParamError(f"{key}.press={press!r}: unknown press; known: {', '.join(PRESSES)}")
         kept = e.get("kept", 1.0 if press == "none" else None)
-        if not _is_num(kept) or not 0.0 < float(kept) <= 1.0:
+        if not is_num(kept) or not 0.0 < float(kept) <= 1.0:
             raise ParamError(f"{key}.kept={kept!r} must be the kept fraction of the KV cache, in (0, 1]")
         if PRESSES[press] is None and not math.isclose(float(kept), 1.0):
             raise ParamError(f"{key}.kept={kept!r}: press `none` keeps everything (kept: 1.0)")
@@ -63,6 +65,20 @@ def peer_specs(params: dict) -> list[PeerSpec]:
     if dup:
         raise ParamError(f"peers: duplicate label(s) {', '.join(dup)}")
     return specs
+
+
+def peers_split(params: dict) -> str:
+    """The peers run on the study's split (`split`), like SmartKV, so that they pair prompt by prompt."""
+    return study_split(params)
+
+
+def peer_tasks(params: dict) -> list[str]:
+    """`peers_tasks`: the tasks the peers run on. Each press needs a prefill of its own (it
+    compresses while prefilling), so on a CPU the default study limits them to the needle task."""
+    tasks = get(params, "peers_tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ParamError(f"peers_tasks={tasks!r} must be a non-empty list of task names")
+    return tasks
 
 
 def model_dir(model: str) -> str:
@@ -87,7 +103,7 @@ def run(params: dict) -> None:
     specs = peer_specs(params)
     name, dtype = model_settings(params)
     device = device_setting(params)
-    new_tokens = check_max_new_tokens("max_new_tokens", get(params, "max_new_tokens"))
+    new_tokens = check_positive_int("max_new_tokens", get(params, "max_new_tokens"))
     folder = model_dir(name)
     if not TASKS_FILE.is_file():
         raise ParamError(f"{TASKS_FILE} not found: run the prepare stage first (`dvc repro prepare`)")
@@ -97,13 +113,18 @@ def run(params: dict) -> None:
     import torch
 
     torch.manual_seed(0)
-    tasks = read_tasks()
+    wanted = peer_tasks(params)
+    tasks = {seed: [x for x in samples if x.task in wanted]
+             for seed, samples in read_tasks(TASKS_FILE, peers_split(params)).items()}
+    if not any(tasks.values()):
+        raise ParamError(f"peers_tasks={wanted!r}: no prepared sample of the {peers_split(params)!r} split has these tasks")
     model, tokenizer = load(folder, dtype, device)
     df = evaluate_peers(model, tokenizer, tasks, specs, max_new_tokens=new_tokens, log=log)
     order = {s.label: i for i, s in enumerate(specs)}
     df = df.sort_values(["seed", "task", "sample_id", "run"], key=lambda s: s.map(order) if s.name == "run" else s,
                         kind="stable").reset_index(drop=True)
-    config = {"model": name, "dtype": dtype, "device": device, "max_new_tokens": new_tokens,
+    config = {"model": name, "dtype": dtype, "device": device, "max_new_tokens": new_tokens, "tasks": wanted,
+              "split": peers_split(params),
               "peers": [s.config() | {"label": s.label} for s in specs],
               "protocol": "question-aware: the whole prompt but its last token is prefilled under the press"}
     meta = provenance(config)

@@ -33,10 +33,10 @@ class SmartKVConfig:
     window_share: float = 0.1
     sink_tokens: int = 4
     allocation: str = "greedy"
-    signal: str = "window"
+    signal: str = "ema"
     decay: float = 0.9
     obs_window: int = 64
-    pool: int = 5
+    pool: int = 1
     granularity: str = "layer"
     kv_split: bool = False
     key_weight: float = 1.0

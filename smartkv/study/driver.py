@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from smartkv.runner import RunSpec
+if TYPE_CHECKING:  # the kvpress peers stage reads tasks with this module under another transformers
+    from smartkv.runner import RunSpec
+
 from smartkv.study.params import ParamError, device_setting, model_settings
 from smartkv.study.runs import matched_baseline, with_seed
 
