@@ -74,7 +74,9 @@ def tracker_rows(tracker: ImportanceTracker, phase: str, *, n_layers: int, sinks
             cum, count = cum[:, :n_tokens], count[:n_tokens]
         for head in range(cum.shape[0]):
             per_query = cum[head] / (count * groups)
-            rows.append({"phase": phase, "layer": layer, "head": head, "query_entropy": li.entropy,
+            # decode steps take the tracker's one-query fast path, which keeps no entropy: NaN, not 0
+            q_ent = li.entropy if li.entropy_rows else math.nan
+            rows.append({"phase": phase, "layer": layer, "head": head, "query_entropy": q_ent,
                          **head_stats(cum[head], per_query, sinks=sinks, needle=needle, question=question)})
     return rows
 
