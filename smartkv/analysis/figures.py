@@ -58,16 +58,15 @@ def sensitivity_figure(df: pd.DataFrame, out_stem: str | Path, seed: int = 0) ->
                 alo, ahi = _wilson(acc, len(g))
                 axes[1, col].bar(x, acc, width, color=SELECTION_COLOR[sel])
                 axes[1, col].errorbar(x, acc, [[acc - alo], [ahi - acc]], color="black", capsize=2, lw=1)
-        for row, (metric, name) in enumerate((("kl", "int"), ("exact", "int"))):
+        for row, metric in enumerate(("kl", "exact")):
             for bits, ls in (("4", ":"), ("2", "--")):
                 label = f"int{bits}" + ("-rot" if rotate else "")
                 ref = sub.loc[sub["condition"] == label, metric]
                 if len(ref):
                     axes[row, col].axhline(float(ref.mean()), color="black", ls=ls, lw=1,
                                            label=f"uniform INT{bits}" if col == 0 and row == 0 else None)
-        if row == 1:
-            fp = df.loc[df["condition"] == "fp16", "exact"].mean()
-            axes[1, col].axhline(fp, color=OKABE_ITO[2], lw=1.2, label="FP16" if col == 0 else None)
+        fp = df.loc[df["condition"] == "fp16", "exact"].mean()
+        axes[1, col].axhline(fp, color=OKABE_ITO[2], lw=1.2, label="FP16" if col == 0 else None)
         labels = [f"{'SnapKV window' if s == 'window' else 'accumulated'}\nk = {round(100 * k)}%" for s, k in groups]
         for row in (0, 1):
             axes[row, col].set_xticks(range(len(groups)), labels)

@@ -52,10 +52,14 @@ def summary(df: pd.DataFrame, cfg: dict) -> dict:
     seed = int(cfg.get("bootstrap_seed", 0))
     kl, lp, ex = _wide(df, "kl"), _wide(df, "gold_logprob"), _wide(df, "exact").astype(bool)
     conds = {}
+    # Accuracy also among the prompts FP16 itself answers: a miss there is the cache's doing.
+    fp16_ok = set(ex.index[ex["fp16"]]) if "fp16" in ex else set()
     for label, g in df.groupby("condition", sort=False):
         lo, hi = bootstrap_ci(g["kl"].to_numpy(), seed=seed)
+        ok = g[g["sample_id"].isin(fp16_ok)]
         conds[label] = {"n": int(len(g)), "kl_mean": float(g["kl"].mean()), "kl_ci_lo": lo, "kl_ci_hi": hi,
                         "gold_logprob_mean": float(g["gold_logprob"].mean()), "accuracy": float(g["exact"].mean()),
+                        "accuracy_where_fp16_right": float(ok["exact"].mean()) if len(ok) else math.nan,
                         "mean_quant_bits": float(g["mean_quant_bits"].mean())}
     comps = {}
     for rotate in sorted(df["rotate"].unique()):
@@ -77,6 +81,7 @@ def summary(df: pd.DataFrame, cfg: dict) -> dict:
         "simulation": "prefilled cache quantized then de-quantized in place (analysis only)",
         "n_prompts": int(df["sample_id"].nunique()),
         "fp16_accuracy": fp16_acc,
+        "n_fp16_right": len(fp16_ok),
         "design": {k: v for k, v in cfg.items()},
         "conditions": conds,
         "comparisons": comps,
