@@ -160,6 +160,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from smartkv.methods import make_config
+
+    if args.length < 64:
+        raise UsageError(f"--length {args.length} must be >= 64 tokens")
+    if not 0.0 <= args.depth <= 1.0:
+        raise UsageError(f"--depth {args.depth} must lie in [0, 1]")
+    make_config("smartkv", budget=args.budget)  # a bad budget fails here, before the model loads
+
+    import torch
+
+    from smartkv.demo import render, run_demo
+    from smartkv.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    result = run_demo(model, tok, length=args.length, depth=args.depth, seed=args.seed, budget=args.budget)
+    if args.json:
+        print(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}))
+    else:
+        print(render(result, args.budget))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smartkv", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="one passkey prompt: FP16 vs SmartKV answers, bytes and the bits map")
+    d.add_argument("--length", type=int, default=1024, help="prompt tokens (repeated-filler passkey)")
+    d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--budget", type=float, default=0.25, help="SmartKV budget, fraction of FP16 KV bytes")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(d)
+    d.set_defaults(func=cmd_demo)
     return p
 
 

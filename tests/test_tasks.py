@@ -63,7 +63,7 @@ def generated():
 
 def test_every_task_is_registered():
     assert set(task_names()) == {
-        "niah", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery",
+        "niah", "passkey", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery",
         "ruler_vt", "ruler_cwe", "ruler_fwe", "perplexity", "longbench",
     }
 
