@@ -161,6 +161,26 @@ def run_sample(model, tokenizer, sample: Sample, spec: PeerSpec, max_new_tokens:
 
             fed = _walk(model, cache, int(ids[0, -1]), n - 1, len(cont), teacher)
             row.update(prediction="", score=math.nan, nll=sum(nll) / len(cont), new_tokens=len(cont))
+        elif getattr(sample, "target", None):
+            # Teacher-forced, as SmartKV's rows are scored: the gold answer fed token by token
+            # through the compressed cache; exact = greedy would write it (argmax = gold everywhere).
+            from smartkv.answer_scores import target_ids
+
+            gold = target_ids(tokenizer, sample.prompt, sample.target)
+            hits, logp, argmax = [], [], []
+
+            def forced(step, logits):
+                lp = torch.log_softmax(logits.float(), -1)
+                argmax.append(int(lp.argmax()))
+                hits.append(argmax[-1] == gold[step])
+                logp.append(float(lp[gold[step]]))
+                return gold[step]
+
+            fed = _walk(model, cache, int(ids[0, -1]), n - 1, len(gold), forced)
+            exact = float(all(hits))
+            row.update(prediction=tokenizer.decode(argmax, skip_special_tokens=True), nll=math.nan,
+                       new_tokens=len(gold), score=exact, forced_exact=exact,
+                       answer_logprob=sum(logp) / len(logp), answer_tokens=len(gold))
         else:
             eos, new = _eos_ids(model), []
 

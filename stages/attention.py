@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from stages.common import DATA, METRICS, PLOTS, ParamError, device_setting, get, log, model_settings, stage_main
+from smartkv.study.params import ParamError, device_setting, get, model_settings, seeds_by_split
+from stages.common import DATA, METRICS, PLOTS, log, stage_main
 
 OUT_DATA = DATA / "attention.parquet"
 OUT_METRICS = METRICS / "attention.json"
@@ -58,9 +59,10 @@ def settings(params: dict) -> dict:
     }
     if not 0 <= cfg["heatmap"]["depth"] <= 1:
         raise ParamError(f"attention.heatmap.depth={cfg['heatmap']['depth']!r} must lie in [0, 1]")
-    shared = sorted(set(get(params, "seeds", []) or []) & set(cfg["seeds"] + [cfg["heatmap"]["seed"]]))
+    test_seeds = set(seeds_by_split(params)["test"])  # dev seeds are the analysis's to use
+    shared = sorted(test_seeds & set(cfg["seeds"] + [cfg["heatmap"]["seed"]]))
     if shared:
-        raise ParamError(f"attention seeds share {shared} with the study's `seeds`: use dev seeds the study never tests on")
+        raise ParamError(f"attention seeds share {shared} with the study's test seeds (`seeds.test`): use dev seeds the study never tests on")
     return cfg
 
 

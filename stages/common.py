@@ -23,8 +23,8 @@ DATA = Path("data")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 TASKS_FILE = DATA / "tasks.parquet"
-RESULTS = {"baselines": DATA / "baselines.parquet", "smartkv": DATA / "smartkv.parquet",
-           "ablations": DATA / "ablations.parquet"}
+RESULTS = {"baselines": DATA / "baselines.parquet", "peers": DATA / "peers.parquet",
+           "smartkv": DATA / "smartkv.parquet", "ablations": DATA / "ablations.parquet"}
 # Wall-clock timings of the model stages: run-varying, read only by the `latency` stage.
 TIMINGS = {name: DATA / "timings" / f"{name}.parquet" for name in RESULTS}
 MATCHED_BUDGETS = METRICS / "matched_budgets.json"

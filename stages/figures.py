@@ -100,7 +100,7 @@ def main(params: dict) -> None:
     settings = figure_settings(params)
     split = study_split(params)
     headline_run(params), ablation_runs(params)  # validate before any work
-    main_df = read_results("baselines", "smartkv", split=split)
+    main_df = read_results("baselines", "peers", "smartkv", split=split)
     abl_df = read_results("ablations", split=split)
     abl_summary, _ = read_parquet_with_meta(DATA / "ablation_summary.parquet")
 

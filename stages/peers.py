@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from smartkv.kvpress_peers import PRESSES, PeerSpec
-from smartkv.study.driver import read_tasks
+from smartkv.study.driver import read_tasks, split_timings
 from smartkv.study.params import (PARAMS_FILE, ParamError, check_positive_int, device_setting, get, is_num,
                                   load_params, model_settings, study_split)
-from stages.common import DATA, TASKS_FILE
+from stages.common import DATA, TASKS_FILE, TIMINGS
 
 PEERS_FILE = DATA / "peers.parquet"
 log = logging.getLogger("stages.peers")
@@ -129,7 +129,11 @@ def run(params: dict) -> None:
               "protocol": "question-aware: the whole prompt but its last token is prefilled under the press"}
     meta = provenance(config)
     meta["versions"]["kvpress"] = importlib.metadata.version("kvpress")
-    atomic_write_parquet(df, PEERS_FILE, meta)
+    df["split"] = peers_split(params)
+    # wall clock apart (data/timings/peers.parquet), so the results' hash depends on content only
+    results, timings = split_timings(df)
+    atomic_write_parquet(results, PEERS_FILE, meta)
+    atomic_write_parquet(timings, TIMINGS["peers"], meta)
     log.info("wrote %s: %d rows (%d peers x %d samples)", PEERS_FILE, len(df), len(specs), len(df) // len(specs))
 
 

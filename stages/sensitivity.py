@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from stages.common import DATA, METRICS, PLOTS, ParamError, get, log, model_settings, device_setting, stage_main
+from smartkv.study.params import ParamError, device_setting, get, model_settings, seeds_by_split
+from stages.common import DATA, METRICS, PLOTS, log, stage_main
 
 OUT_DATA = DATA / "sensitivity.parquet"
 OUT_METRICS = METRICS / "sensitivity.json"
@@ -42,7 +43,7 @@ def settings(params: dict) -> dict:
     s = get(params, "sensitivity")
     if not isinstance(s, dict):
         raise ParamError("sensitivity must be a mapping")
-    study_seeds = set(get(params, "seeds", []) or [])
+    study_seeds = set(seeds_by_split(params)["test"])  # dev seeds are the analysis's to use
     cfg = {
         "seeds": _ints("sensitivity.seeds", s.get("seeds")),
         "lengths": _ints("sensitivity.lengths", s.get("lengths"), lo=16),
@@ -61,7 +62,7 @@ def settings(params: dict) -> dict:
         raise ParamError(f"sensitivity.low_bits={cfg['low_bits']} must be below high_bits={cfg['high_bits']}")
     shared = sorted(study_seeds & set(cfg["seeds"]))
     if shared:
-        raise ParamError(f"sensitivity.seeds shares {shared} with the study's `seeds`: use dev seeds the study never tests on")
+        raise ParamError(f"sensitivity.seeds shares {shared} with the study's test seeds (`seeds.test`): use dev seeds the study never tests on")
     return cfg
 
 

@@ -109,7 +109,7 @@ def main(params: dict) -> None:
 
     settings = stats_settings(params)
     split = study_split(params)
-    main_df = read_results("baselines", "smartkv", split=split)
+    main_df = read_results("baselines", "peers", "smartkv", split=split)
     abl_df = read_results("ablations", split=split)
     summary = summarize(main_df)
     ov = overall(main_df)

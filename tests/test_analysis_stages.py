@@ -13,7 +13,7 @@ from smartkv.tasks import generate_task
 from smartkv.tasks.passkey import FILLER
 from stages import attention as attention_stage
 from stages import sensitivity as sensitivity_stage
-from stages.common import ParamError
+from smartkv.study.params import ParamError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from smartkv.kvpress_peers import PRESSES, PeerSpec, cache_bytes, fp16_bytes
-from stages.common import ParamError
+from smartkv.study.params import ParamError
 from stages.peers import peer_specs
 
 REPO = Path(__file__).resolve().parent.parent
