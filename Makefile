@@ -37,14 +37,14 @@ $(KVPRESS_STAMP): requirements-kvpress.txt
 
 venv-kvpress: $(KVPRESS_STAMP)
 
-test: setup
+test: setup venv-kvpress
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH
-repro: setup
+repro: setup venv-kvpress
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # after `dvc queue start` has finished: the sweeps summary of every finished experiment

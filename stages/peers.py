@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from smartkv.kvpress_peers import PRESSES, PeerSpec
-from smartkv.study.driver import read_tasks, split_timings
 from smartkv.study.params import (PARAMS_FILE, ParamError, check_positive_int, device_setting, get, is_num,
                                   load_params, model_settings, study_split)
 from stages.common import DATA, TASKS_FILE, TIMINGS
@@ -99,6 +98,7 @@ def model_dir(model: str) -> str:
 def run(params: dict) -> None:
     from smartkv.io import atomic_write_parquet, provenance
     from smartkv.kvpress_peers import evaluate_peers, load
+    from smartkv.study.driver import read_tasks, split_timings
 
     specs = peer_specs(params)
     name, dtype = model_settings(params)

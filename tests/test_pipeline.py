@@ -30,8 +30,10 @@ METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "po
 DETERMINISTIC = [m for m in METRICS if m != "latency.json"]
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency", "sweeps"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv"]
-RESULTS = ["tasks", "baselines", "smartkv", "ablations", "summary", "tests", "ablation_summary", "ablation_tests"]
-STAGES = ["prepare", "baselines", "match", "smartkv", "ablations", "stats", "figures", "latency", "report", "sweeps"]
+RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
+           "ablation_tests"]
+STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "ablations", "stats",
+          "figures", "latency", "report", "sweeps"]
 
 
 def run(cmd: list, cwd: Path) -> str:
@@ -64,7 +66,12 @@ def origin(tmp_path_factory) -> Path:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)
     shutil.copy2(TINY, dst / "params.yaml")
+    # The peers stage runs kvpress in its own venv (`make test` builds it first): lend it to the copy.
+    kvpress = REPO / ".venv-kvpress"
+    assert (kvpress / "bin/python").exists(), ".venv-kvpress is missing: run `make venv-kvpress` (make test does)"
+    (dst / ".venv-kvpress").symlink_to(kvpress)
     git("init", "-q", cwd=dst)
+    (dst / ".git/info/exclude").write_text(".venv-kvpress\n")
     git("add", "-A", cwd=dst)
     git("commit", "-qm", "tiny study: code", cwd=dst)
     out = run([DVC, "repro"], dst)

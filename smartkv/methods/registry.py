@@ -13,8 +13,7 @@ from typing import Any, Callable
 from transformers import Cache, PreTrainedConfig
 
 
-class ConfigError(ValueError):
-    """A bad method name or parameter; the message names the bad value and what is allowed."""
+from smartkv.errors import ConfigError  # noqa: E402  (re-exported: the name callers import from here)
 
 
 @dataclass(frozen=True)

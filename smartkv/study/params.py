@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from smartkv.methods.registry import ConfigError
+from smartkv.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 SPLITS = ("dev", "test")
