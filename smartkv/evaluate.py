@@ -102,6 +102,9 @@ def _one_run(model, tokenizer, sample: Sample, pre, run: RunSpec, target, ref_lo
             row.update(nll=-m["answer_logprob"], prediction="", score=math.nan)
         elif mode == "forced":
             row.update(prediction=tokenizer.decode(m["argmax"], skip_special_tokens=True), score=m["forced_exact"])
+        # tokens/s of the forwards that read the cache: the teacher-forced answer (forced mode);
+        # generate mode overwrites it with greedy decoding's. Decode speed proper: `smartkv bench`.
+        row["tokens_per_s"] = target.shape[1] / row["forced_s"] if row["forced_s"] > 0 else math.nan
     if "prediction" not in row:  # generate: from a fresh fork when the first one took the target
         mem_cache = cache
         if target is not None:

@@ -1,4 +1,7 @@
-"""Stage `latency`: decode throughput from the model stages' wall-clock timings.
+"""Stage `latency`: throughput of the forwards that read each cache, from the model stages' timings.
+
+In the default (teacher-forced) scoring that is the answer's forward through the cache, not a
+greedy decode loop; `python -m smartkv bench` measures decode speed proper.
 
 Reads data/timings/{baselines,smartkv,ablations}.parquet (the `split` seeds) and writes
 metrics/latency.json, plots/latency.{png,pdf} and plots/latency.csv. Timings differ on
