@@ -80,6 +80,15 @@ def peer_tasks(params: dict) -> list[str]:
     return tasks
 
 
+def peer_seeds(params: dict) -> list[int]:
+    """`peers_seeds`: the seeds of the split the peers run on (a subset, to bound their cost)."""
+    seeds = get(params, "peers_seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                          for x in seeds):
+        raise ParamError(f"peers_seeds={seeds!r} must be a non-empty list of seeds of the {peers_split(params)!r} split")
+    return seeds
+
+
 def model_dir(model: str) -> str:
     """The local folder to load: the converted default model, or the `model` param itself."""
     if model == "default":
@@ -113,17 +122,18 @@ def run(params: dict) -> None:
     import torch
 
     torch.manual_seed(0)
-    wanted = peer_tasks(params)
+    wanted, seeds = peer_tasks(params), peer_seeds(params)
     tasks = {seed: [x for x in samples if x.task in wanted]
-             for seed, samples in read_tasks(TASKS_FILE, peers_split(params)).items()}
+             for seed, samples in read_tasks(TASKS_FILE, peers_split(params)).items() if seed in seeds}
     if not any(tasks.values()):
-        raise ParamError(f"peers_tasks={wanted!r}: no prepared sample of the {peers_split(params)!r} split has these tasks")
+        raise ParamError(f"peers_tasks={wanted!r}, peers_seeds={seeds!r}: no prepared sample of the "
+                         f"{peers_split(params)!r} split has these tasks and seeds")
     model, tokenizer = load(folder, dtype, device)
     df = evaluate_peers(model, tokenizer, tasks, specs, max_new_tokens=new_tokens, log=log)
     order = {s.label: i for i, s in enumerate(specs)}
     df = df.sort_values(["seed", "task", "sample_id", "run"], key=lambda s: s.map(order) if s.name == "run" else s,
                         kind="stable").reset_index(drop=True)
-    config = {"model": name, "dtype": dtype, "device": device, "max_new_tokens": new_tokens, "tasks": wanted,
+    config = {"model": name, "dtype": dtype, "device": device, "max_new_tokens": new_tokens, "tasks": wanted, "seeds": seeds,
               "split": peers_split(params),
               "peers": [s.config() | {"label": s.label} for s in specs],
               "protocol": "question-aware: the whole prompt but its last token is prefilled under the press"}
