@@ -63,7 +63,10 @@ def hypothesis_sentence(h: dict) -> str:
     if h["verdict"] == "supported":
         return base + ", and each time quantizing the most-attended tokens is the more harmful."
     if h["verdict"] == "mixed":
-        return base + ", in both directions depending on the score and k."
+        way = lambda d: ", ".join(resolved.loc[resolved["direction"] == d, "comparison"])  # noqa: E731
+        return (base + f", in both directions: the most-attended tokens are the more harmful to quantize in "
+                f"{way('top more harmful')}, the least-attended in {way('bottom more harmful')}. Whether "
+                "attention marks the tokens that need bits depends on how attention is scored.")
     return base + "; the data do not say which side is more harmful."
 
 
@@ -185,8 +188,8 @@ def cost_section(lat: dict | None) -> list[str]:
     r = f.throughput(lat, "smartkv")
     if r is not None:
         lines += ["", f"The headline SmartKV run reaches {r:.2f} × FP16's throughput"
-                  + (": its importance tracking and bit unpacking cost time that the memory saving does not "
-                     "repay at these context lengths on a CPU." if r < 1 else ".")]
+                  + (" in this measurement: it is slower than FP16 here (where the time goes is not "
+                     "broken down by this stage)." if r < 1 else ".")]
     return lines + [""]
 
 
