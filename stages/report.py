@@ -1,4 +1,7 @@
-"""Stage `report`: REPORT.md from the current results (never edited by hand)."""
+"""Stage `report`: REPORT.md from the current results (never edited by hand).
+
+Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
+`errors` and `latency` (a missing one is named in its section) and the PNG figures."""
 
 from __future__ import annotations
 
@@ -6,11 +9,9 @@ import logging
 import os
 import platform
 
-import pandas as pd
-
 from smartkv.study import get
 from smartkv.study.runs import HEADLINE
-from stages.common import DATA, PLOTS, stage_main
+from stages.common import DATA, METRICS, PLOTS, stage_main
 
 log = logging.getLogger("stages.report")
 REPORT = "REPORT.md"
@@ -21,9 +22,12 @@ FIGURES = {
         "allocation_map",
     "Ablations at the headline budget (score per task, std over seeds)": "ablations",
     "Allocation regret against the oracle (importance from the whole FP16 generation)": "regret",
-    "Decode throughput relative to FP16 (wall clock on this machine)": "latency",
+    "Throughput of the teacher-forced answer forward relative to FP16 (wall clock on this machine)": "latency",
+    "Attention of one needle prompt (dev seed) per layer": "attention_heatmap",
+    "The hypothesis test: 2 bits on the top- vs bottom-attention tokens at equal bytes (KL and accuracy)":
+        "sensitivity",
+    "Error analysis: failure rate by depth and task (exact 95% CI), needle bits by outcome": "errors",
 }
-
 
 def setup(params: dict, n_samples: int) -> dict:
     tasks = get(params, "tasks", {}) or {}
@@ -42,35 +46,24 @@ def setup(params: dict, n_samples: int) -> dict:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.system()})",
     }
 
-
-def ablation_significance(tests: pd.DataFrame) -> str:
-    from smartkv.report import significance_table
-
-    return ("## Ablation significance\nEach ablation against the headline `smartkv` run (paired over task, "
-            "sample, seed); Δ = headline − ablation, so a positive Δ means the ablated component helps.\n\n"
-            + significance_table(tests) + "\n")
-
-
 @stage_main
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_text, provenance, read_parquet_with_meta
     from smartkv.report import render_report
+    from smartkv.report.findings import load_metrics
 
     summary, _ = read_parquet_with_meta(DATA / "summary.parquet")
     tests, _ = read_parquet_with_meta(DATA / "tests.parquet")
     abl_summary, _ = read_parquet_with_meta(DATA / "ablation_summary.parquet")
     abl_tests, _ = read_parquet_with_meta(DATA / "ablation_tests.parquet")
-    if not tests.empty:
-        tests = tests[tests["task"] == "all"].reset_index(drop=True)
     n = int(summary[summary["run"] == HEADLINE]["n_samples"].sum()) if len(summary) else 0
     figures = {cap: str(PLOTS / f"{stem}.png") for cap, stem in FIGURES.items() if (PLOTS / f"{stem}.png").exists()}
     config = {k: get(params, k, None) for k in ("model", "dtype", "seeds", "split", "tasks", "longbench", "budget", "budgets",
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
-    text = render_report(summary, tests, abl_summary, figures, setup(params, n), provenance(config, revision=True), report_dir=".")
-    text = text.replace("## Limitations", ablation_significance(abl_tests) + "## Limitations", 1)
+    text = render_report(summary, tests, abl_summary, figures, setup(params, n), provenance(config, revision=True),
+                         report_dir=".", metrics=load_metrics(METRICS), ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))
-
 
 if __name__ == "__main__":
     main()

@@ -26,14 +26,14 @@ BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
-           "matched_budgets.json"]
+           "matched_budgets.json", "errors.json"]
 DETERMINISTIC = [m for m in METRICS if m != "latency.json"]
-FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency", "sweeps"]
+FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency", "sweeps", "errors"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests"]
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "ablations", "stats",
-          "figures", "latency", "report", "sweeps"]
+          "figures", "latency", "errors", "report", "slides", "sweeps"]
 
 
 def run(cmd: list, cwd: Path) -> str:
@@ -138,6 +138,7 @@ def test_pipeline_end_to_end(origin: Path):
     report = (repo / "REPORT.md").read_text()
     for heading in ("## Setup", "## Main results", "## Figures", "## Ablations", "## Significance", "## Limitations"):
         assert heading in report
+    assert (repo / "slides.pdf").read_bytes()[:4] == b"%PDF"
     assert not list(repo.glob("**/.*.tmp")), "a temporary file was left behind"
 
     # Nothing changed: nothing runs.
@@ -150,7 +151,7 @@ def test_pipeline_end_to_end(origin: Path):
     timings = (repo / "data/timings/smartkv.parquet").read_bytes()
     run([DVC, "repro", "--force", "--single-item", "smartkv"], repo)
     out = run([DVC, "repro"], repo)
-    assert ran_stages(out) == {"latency", "report"}, out[-2000:]
+    assert ran_stages(out) == {"latency", "report", "slides"}, out[-2000:]
     for path, data in before.items():
         assert (repo / path).read_bytes() == data, f"{path} changed on a re-run"
     assert (repo / "data/timings/smartkv.parquet").read_bytes() != timings  # the clock did move
@@ -166,7 +167,8 @@ def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path:
 
     # The headline budget: only what reads it re-runs (not prepare, baselines or match).
     out = run([DVC, "exp", "run", "-S", "budget=0.3"], clone)
-    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "report"}, out[-2000:]
+    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "errors", "report",
+                                "slides"}, out[-2000:]
     main = json.loads((clone / "metrics/main.json").read_text())["runs"]
     assert main["smartkv"]["kv_ratio"] <= 0.3 + 1e-6
     git("checkout", "--", ".", cwd=clone)  # every output is in git: this restores the committed study

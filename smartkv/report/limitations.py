@@ -1,0 +1,87 @@
+"""The limitations section, computed, not written by hand, so it cannot drift from the results.
+
+It lists first the significant losses (SmartKV worse than its matched baseline, or an
+ablated variant better than the headline, after Holm), apart from the comparisons that are
+inconclusive after Holm; then samples and seeds that are few, budgets the measured memory
+exceeded, and tasks the FP16 model itself fails.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import pandas as pd
+
+from smartkv.stats import PERPLEXITY_TASK, comparison_table, run_memory
+
+SMALL_N = 30  # below this, a paired test has little power for a few-point difference
+FEW_SEEDS = 3
+
+
+def significance_table(tests: pd.DataFrame) -> str:
+    return comparison_table(tests)
+
+
+def _pair(r) -> str:
+    return f"`{r.target}` vs `{r.baseline}` ({r.measure}, {r.task}: Δ = {r.mean_diff:+.3f}, Holm p = {r.p_holm:.3g})"
+
+
+def significant_losses(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame | None = None) -> list[str]:
+    """One line per kind of loss that survives Holm: SmartKV worse than the baseline it is
+    matched with; the headline worse than an ablated variant (the component costs accuracy)."""
+    out = []
+    for frame, what in ((tests, "SmartKV is significantly worse than its matched baseline"),
+                        (ablation_tests, "the headline run is significantly worse than an ablated variant, "
+                                         "so the removed component costs rather than helps")):
+        if frame is None or frame.empty or "verdict" not in frame:
+            continue
+        lost = frame[frame["significant"].astype(bool) & (frame["verdict"] == "target worse")]
+        if len(lost):
+            out.append(f"**Significant loss** — {what}: " + "; ".join(_pair(r) for r in lost.itertuples()) + ".")
+    return out
+
+
+def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
+                ablation_tests: pd.DataFrame | None = None) -> list[str]:
+    out = significant_losses(tests, ablation_tests)
+    if tests is not None and not tests.empty:
+        ns = tests[~tests["significant"].astype(bool)]
+        if len(ns):
+            pairs = ", ".join(f"`{r.target}` vs `{r.baseline}` ({r.measure}, {r.task})" for r in ns.itertuples())
+            out.append(f"Inconclusive (Holm-adjusted p ≥ 0.05 within its family): {pairs}. "
+                       "These comparisons neither show a difference nor show its absence; the "
+                       "non-inferiority column and metrics/power.json say what the data can rule out.")
+        small = tests[tests["n_pairs"] < SMALL_N]
+        if len(small):
+            out.append(f"{len(small)} of {len(tests)} comparisons rest on fewer than {SMALL_N} "
+                       f"paired samples (smallest n = {int(small['n_pairs'].min())}); "
+                       "small effects cannot be detected.")
+        if "n_clusters" in tests and (tests["n_clusters"] < tests["n_pairs"]).any():
+            out.append("Some prompts share a cluster (e.g. a haystack): their CIs resample whole "
+                       "clusters, but the McNemar and t p-values assume independent pairs.")
+        if "match" in tests and (tests["match"] == "nearest_above").any():
+            above = tests[tests["match"] == "nearest_above"].drop_duplicates("baseline")
+            out.append("No SmartKV run fits within the memory of " + ", ".join(f"`{b}`" for b in above["baseline"])
+                       + ": those comparisons give SmartKV more bytes.")
+    if not summary.empty:
+        seeds = int(summary["n_seeds"].min())
+        if seeds < FEW_SEEDS:
+            out.append(f"Only {seeds} seed(s) for some runs: the ± spreads are "
+                       + ("undefined (shown as none)." if seeds < 2 else "rough."))
+        memory, budget = run_memory(summary), summary.groupby("run", sort=False)["budget"].first()
+        for run, b in budget.dropna().items():
+            if memory[run] > b + 1e-9:
+                out.append(f"`{run}` measured {memory[run]:.3f} × FP16 memory, above its budget {b:.3f}.")
+        fp = summary[(summary["method"] == "fp16") & (summary["task"] != PERPLEXITY_TASK)]
+        hard = fp[fp["score_mean"] < 0.5]
+        if len(hard):
+            out.append("The FP16 model itself scores below 0.5 on " + ", ".join(hard["task"])
+                       + ": differences there measure the model's limits as much as the cache's.")
+    model = setup.get("model", "the model")
+    size = setup.get("model_params")
+    out.append(f"One small model ({model}{', ' + str(size) + ' parameters' if size else ''}); "
+               "results may not transfer to larger models or other architectures.")
+    if setup.get("machine"):
+        out.append(f"Throughput was measured on {setup['machine']}; only ratios between runs "
+                   "on the same machine are meaningful.")
+    return out

@@ -1,0 +1,216 @@
+"""The report's sections that depend on results: each sentence is chosen by the numbers it states.
+
+A section whose metrics file is missing says so instead of failing, so a partial pipeline
+(or the tiny test profile) still renders.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from smartkv.report import findings as f
+from smartkv.stats.tables import _p
+
+
+def _ci(d, lo, hi, digits=3) -> str:
+    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _cmp_sentence(r) -> str:
+    head = f"`{r['target']}` ({r['target_kv_ratio']:.3f} × FP16) vs `{r['baseline']}` ({r['baseline_kv_ratio']:.3f})"
+    stat = f"Δ accuracy {_ci(r['mean_diff'], r['ci_lo'], r['ci_hi'])}, n = {int(r['n_pairs'])}, Holm p = {_p(r['p_holm'])}"
+    word = {f.WIN: "**SmartKV is significantly better**", f.LOSS: "**SmartKV is significantly worse**",
+            f.INCONCLUSIVE: "inconclusive"}[r["outcome"]]
+    return f"{head}: {word} ({stat})."
+
+
+def summary_of_findings(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
+    out = []
+    t = f.matched_score_tests(tests)
+    if len(t):
+        n = {k: int((t["outcome"] == k).sum()) for k in (f.WIN, f.LOSS, f.INCONCLUSIVE)}
+        out.append(f"Against {len(t)} baselines at matched memory (pooled accuracy, exact McNemar, Holm): "
+                   f"SmartKV is significantly better in {n[f.WIN]}, significantly worse in {n[f.LOSS]}, "
+                   f"and inconclusive in {n[f.INCONCLUSIVE]}.")
+        out += [_cmp_sentence(r) for r in t.to_dict("records") if r["outcome"] != f.INCONCLUSIVE]
+    else:
+        out.append("No matched comparisons were run.")
+    h = f.hypothesis(metrics.get("sensitivity"))
+    if h:
+        out.append(hypothesis_sentence(h))
+    e = f.error_totals(metrics.get("errors"))
+    if e:
+        out.append(f"Over {e['n']} paired prompts, SmartKV alone fails {e['smartkv_fails']} and its matched "
+                   f"baseline alone fails {e['baseline_fails']}.")
+    r = f.throughput(metrics.get("latency"), "smartkv")
+    if r is not None:
+        out.append(f"The headline run's teacher-forced throughput is {r:.2f} × FP16's on this machine"
+                   + (" (slower)." if r < 1 else "."))
+    return [f"- {x}" for x in out] + [""]
+
+
+def hypothesis_sentence(h: dict) -> str:
+    d = h["table"]
+    resolved = d[d["direction"] != "unresolved"]
+    base = (f"The premise (2 bits on the most-attended tokens hurt more than on the least-attended, at equal "
+            f"bytes) is **{h['verdict']}**: in {len(resolved)} of {len(d)} comparisons the KL CI resolves a "
+            "direction")
+    if h["verdict"] == "contradicted":
+        return base + ", and each time quantizing the *least*-attended tokens is the more harmful. " \
+                      "Attention rank alone does not mark the tokens that need bits."
+    if h["verdict"] == "supported":
+        return base + ", and each time quantizing the most-attended tokens is the more harmful."
+    if h["verdict"] == "mixed":
+        way = lambda d: ", ".join(resolved.loc[resolved["direction"] == d, "comparison"])  # noqa: E731
+        return (base + f", in both directions: the most-attended tokens are the more harmful to quantize in "
+                f"{way('top more harmful')}, the least-attended in {way('bottom more harmful')}. Whether "
+                "attention marks the tokens that need bits depends on how attention is scored.")
+    return base + "; the data do not say which side is more harmful."
+
+
+def matched_table(tests: pd.DataFrame | None) -> list[str]:
+    """Each baseline with its matched SmartKV run: both sides' measured memory and accuracy."""
+    t = f.matched_score_tests(tests)
+    if t.empty:
+        return ["_no matched comparisons were run_", ""]
+    lines = ["| baseline | its memory (× FP16) | its accuracy | SmartKV run | SmartKV memory | SmartKV accuracy "
+             "| Δ [95% CI] | n | p (Holm) | result |", "|" + "---|" * 10]
+    for r in t.to_dict("records"):
+        sig = r["outcome"] != f.INCONCLUSIVE
+        res, p = r["outcome"], _p(r["p_holm"])
+        lines.append(f"| `{r['baseline']}` | {r['baseline_kv_ratio']:.3f} | {r['baseline_mean']:.3f} | "
+                     f"{r['target']} | {r['target_kv_ratio']:.3f} | {r['target_mean']:.3f} | "
+                     f"{_ci(r['mean_diff'], r['ci_lo'], r['ci_hi'])} | {int(r['n_pairs'])} | "
+                     f"{'**' + p + '**' if sig else p} | {'**' + res + '**' if sig else res} |")
+    return lines + [""]
+
+
+def per_task_lines(tests: pd.DataFrame | None) -> list[str]:
+    """Per-task accuracy comparisons that survive Holm within the per-task family."""
+    if tests is None or tests.empty:
+        return []
+    t = tests[(tests["task"] != "all") & (tests["measure"] == "score")]
+    if t.empty:
+        return []
+    sig = t[t["significant"].astype(bool)]
+    if sig.empty:
+        return [f"Per task, none of the {len(t)} accuracy comparisons survives Holm: every per-task "
+                "difference is inconclusive.", ""]
+    return [f"Per task, {len(sig)} of {len(t)} accuracy comparisons survive Holm:", ""] + [
+        f"- {r.task}: `{r.target}` vs `{r.baseline}` {r.verdict} (Δ = {r.mean_diff:+.3f}, Holm p = {_p(r.p_holm)})"
+        for r in sig.itertuples()] + [""]
+
+
+def attention_section(att: dict | None) -> list[str]:
+    if not att:
+        return [f.missing("attention", "attention"), ""]
+    lines = [f"Attention of the default model on {att.get('n_prompts')} dev-seed needle prompts, per phase "
+             "(mean over layers and KV heads):", "",
+             "| phase | entropy (norm.) | top-1% share | top-10% share | sink share | needle share | question share |",
+             "|---|---|---|---|---|---|---|"]
+    for phase, v in att.get("phases", {}).items():
+        o = v.get("overall", {})
+        cell = lambda k: "–" if o.get(k) is None else f"{o[k]:.3f}"  # noqa: E731
+        lines.append(f"| {phase} | {cell('entropy_norm')} | {cell('top1_share')} | {cell('top10_share')} | "
+                     f"{cell('sink_share')} | {cell('needle_share')} | {cell('question_share')} |")
+    dec = att.get("phases", {}).get("decode", {}).get("overall", {})
+    if dec.get("top10_share") is not None:
+        conc = "concentrated" if dec["top10_share"] > 0.5 else "spread out"
+        lines += ["", f"At decode, the top 10% of tokens receive {dec['top10_share']:.0%} of the attention: "
+                  f"attention is {conc}" + (f", and the sinks alone take {dec['sink_share']:.0%}."
+                                            if dec.get("sink_share") is not None else ".")]
+    return lines + [""]
+
+
+def sensitivity_section(sens: dict | None) -> list[str]:
+    h = f.hypothesis(sens)
+    if h is None:
+        return [f.missing("sensitivity", "sensitivity"), ""]
+    d = sens.get("design", {})
+    lines = [f"Per layer, k tokens go to {d.get('low_bits')} bits and the rest to {d.get('high_bits')} (equal "
+             f"bytes); the k are the top- or bottom-ranked by attention. n = {h['n_prompts']} passkey prompts "
+             f"(FP16 accuracy {h['fp16_accuracy']:.3f}). Δ KL = KL(top) − KL(bottom) with its bootstrap 95% CI; "
+             "accuracy compared by exact McNemar, Holm over the comparisons (bold = survives).", "",
+             "| comparison | n | Δ KL [95% CI] | acc. top-k at low bits | acc. bottom-k at low bits | p (Holm) | direction (KL) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in h["table"].to_dict("records"):
+        p = _p(r["p_holm"])
+        lines.append(f"| {r['comparison']} | {r['n']} | {_ci(r['kl_diff'], r['kl_lo'], r['kl_hi'], 4)} | "
+                     f"{r['acc_top']:.3f} | {r['acc_bottom']:.3f} | {'**' + p + '**' if r['significant'] else p} | "
+                     f"{r['direction']} |")
+    return lines + ["", hypothesis_sentence(h), ""]
+
+
+def errors_section(err: dict | None) -> list[str]:
+    if not err:
+        return [f.missing("errors", "errors"), ""]
+    lines = ["Every prompt where exactly one side of a tested pair is right is listed in `data/errors.parquet`.", "",
+             "| SmartKV run vs baseline | n | SmartKV alone fails | baseline alone fails |", "|---|---|---|---|"]
+    for key, p in err.get("pairs", {}).items():
+        lines.append(f"| `{key.replace('_vs_', '` vs `')}` | {p['n']} | {p['smartkv fails']} | {p['baseline fails']} |")
+    strata = err.get("strata", {})
+    rows = [(run, factor, level, v) for run, fs in strata.items() for factor, ls in fs.items()
+            for level, v in ls.items() if len(ls) > 1 and run.startswith("smartkv")]
+    if rows:
+        lines += ["", "Failure rate of the SmartKV runs by factor (exact 95% CI; factors the study varied):", "",
+                  "| run | factor | level | n | failure rate [95% CI] |", "|---|---|---|---|---|"]
+        lines += [f"| `{run}` | {factor} | {level} | {v['n']} | {v['rate']:.3f} [{v.get('ci_lo', math.nan):.3f}, "
+                  f"{v.get('ci_hi', math.nan):.3f}] |" for run, factor, level, v in rows]
+    bits = err.get("needle_bits", {})
+    if bits:
+        lines += ["", "Bits on the needle's tokens against the haystack's (mean over prompts):", "",
+                  "| run | outcome | n | needle bits | haystack bits | gap | p (Mann-Whitney, gap success vs failure) |",
+                  "|---|---|---|---|---|---|---|"]
+        for run, outs in bits.items():
+            for o, v in outs.items():
+                cell = lambda k: "–" if k not in v else f"{v[k]:.3f}"  # noqa: E731
+                lines.append(f"| `{run}` | {o} | {v['n']} | {cell('needle_bits')} | {cell('haystack_bits')} | "
+                             f"{cell('gap')} | {_p(v['p_gap']) if 'p_gap' in v else '–'} |")
+    lines += ["", "Attention entropy per failure is not in the results rows (the attention stage runs on dev "
+              "prompts), so it is not analysed here."]
+    return lines + [""]
+
+
+def cost_section(lat: dict | None) -> list[str]:
+    if not lat or not lat.get("runs"):
+        return [f.missing("latency", "latency"), ""]
+    runs = lat["runs"]
+    fp = runs.get("fp16", {}).get("tokens_per_s")
+    lines = ["Throughput of the teacher-forced answer forward through each cache, from the model stages' wall "
+             "clock (mean tokens/s over prompts; same machine). This is not decode speed: "
+             "`python -m smartkv bench` measures greedy decode per token.", "",
+             "| run | tokens/s (mean) | median | × FP16 |", "|---|---|---|---|"]
+    for run, v in runs.items():
+        rel = f"{v['tokens_per_s'] / fp:.2f}" if fp else "–"
+        lines.append(f"| `{run}` | {v['tokens_per_s']:.1f} | {v.get('tokens_per_s_median', math.nan):.1f} | {rel} |")
+    r = f.throughput(lat, "smartkv")
+    if r is not None:
+        lines += ["", f"The headline SmartKV run reaches {r:.2f} × FP16's throughput"
+                  + (" in this measurement: it is slower than FP16 here (where the time goes is not "
+                     "broken down by this stage)." if r < 1 else ".")]
+    return lines + [""]
+
+
+def conclusion(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
+    c = f.comparison_counts(tests)
+    wins, losses = len(c[f.WIN]), len(c[f.LOSS])
+    h = f.hypothesis(metrics.get("sensitivity"))
+    if wins and not losses:
+        head = (f"At matched memory SmartKV beats {wins} baseline(s) significantly and loses to none: "
+                "per-token precision pays off where uniform widths fail.")
+    elif losses and not wins:
+        head = (f"At matched memory SmartKV loses significantly to {losses} baseline(s) and beats none: "
+                "in this setting the attention-guided allocation does not earn its bytes.")
+    elif wins and losses:
+        head = f"SmartKV's result depends on the baseline: {wins} significant win(s), {losses} significant loss(es)."
+    else:
+        head = "No matched comparison is significant after Holm: the study cannot tell SmartKV from its baselines."
+    lines = [head]
+    if h and h["verdict"] == "contradicted":
+        lines.append("The sensitivity test contradicts the method's premise, so an importance signal other "
+                     "than attention rank (e.g. the measured error itself) is the next thing to try.")
+    elif h and h["verdict"] == "supported":
+        lines.append("The sensitivity test supports the premise that attention marks the tokens that need bits.")
+    return lines + [""]

@@ -1,0 +1,35 @@
+"""Stage `slides`: the 12-slide talk, slides.pdf at the repository root, from the study's results.
+
+Reads what the `report` stage reads (summaries, tests, metrics, the PNGs in plots/) and
+words the same findings (smartkv/report/findings.py); the PDF carries no creation date.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from smartkv.study.runs import HEADLINE
+from stages.common import DATA, METRICS, PLOTS, stage_main
+from stages.report import setup
+
+log = logging.getLogger("stages.slides")
+SLIDES = Path("slides.pdf")
+
+
+@stage_main
+def main(params: dict) -> None:
+    from smartkv.io import read_parquet_with_meta
+    from smartkv.report.findings import load_metrics
+    from smartkv.report.slides import render_slides
+
+    summary, _ = read_parquet_with_meta(DATA / "summary.parquet")
+    tests, _ = read_parquet_with_meta(DATA / "tests.parquet")
+    abl_tests, _ = read_parquet_with_meta(DATA / "ablation_tests.parquet")
+    n = int(summary[summary["run"] == HEADLINE]["n_samples"].sum()) if len(summary) else 0
+    render_slides(summary, tests, abl_tests, load_metrics(METRICS), setup(params, n), PLOTS, SLIDES)
+    log.info("wrote %s", SLIDES)
+
+
+if __name__ == "__main__":
+    main()
