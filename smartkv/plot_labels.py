@@ -115,4 +115,7 @@ def wilson_interval(k, n, z: float = 1.959963984540054) -> tuple[np.ndarray, np.
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    # At k = 0 (k = n) the bound is exactly 0 (1); rounding would leave it a hair inside.
+    lo = np.where(k == 0, 0.0, np.clip(centre - half, 0, 1))
+    hi = np.where(k == n, 1.0, np.clip(centre + half, 0, 1))
+    return lo, hi

@@ -131,7 +131,7 @@ def memory_breakdown_figure(df: pd.DataFrame) -> Figure:
     ax.set_xlabel("KV-cache memory (fraction of FP16 bytes), by what holds it")
     ax.grid(axis="y", visible=False)
     handles = [Patch(facecolor=PART_COLORS.get(p, "#DDDDDD"), hatch="//" if p == NOT_ITEMIZED else "",
-                     label=MEMORY_PARTS.get(p, "not itemized (results predate the breakdown)")) for p in parts]
+                     label=MEMORY_PARTS.get(p, "not itemized (these rows carry no breakdown)")) for p in parts]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(f"Where the KV memory goes ({_n_text(t['n'], 'prompts')})\n"
                  "bars: mean over prompts of each part's bytes ÷ FP16 bytes; the parts add up to the total shown",

@@ -55,9 +55,7 @@ def placeholder(stem, text: str):
 
 def regret_bars(abl: pd.DataFrame, oracle: str, stem):
     """Accuracy each allocation policy loses against the oracle allocation (higher = worse)."""
-    from matplotlib.figure import Figure
-
-    from smartkv.plots import _save, _styled
+    from smartkv.plots import _save
 
     return _save(regret_figure(abl, oracle), stem)
 
