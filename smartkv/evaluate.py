@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from smartkv import scoring
 from smartkv.allocate import BudgetError
 from smartkv.answer_scores import answer_measures, target_ids
+from smartkv.cache.base import MEMORY_PARTS
 from smartkv.methods.registry import config_dict
 from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, needs_tracker, oracle_tracker,
                             prefill)
@@ -119,8 +120,15 @@ def _one_run(model, tokenizer, sample: Sample, pre, run: RunSpec, target, ref_lo
     row.update(kv_bytes=int(mem["kv_bytes"]), fp16_kv_bytes=int(mem["fp16_kv_bytes"]), kv_ratio=float(mem["ratio"]),
                mean_bits=float(mem["mean_bits"]), tracker_bytes=int(mem["tracker_bytes"]),
                reallocations=int(mem.get("reallocations", 0)))
+    row.update(breakdown_columns(mem.get("breakdown", {})))
     row.update(needle_bits(tokenizer, sample, cache, int(pre.input_ids.shape[1])))
     return row
+
+
+def breakdown_columns(breakdown: dict[str, int]) -> dict[str, int]:
+    """`kv_<part>_bytes` for every part of `MEMORY_PARTS` (0 where the cache holds none): the
+    results' itemized memory, which adds up to `kv_bytes` (the memory-breakdown figure)."""
+    return {f"kv_{part}_bytes": int(breakdown.get(part, 0)) for part in MEMORY_PARTS}
 
 
 def needle_token_span(tokenizer, sample: Sample) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from smartkv.io import atomic_path, atomic_write_text
+from smartkv.plot_labels import clipped_errors, place_labels
 from smartkv.stats import PERPLEXITY_TASK, overall
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -56,6 +57,11 @@ def _styled(fn):
 
 
 def _save(fig: Figure, out_stem: str | Path) -> list[Path]:
+    with matplotlib.rc_context(_RC):  # rc read at save time (pdf.fonttype) holds for every caller
+        return _save_styled(fig, out_stem)
+
+
+def _save_styled(fig: Figure, out_stem: str | Path) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = Path(f"{out_stem}.{ext}")
@@ -71,15 +77,28 @@ def _family_color(family) -> str:
     return FAMILY_COLOR.get(family, "#555555")
 
 
-@_styled
-def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
-    """Accuracy (mean over tasks, std over seeds) vs measured KV memory (fraction of FP16).
+def sample_counts(frame: pd.DataFrame) -> tuple[str, int | None]:
+    """"n = ..." for a caption: prompts (x seeds) per run over the accuracy tasks, from a
+    per-sample frame or a summary; a range where runs differ. Also the number of seeds."""
+    acc = frame[frame["task"] != PERPLEXITY_TASK]
+    if "sample_id" in acc.columns:
+        per_run = acc.groupby("run")["score"].count()
+        seeds = acc["seed"].nunique() if "seed" in acc.columns else None
+    else:
+        per_run = acc.groupby("run")["n_rows"].sum() if "n_rows" in acc.columns else pd.Series(dtype=float)
+        seeds = int(acc["n_seeds"].max()) if "n_seeds" in acc.columns and len(acc) else None
+    if per_run.empty:
+        return "n unknown", seeds
+    lo, hi = int(per_run.min()), int(per_run.max())
+    return (f"n = {lo} prompts per run" if lo == hi else f"n = {lo}–{hi} prompts per run"), seeds
 
-    SmartKV and ablation variants of one method are joined across budgets as a curve;
-    baselines are single points. Up and to the left is better.
-    """
+
+@_styled
+def pareto_figure(summary_or_df: pd.DataFrame) -> tuple[Figure, list]:
+    """The Pareto figure and its point labels (returned so that tests can check their boxes)."""
     ov = overall(summary_or_df).sort_values("kv_ratio")
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    n_text, seeds = sample_counts(summary_or_df)
+    fig = Figure(figsize=(7.6, 4.8), layout="constrained")
     ax = fig.add_subplot()
     # Legend order follows the table: baselines, peers, SmartKV, ablations.
     rank = ov["family"].map({"baseline": 0, "peer": 1, "smartkv": 2, "ablation": 3}).fillna(4)
@@ -91,7 +110,8 @@ def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
         ax.errorbar(
             m["kv_ratio"],
             m["score_mean"],
-            yerr=m["score_std"].fillna(0.0),
+            # ±1 std, cut at the [0, 1] a score lives in
+            yerr=clipped_errors(m["score_mean"], m["score_std"], m["score_std"]),
             color=_family_color(family),
             marker=MARKERS[i % len(MARKERS)],
             markersize=7,
@@ -100,20 +120,26 @@ def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
             capsize=3,
             label=f"{method} ({family})",
         )
-        for r in m.itertuples():
-            ax.annotate(
-                r.run, (r.kv_ratio, r.score_mean), xytext=(5, 4), textcoords="offset points",
-                fontsize=7, color="#333333", zorder=1.8,  # under markers, over the grid
-                # A translucent box keeps labels readable where they cross error bars.
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
-            )
     ax.set_xlabel("Measured KV-cache memory (fraction of FP16 bytes)")
     ax.set_ylabel("Accuracy (mean over tasks)")
     ax.set_xlim(0, max(1.05, float(ov["kv_ratio"].max()) + 0.05))
-    ax.set_ylim(-0.02, 1.05)
-    ax.set_title("Accuracy vs KV memory (error bars: std over seeds)")
-    ax.legend(loc="lower right", frameon=False)
-    return _save(fig, out_stem)
+    ax.set_ylim(-0.02, 1.08)
+    # Outside the axes: a legend inside would hide points or their labels.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    seeds_text = f"{seeds} seeds" if seeds else "seeds"
+    ax.set_title(f"Accuracy vs KV memory ({n_text})\n"
+                 f"error bars: ±1 std of the mean over {seeds_text}, clipped to [0, 1]", fontsize=10)
+    labels = place_labels(ax, ov["kv_ratio"].to_numpy(), ov["score_mean"].to_numpy(), list(ov["run"]))
+    return fig, labels
+
+
+def pareto(summary_or_df: pd.DataFrame, out_stem: str | Path) -> list[Path]:
+    """Accuracy (mean over tasks, std over seeds) vs measured KV memory (fraction of FP16).
+
+    SmartKV and ablation variants of one method are joined across budgets as a curve;
+    baselines are single points. Up and to the left is better.
+    """
+    return _save(pareto_figure(summary_or_df)[0], out_stem)
 
 
 def needle_grid(df: pd.DataFrame, run: str, task: str) -> pd.DataFrame:
@@ -142,11 +168,14 @@ def needle_heatmaps(df: pd.DataFrame, runs: Sequence[str], out_stem: str | Path)
         for col, run in enumerate(runs):
             ax = axes[row, col]
             grid = needle_grid(d, run, task)
-            ax.set_title(f"{run} · {task}", fontsize=9)
             ax.grid(False)
             if grid.empty:
+                ax.set_title(f"{run} · {task}", fontsize=9)
                 ax.set_axis_off()
                 continue
+            cells = d[(d["run"] == run) & (d["task"] == task)].groupby(["depth", "context_length"])["score"].count()
+            n_cell = f"{cells.min()}" if cells.min() == cells.max() else f"{cells.min()}–{cells.max()}"
+            ax.set_title(f"{run} · {task} (n = {n_cell} per cell)", fontsize=9)
             im = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto",
                            interpolation="nearest")
             ax.set_xticks(range(grid.shape[1]), [f"{c // 1000}k" if c >= 1000 and c % 1000 == 0
@@ -159,10 +188,13 @@ def needle_heatmaps(df: pd.DataFrame, runs: Sequence[str], out_stem: str | Path)
             if grid.size <= 100:  # numbers are readable only on small grids
                 for (i, j), v in np.ndenumerate(grid.to_numpy()):
                     if not np.isnan(v):
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
                                 color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=axes, shrink=0.9, label="Mean score (0–1)")
     return _save(fig, out_stem)
+
+
+_LABEL_IN = 0.14  # inches of width a rotated 8-pt tick label needs
 
 
 def _token_label(t: str) -> str:
@@ -196,15 +228,18 @@ def allocation_map(
     norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
     idx = np.searchsorted(levels, bits)
 
-    fig = Figure(figsize=(float(np.clip(n_tokens * 0.09, 6.5, 16)), 3.6), layout="constrained")
+    # Token labels at 8 pt, rotated: each needs ~0.14 in of width. Label every `step`-th token
+    # so that the figure stays under 30 in wide (a smaller font would be unreadable in print).
+    step = max(1, math.ceil(n_tokens / max_labels), math.ceil(n_tokens / ((30 - 1.5) / _LABEL_IN)))
+    n_labels = math.ceil(n_tokens / step)
+    fig = Figure(figsize=(float(max(6.5, n_labels * _LABEL_IN + 1.5)), 3.8), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(idx, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
                    origin="lower")
     ax.grid(False)
-    step = max(1, math.ceil(n_tokens / max_labels))
     ticks = list(range(0, n_tokens, step))
     ax.set_xticks(ticks, [_token_label(tokens_text[i]) for i in ticks] if tokens_text else ticks,
-                  rotation=90, fontsize=6 if n_tokens > 40 else 8)
+                  rotation=90, fontsize=8)
     ax.set_xlabel("Prompt token" + (f" (one in {step} labelled)" if step > 1 else ""))
     ax.set_ylabel("Layer")
     if needle_span is not None:
@@ -216,13 +251,22 @@ def allocation_map(
     names = {0: "0 (evicted)", 16: "16 (FP16)"}
     cb.ax.set_yticklabels([names.get(int(b), f"{b:g}-bit") for b in levels])
     cb.set_label("Bits per value")
-    ax.set_title("SmartKV precision allocation")
+    ax.set_title(f"SmartKV precision allocation (n = 1 prompt: {n_tokens} tokens × {n_layers} layers)")
     return _save(fig, out_stem)
 
 
+def mark_zero_bars(ax, xs, heights, colors, width) -> list:
+    """A zero-height bar is invisible: draw a stub at 0 in its colour (returned for tests)."""
+    stubs = []
+    for x, h, c in zip(xs, heights, colors):
+        if np.isfinite(h) and abs(h) < 1e-12:
+            stubs += ax.plot([x - width / 2, x + width / 2], [0, 0], color=c, linewidth=3.5,
+                             solid_capstyle="butt", zorder=3, clip_on=False)
+    return stubs
+
+
 @_styled
-def ablation_bars(summary: pd.DataFrame, runs: Sequence[str], out_stem: str | Path) -> list[Path]:
-    """Grouped bars: score per task (plus the mean over tasks) for each run, std over seeds."""
+def ablation_bars_figure(summary: pd.DataFrame, runs: Sequence[str]) -> Figure:
     s = summary[summary["run"].isin(runs) & (summary["task"] != PERPLEXITY_TASK)]
     runs = [r for r in runs if r in set(s["run"])]
     if not runs:
@@ -231,30 +275,41 @@ def ablation_bars(summary: pd.DataFrame, runs: Sequence[str], out_stem: str | Pa
     groups = {t: s[s["task"] == t].set_index("run") for t in tasks}
     if len(tasks) > 1:
         groups["mean over tasks"] = overall(s).set_index("run")
-    fig = Figure(figsize=(max(5.5, 1.1 * len(groups) * (1 + 0.25 * len(runs))), 4.0),
-                 layout="constrained")
+    n_text, seeds = sample_counts(s)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * (1 + 0.3 * len(runs))), 4.4), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(runs)
     x = np.arange(len(groups))
+    crowded = len(runs) * len(groups) > 10
     for i, run in enumerate(runs):
-        mean = [g.loc[run, "score_mean"] if run in g.index else np.nan for g in groups.values()]
-        std = [g.loc[run, "score_std"] if run in g.index else np.nan for g in groups.values()]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, mean, width * 0.95,
-               yerr=np.nan_to_num(np.asarray(std, dtype=float)), capsize=3,
-               color=OKABE_ITO[i % len(OKABE_ITO)], hatch=HATCHES[(i // len(OKABE_ITO)) % len(HATCHES)],
-               edgecolor="white", linewidth=0.5, label=run, error_kw={"elinewidth": 1})
+        mean = np.array([g.loc[run, "score_mean"] if run in g.index else np.nan for g in groups.values()], dtype=float)
+        std = np.array([g.loc[run, "score_std"] if run in g.index else np.nan for g in groups.values()], dtype=float)
+        color = OKABE_ITO[i % len(OKABE_ITO)]
+        xs = x + (i - (len(runs) - 1) / 2) * width
+        bars = ax.bar(xs, mean, width * 0.95, yerr=clipped_errors(np.nan_to_num(mean), std, std), capsize=3,
+                      color=color, hatch=HATCHES[(i // len(OKABE_ITO)) % len(HATCHES)],
+                      edgecolor="white", linewidth=0.5, label=run, error_kw={"elinewidth": 1})
+        mark_zero_bars(ax, xs, mean, [color] * len(xs), width * 0.95)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in mean], fontsize=8, padding=2,
+                     rotation=90 if crowded else 0)
     ax.set_xticks(x, list(groups))
     ax.set_ylabel("Score (mean ± std over seeds)")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.grid(axis="x", visible=False)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=min(4, len(runs)), frameon=False)
-    ax.set_title("Ablations")
-    return _save(fig, out_stem)
+    seeds_text = f"{seeds} seeds" if seeds else "seeds"
+    ax.set_title(f"Ablations ({n_text})\nbars: mean score; error bars: ±1 std over {seeds_text}, clipped to [0, 1]",
+                 fontsize=10)
+    return fig
+
+
+def ablation_bars(summary: pd.DataFrame, runs: Sequence[str], out_stem: str | Path) -> list[Path]:
+    """Grouped bars: score per task (plus the mean over tasks) for each run, std over seeds."""
+    return _save(ablation_bars_figure(summary, runs), out_stem)
 
 
 @_styled
-def latency_bars(summary: pd.DataFrame, out_stem: str | Path) -> list[Path]:
-    """Decode throughput of each run relative to FP16 on the same tasks (ratios, same run)."""
+def latency_bars_figure(summary: pd.DataFrame) -> Figure:
     fp = summary[summary["method"] == "fp16"]
     if fp.empty:
         raise ValueError("latency_bars needs an fp16 run in the summary to normalise against")
@@ -262,20 +317,30 @@ def latency_bars(summary: pd.DataFrame, out_stem: str | Path) -> list[Path]:
     s = summary[summary["task"].isin(ref.index)].copy()
     s["rel"] = s["tokens_per_s"] / s["task"].map(ref)
     rel = s.groupby("run", sort=False).agg(rel=("rel", "mean"), family=("family", "first"))
-    fig = Figure(figsize=(max(5.0, 0.55 * len(rel) + 1.5), 4.0), layout="constrained")
+    n_text, _ = sample_counts(s)
+    fig = Figure(figsize=(max(5.5, 0.55 * len(rel) + 1.5), 4.2), layout="constrained")
     ax = fig.add_subplot()
-    bars = ax.bar(range(len(rel)), rel["rel"], color=[_family_color(f) for f in rel["family"]])
-    ax.bar_label(bars, labels=[f"{v:.2f}×" for v in rel["rel"]], fontsize=7, padding=2)
+    colors = [_family_color(f) for f in rel["family"]]
+    bars = ax.bar(range(len(rel)), rel["rel"], color=colors)
+    mark_zero_bars(ax, range(len(rel)), rel["rel"].to_numpy(), colors, 0.8)
+    ax.bar_label(bars, labels=[f"{v:.2f}×" for v in rel["rel"]], fontsize=8, padding=2,
+                 rotation=90 if len(rel) > 10 else 0)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_ylim(0, 1.3 * max(1.0, float(rel["rel"].max())))  # headroom for labels and legend
+    ax.set_ylim(0, 1.35 * max(1.0, float(np.nanmax(rel["rel"].to_numpy(), initial=1.0))))
     ax.set_xticks(range(len(rel)), list(rel.index), rotation=45, ha="right")
     ax.set_ylabel("Decode tokens/s relative to FP16 (×)")
     ax.grid(axis="x", visible=False)
     handles = [Rectangle((0, 0), 1, 1, color=_family_color(f)) for f in dict.fromkeys(rel["family"])]
     families = list(dict.fromkeys(rel["family"]))
     ax.legend(handles, families, frameon=False, loc="upper right", ncols=len(families))
-    ax.set_title("Decode throughput (higher is faster)")
-    return _save(fig, out_stem)
+    ax.set_title(f"Decode throughput (higher is faster; {n_text})\n"
+                 "bars: mean over tasks of tokens/s ÷ FP16's (no spread: see the profile stage)", fontsize=10)
+    return fig
+
+
+def latency_bars(summary: pd.DataFrame, out_stem: str | Path) -> list[Path]:
+    """Decode throughput of each run relative to FP16 on the same tasks (ratios, same run)."""
+    return _save(latency_bars_figure(summary), out_stem)
 
 
 def write_plot_data(df: pd.DataFrame, path: str | Path) -> Path:

@@ -113,16 +113,18 @@ def oracle_tracker(model, pre: Prefill, max_new_tokens: int):
 
 
 def memory_of(cache) -> dict:
-    """kv_bytes / fp16_kv_bytes of any cache this project can build (SmartKV's or transformers' peers)."""
+    """kv_bytes / fp16_kv_bytes of any cache this project can build (SmartKV's or transformers' peers),
+    and `breakdown`: kv_bytes by part (smartkv.cache.base.MEMORY_PARTS)."""
     if hasattr(cache, "memory_report"):
         rep = cache.memory_report()
-        return {k: rep[k] for k in ("kv_bytes", "fp16_kv_bytes", "ratio", "tracker_bytes", "mean_bits")}
+        return {k: rep[k] for k in ("kv_bytes", "fp16_kv_bytes", "ratio", "tracker_bytes", "mean_bits", "breakdown")}
     from smartkv.methods.hf_quantized import hf_cache_nbytes
 
     rep = hf_cache_nbytes(cache)
     kv, fp16 = rep["kv_bytes"], rep["fp16_kv_bytes"]
     return {"kv_bytes": kv, "fp16_kv_bytes": fp16, "ratio": kv / fp16 if fp16 else float("nan"),
-            "tracker_bytes": 0, "mean_bits": float("nan")}
+            "tracker_bytes": 0, "mean_bits": float("nan"),
+            "breakdown": {"quantized": rep["quantized_bytes"], "window": rep["residual_bytes"]}}
 
 
 @torch.no_grad()

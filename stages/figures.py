@@ -5,6 +5,10 @@
 - allocation_map: bits per token x layer for a short needle prompt, needle outlined, the
   prompt's tokens as labels (a fresh SmartKV run at the headline settings);
 - ablations: ablation bars; regret: accuracy lost against the oracle allocation;
+- niah_pareto: needle accuracy alone, Wilson 95% CIs, vs memory (+ plots/niah_pareto.csv);
+- memory_breakdown: each run's bytes by part (codes, scales, index, sinks, window, key
+  statistics, tracker) from the results' kv_<part>_bytes columns (+ plots/memory_breakdown.csv);
+- perplexity_memory: perplexity vs memory on the perplexity texts (+ plots/perplexity_memory.csv);
 (Throughput has its own stage, `latency`: its inputs are wall-clock timings.)
 """
 
@@ -51,25 +55,38 @@ def placeholder(stem, text: str):
 
 def regret_bars(abl: pd.DataFrame, oracle: str, stem):
     """Accuracy each allocation policy loses against the oracle allocation (higher = worse)."""
+    from smartkv.plots import _save
+
+    return _save(regret_figure(abl, oracle), stem)
+
+
+def regret_figure(abl: pd.DataFrame, oracle: str):
+    """The regret bars (a Figure); `abl` is `overall()` of the runs, with `n_rows` where known."""
     from matplotlib.figure import Figure
 
-    from smartkv.plots import _save, _styled
+    from smartkv.plots import _styled, mark_zero_bars
 
     @_styled
     def draw():
         ref = abl.set_index("run")
         runs = [r for r in ref.index if r != oracle]
-        regret = [ref.loc[oracle, "score_mean"] - ref.loc[r, "score_mean"] for r in runs]
-        fig = Figure(figsize=(max(5.0, 0.7 * len(runs) + 1.5), 3.6), layout="constrained")
+        regret = np.array([ref.loc[oracle, "score_mean"] - ref.loc[r, "score_mean"] for r in runs], dtype=float)
+        fig = Figure(figsize=(max(5.5, 0.7 * len(runs) + 1.5), 3.8), layout="constrained")
         ax = fig.add_subplot()
         bars = ax.bar(range(len(runs)), regret, color="#D55E00")
-        ax.bar_label(bars, labels=[f"{v:+.3f}" for v in regret], fontsize=7, padding=2)
+        mark_zero_bars(ax, range(len(runs)), regret, ["#D55E00"] * len(runs), 0.8)
+        ax.bar_label(bars, labels=[f"{v:+.3f}" for v in regret], fontsize=8, padding=2)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(runs)), runs, rotation=45, ha="right")
         ax.set_ylabel(f"Regret: {oracle} − run (accuracy)")
-        ax.set_title("Allocation regret against the oracle")
+        n = ref["n_prompts"] if "n_prompts" in ref else None
+        n_text = "" if n is None or n.isna().all() else (
+            f"; n = {int(n.min())} prompts per run" if n.min() == n.max() else f"; n = {int(n.min())}–{int(n.max())} prompts per run")
+        ax.set_title(f"Allocation regret against the oracle{n_text}\n"
+                     "bars: difference of mean accuracy (mean over tasks), no interval: see the ablation tests",
+                     fontsize=10)
         ax.grid(axis="x", visible=False)
-        return _save(fig, stem)
+        return fig
 
     return draw()
 
@@ -95,6 +112,8 @@ def allocation_example(params: dict, settings: dict):
 def main(params: dict) -> None:
     from smartkv.io import read_parquet_with_meta
     from smartkv.plots import ablation_bars, needle_heatmaps, pareto, write_plot_data
+    from smartkv.plots_tradeoffs import (breakdown_table, memory_breakdown, niah_pareto, niah_table,
+                                         perplexity_memory, perplexity_table)
     from smartkv.stats import overall
 
     settings = figure_settings(params)
@@ -109,6 +128,22 @@ def main(params: dict) -> None:
     write_plot_data(ov[["run", "method", "family", "budget", "kv_ratio", "score_mean", "score_std"]]
                     .sort_values(["family", "kv_ratio"]), PLOTS / "pareto.csv")
 
+    if (main_df["task"] == "niah").any():
+        niah_pareto(main_df, PLOTS / "niah_pareto")
+        write_plot_data(niah_table(main_df)[["run", "method", "family", "kv_ratio", "accuracy", "ci_lo", "ci_hi", "k", "n"]],
+                        PLOTS / "niah_pareto.csv")
+    else:
+        placeholder(PLOTS / "niah_pareto", "no niah task in this study")
+        write_plot_data(pd.DataFrame(columns=["run", "kv_ratio", "accuracy"]), PLOTS / "niah_pareto.csv")
+    memory_breakdown(main_df, PLOTS / "memory_breakdown")
+    write_plot_data(breakdown_table(main_df), PLOTS / "memory_breakdown.csv")
+    if "nll" in main_df.columns and main_df["nll"].notna().any():
+        perplexity_memory(main_df, PLOTS / "perplexity_memory")
+        write_plot_data(perplexity_table(main_df), PLOTS / "perplexity_memory.csv")
+    else:
+        placeholder(PLOTS / "perplexity_memory", "no perplexity task in this study")
+        write_plot_data(pd.DataFrame(columns=["run", "kv_ratio", "ppl"]), PLOTS / "perplexity_memory.csv")
+
     runs = [r for r in settings["heatmap_runs"] if r in set(main_df["run"])]
     if runs and main_df["depth"].notna().any():
         needle_heatmaps(main_df, runs, PLOTS / "needle_heatmaps")
@@ -119,7 +154,10 @@ def main(params: dict) -> None:
 
     abl_runs = [HEADLINE, *dict.fromkeys(abl_df["run"])]
     ablation_bars(abl_summary, abl_runs, PLOTS / "ablations")
-    abl_ov = overall(pd.concat([main_df[main_df["run"] == HEADLINE], abl_df], ignore_index=True))
+    abl_rows = pd.concat([main_df[main_df["run"] == HEADLINE], abl_df], ignore_index=True)
+    abl_ov = overall(abl_rows)
+    scored = abl_rows[abl_rows["task"] != "perplexity"]
+    abl_ov["n_prompts"] = abl_ov["run"].map(scored.groupby("run")["score"].count())
     oracle = [r for r in abl_runs if "oracle" in r]
     if oracle:
         regret_bars(abl_ov, oracle[0], PLOTS / "regret")

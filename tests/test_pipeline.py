@@ -28,8 +28,9 @@ DVC = BIN / "dvc"
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json"]
 DETERMINISTIC = [m for m in METRICS if m != "latency.json"]
-FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "latency", "sweeps", "errors"]
-CSVS = ["pareto.csv", "latency.csv", "ablations.csv"]
+FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
+           "perplexity_memory", "latency", "sweeps", "errors"]
+CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests"]
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "ablations", "stats",

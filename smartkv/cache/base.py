@@ -54,6 +54,22 @@ def storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float16
 
 
+# Where a cache's bytes go, the parts `KVLayer.memory_breakdown` names (one vocabulary for
+# every method, so the figures stack them alike). Each layer's parts add up to its `nbytes()`.
+MEMORY_PARTS = {
+    "codes": "packed integer codes",
+    "scales": "scales and zero-points",
+    "index": "unit index (int32)",
+    "sinks": "sink tokens (FP16)",
+    "window": "recent window / residual (FP16)",
+    "fp16": "every token in FP16",
+    "key_stats": "key-smoothing centre and scale",
+    "tracker": "importance tracker",
+    "quantized": "codes + scales, not itemized",
+    "other": "not itemized by the layer",
+}
+
+
 class BudgetWarning(UserWarning):
     """A cache holds more than its budget (too short a context for it); it says until when."""
 
@@ -96,6 +112,11 @@ class KVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds for its K/V (codes, scales, zero-points, indices, FP16 parts)."""
         raise NotImplementedError
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """`nbytes()` split into the parts of `MEMORY_PARTS` (only the parts this layer holds);
+        the values add up to `nbytes()` exactly. A layer that does not itemize says so."""
+        return {"other": self.nbytes()}
 
     def fp16_nbytes(self) -> int:
         return 2 * 2 * self.batch * self.heads * self.seq_len * self.head_dim
@@ -232,7 +253,10 @@ class KVCache(Cache):
         """Bytes actually held, per layer and in total, against FP16 for the same tokens."""
         per_layer = []
         hist: dict[int, int] = {}
+        parts: dict[str, int] = {}
         for layer in self.layers:
+            for part, n in (layer.memory_breakdown() if layer.is_initialized else {}).items():
+                parts[part] = parts.get(part, 0) + n
             h = layer.bits_histogram()
             for b, n in h.items():
                 hist[b] = hist.get(b, 0) + n
@@ -251,6 +275,8 @@ class KVCache(Cache):
             "ratio": kv / fp16 if fp16 else float("nan"),
             # part of kv_bytes (the method keeps it per token), shown apart
             "tracker_bytes": self.tracker.nbytes if self.tracker is not None else 0,
+            # kv_bytes by part (MEMORY_PARTS): what the codes, scales, index, FP16 tokens... weigh
+            "breakdown": {p: parts[p] for p in MEMORY_PARTS if p in parts},
             "reallocations": max((getattr(layer, "reallocations", 0) for layer in self.layers), default=0),
             "mean_bits": (sum(b * n for b, n in hist.items()) / values) if values else float("nan"),
             "bits_histogram": dict(sorted(hist.items())),

@@ -51,6 +51,9 @@ class FP16Layer(KVLayer):
         # storage bytes: what the tensors keep alive, not what a view shows
         return 0 if self.keys is None else self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
+    def memory_breakdown(self) -> dict[str, int]:
+        return {"fp16": self.nbytes()}
+
     def bits_histogram(self) -> dict[int, int]:
         return {16: 0 if self.keys is None else self.keys.numel() + self.values.numel()}
 

@@ -166,6 +166,18 @@ class KIVILayer(KVLayer):
                 total += sum(storage_nbytes(p) for p in q.planes) + storage_nbytes(q.scale) + storage_nbytes(q.zero)
         return total
 
+    def memory_breakdown(self) -> dict[str, int]:
+        """Codes and scales of the quantized keys and values; the FP16 residuals as the window."""
+        if not self.is_initialized:
+            return {}
+        self._settle()
+        quantized = [q for q in (self.qkeys, self.qvalues) if q is not None]
+        return {
+            "codes": sum(storage_nbytes(p) for q in quantized for p in q.planes),
+            "scales": sum(storage_nbytes(q.scale) + storage_nbytes(q.zero) for q in quantized),
+            "window": storage_nbytes(self.keys) + storage_nbytes(self.values),
+        }
+
     def bits_histogram(self) -> dict[int, int]:
         if not self.is_initialized:
             return {}

@@ -502,15 +502,22 @@ class MixedPrecisionLayer(KVLayer):
 
     # --- memory -----------------------------------------------------------------------
     def nbytes(self) -> int:
+        return sum(self.memory_breakdown().values())
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held by part: the quantized region's codes, scales and index, the FP16 sinks and
+        window, the key-smoothing statistics, and this layer's importance-tracker state."""
         if not self.is_initialized:
-            return 0
+            return {}
         # storage bytes, not view bytes: a slice would keep its whole base alive (`_own` prevents it)
-        total = sum(t.untyped_storage().nbytes() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        total += self.store.nbytes
+        parts = self.store.memory_breakdown()
+        parts["sinks"] = self.sink_k.untyped_storage().nbytes() + self.sink_v.untyped_storage().nbytes()
+        parts["window"] = self.win_k.untyped_storage().nbytes() + self.win_v.untyped_storage().nbytes()
+        parts["key_stats"] = self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0
         tracker = self.cache.tracker if self.cache is not None else None
-        if tracker is not None and self.layer_idx in tracker.layers:
-            total += tracker.layers[self.layer_idx].nbytes  # importance state is memory the method keeps
-        return total + (self.k_scale.nbytes + self.k_shift.nbytes if self.k_scale is not None else 0)
+        # importance state is memory the method keeps
+        parts["tracker"] = tracker.layers[self.layer_idx].nbytes if tracker is not None and self.layer_idx in tracker.layers else 0
+        return parts
 
     def bits_histogram(self) -> dict[int, int]:
         if not self.is_initialized:

@@ -131,6 +131,15 @@ class PackedStore:
         total = sum(r.nbytes for r in self.rows.values())
         return total + sum(i.nbytes for i in self.index.values() if i is not None)
 
+    def memory_breakdown(self) -> dict[str, int]:
+        """`nbytes` split into packed codes, scales with zero-points, and the unit index."""
+        rows = list(self.rows.values())
+        return {
+            "codes": sum(p.nbytes for r in rows for p in r.planes),
+            "scales": sum(r.scale.nbytes + (r.zero.nbytes if r.zero is not None else 0) for r in rows),
+            "index": sum(i.nbytes for i in self.index.values() if i is not None),
+        }
+
     def values_per_width(self) -> dict[int, int]:
         """Number of values held at each bit width (0: evicted)."""
         hist: dict[int, int] = {}

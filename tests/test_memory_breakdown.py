@@ -1,0 +1,83 @@
+"""`memory_breakdown()`: every layer's parts add up to its `nbytes()`, on a tiny random model."""
+
+import pytest
+import torch
+
+from smartkv.attention import use_smartkv_attention
+from smartkv.cache.base import MEMORY_PARTS
+from smartkv.evaluate import breakdown_columns
+from smartkv.methods import build_cache
+from smartkv.models import tiny_model
+from smartkv.runner import memory_of
+
+SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+PROMPT_LEN, NEW = 160, 20
+
+METHODS = [
+    ("fp16", {}, {"fp16"}),
+    ("uniform", {"bits": 4}, {"codes", "scales"}),
+    ("kivi", {"bits": 2, "residual_length": 64}, {"codes", "scales", "window"}),
+    # sinks, window, key smoothing, tracker and several widths: every part of the mixed layer
+    ("smartkv", {"budget": 0.3, "sink_tokens": 4, "window": 8, "key_smoothing": True},
+     {"codes", "scales", "index", "sinks", "window", "key_stats", "tracker"}),
+    ("smartkv", {"budget": 0.1, "bits": (0, 2, 4)}, {"codes", "scales", "index", "tracker"}),  # evicts
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    m = tiny_model("llama", seed=0, **SHAPE)
+    use_smartkv_attention(m)
+    return m
+
+
+def _generate(model, cache):
+    ids = torch.randint(3, 250, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW,
+                   min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name,params,nonzero", METHODS, ids=[f"{n}-{p}" for n, p, _ in METHODS])
+def test_parts_add_up_to_nbytes(model, name, params, nonzero):
+    cache = build_cache(name, model.config, **params)
+    _generate(model, cache)
+    for layer in cache.layers:
+        parts = layer.memory_breakdown()
+        assert set(parts) <= set(MEMORY_PARTS)
+        assert all(isinstance(v, int) and v >= 0 for v in parts.values())
+        assert sum(parts.values()) == layer.nbytes() > 0
+    rep = cache.memory_report()
+    assert sum(rep["breakdown"].values()) == rep["kv_bytes"]
+    held = {p for p, v in rep["breakdown"].items() if v > 0}
+    assert nonzero <= held, f"{name}: expected {nonzero} among the parts held, got {held}"
+    if name != "fp16":
+        assert "fp16" not in held
+    if "tracker" in held:  # the tracker part is the tracker's bytes the layers keep
+        assert rep["breakdown"]["tracker"] == rep["tracker_bytes"]
+    # the results' columns: one per part, adding up to kv_bytes as well
+    cols = breakdown_columns(memory_of(cache)["breakdown"])
+    assert set(cols) == {f"kv_{p}_bytes" for p in MEMORY_PARTS}
+    assert sum(cols.values()) == rep["kv_bytes"]
+
+
+def test_codes_follow_the_bit_width(model):
+    # Same tokens at 2 and 4 bits: the codes double, the scales (one pair per group) stay.
+    two, four = build_cache("uniform", model.config, bits=2), build_cache("uniform", model.config, bits=4)
+    _generate(model, two), _generate(model, four)
+    b2, b4 = two.memory_report()["breakdown"], four.memory_report()["breakdown"]
+    assert b4["codes"] == 2 * b2["codes"]
+    assert b4["scales"] == b2["scales"] > 0
+
+
+def test_layer_without_itemization_reports_other():
+    from smartkv.cache.base import KVLayer
+
+    class Opaque(KVLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return key_states, value_states
+
+        def nbytes(self):
+            return 123
+
+    assert Opaque().memory_breakdown() == {"other": 123}
