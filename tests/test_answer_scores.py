@@ -63,6 +63,14 @@ def test_one_forward_equals_token_by_token(model, name, params, length):
     fast, _ = forced_logits(model, pre, fork(pre, run, model)[0], target)
     slow = _stepwise_logits(model, pre, fork(pre, run, model)[0], target)
     assert fast.shape == (ANSWER_LEN, model.config.vocab_size)
+    if name == "kivi":
+        # KIVI as published quantizes the value that leaves its FP16 residual after each step's
+        # attention. One forward over the answer appends its tokens at once, so up to
+        # ANSWER_LEN - 1 values that step-by-step decoding would already hold at 2 bits are still
+        # FP16 for the answer's queries: teacher-forced KIVI holds a few values more precisely
+        # than greedy decoding would (a small edge to the baseline), by a bounded amount.
+        assert 0 < float((fast - slow).abs().max()) < 0.05
+        return
     torch.testing.assert_close(fast, slow, atol=2e-4, rtol=1e-4)
 
 
