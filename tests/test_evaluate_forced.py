@@ -25,7 +25,11 @@ class ByteTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def __call__(self, prompts, return_tensors="pt", padding=True, add_special_tokens=True):
+    def __call__(self, prompts, return_tensors="pt", padding=True, add_special_tokens=True,
+                 return_offsets_mapping=False):
+        if return_offsets_mapping:  # one prompt, as the needle-bits column asks (ASCII: byte i is char i)
+            ids = self.encode(prompts)
+            return {"input_ids": ids, "offset_mapping": [(i, i + 1) for i in range(len(ids))]}
         rows = [self.encode(p) for p in prompts]
         width = max(map(len, rows))
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
