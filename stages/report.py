@@ -60,10 +60,33 @@ def main(params: dict) -> None:
     figures = {cap: str(PLOTS / f"{stem}.png") for cap, stem in FIGURES.items() if (PLOTS / f"{stem}.png").exists()}
     config = {k: get(params, k, None) for k in ("model", "dtype", "seeds", "split", "tasks", "longbench", "budget", "budgets",
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
-    text = render_report(summary, tests, abl_summary, figures, setup(params, n), provenance(config, revision=True),
+    prov = provenance(config, revision=True)
+    prov["git_revision"] = code_revision(prov["git_revision"])
+    text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=load_metrics(METRICS), ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))
+
+# What `dvc repro` itself rewrites before this stage runs: not a change to the code or params
+# that made the results, so it does not make the revision "-dirty".
+PIPELINE_OUTPUTS = ("data", "metrics", "plots", "dvc.lock", "REPORT.md", "slides.pdf")
+
+
+def code_revision(revision: str) -> str:
+    """HEAD, marked "-dirty" only when code or params differ from it (outputs excluded)."""
+    import subprocess
+
+    rev = revision.removesuffix("-dirty")
+    if rev == "unknown":
+        return rev
+    excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded], capture_output=True,
+                               text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return revision
+    return rev + ("-dirty" if dirty else "")
+
 
 if __name__ == "__main__":
     main()
