@@ -2,7 +2,7 @@
 
 The classic passkey prompt (Mohtashami & Jaggi 2023): "The grass is green..." repeated, a
 five-digit pass key at a random depth, then the question. Dev seeds only (>= 100).
-Usage: python scripts/pilot_gemma_passkey.py [model] [lengths...]
+Usage: PYTHONPATH=$PWD python docs/probes/pilot_gemma_passkey.py [model] [lengths...]
 """
 
 import json
