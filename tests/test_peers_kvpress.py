@@ -3,7 +3,6 @@ stage run end to end in `.venv-kvpress` on a tiny model (skipped where that venv
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -152,7 +151,6 @@ def kvpress_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage_in_kvpress_venv_matches_our_protocol(kvpress_run):
-    from smartkv import scoring
     from smartkv.evaluate import evaluate
     from smartkv.io import read_parquet_with_meta
     from smartkv.runner import RunSpec
