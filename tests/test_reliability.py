@@ -176,7 +176,8 @@ def test_reorder_and_crop_move_per_token_state_with_the_tokens(method, params):
     layer = cache.layers[1]
     k, v = _held(layer)
     bits = layer.bits_map() if hasattr(layer, "bits_map") else None
-    imp = cache.tracker.layer(1).window.clone() if cache.tracker is not None else None
+    signal = cache.config.signal if cache.tracker is not None else None
+    imp = getattr(cache.tracker.layer(1), signal).clone() if signal else None
     cache.reorder_cache(torch.tensor([1, 1]))  # both beams continue row 1
     k2, v2 = _held(layer)
     # Rows share one budget: two copies of the wider row may not fit, and then units are demoted
@@ -188,14 +189,14 @@ def test_reorder_and_crop_move_per_token_state_with_the_tokens(method, params):
         assert bool((layer.bits_map()[:, :, : bits.shape[2]] <= bits[1:2]).all())
         assert cache.memory_report()["budget_met"]
     if imp is not None:
-        assert torch.equal(cache.tracker.layer(1).window[0], imp[1])
+        assert torch.equal(getattr(cache.tracker.layer(1), signal)[0], imp[1])
     n = layer.get_seq_length()
     cache.crop(-30)  # deeper than the FP16 window: quantized units go too
     k3, v3 = _held(layer)
     assert layer.get_seq_length() == n - 30 and k3.shape[-2] == n - 30
     assert torch.equal(k3, k2[:, :, : n - 30]) and torch.equal(v3, v2[:, :, : n - 30])
     if imp is not None:
-        assert cache.tracker.layer(1).window.shape[-1] <= n - 30
+        assert getattr(cache.tracker.layer(1), signal).shape[-1] <= n - 30
     rep = cache.memory_report()
     assert rep["budget_met"]
     assert rep["kv_bytes"] == sum(layer.nbytes() for layer in cache.layers)
