@@ -21,14 +21,6 @@ from smartkv.quantize import QuantizedRows, quantize_rows
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    if kernels.disabled():
-        pytest.skip("SMARTKV_NO_KERNEL=1 is set: the PyTorch path is in use on purpose")
-    assert kernels.kernel_available()  # a failed build raises KernelBuildError: the test errors
-    return kernels
-
-
 def make_rows(bits, symmetric, length, group_size, n=37, seed=0):
     gen = torch.Generator().manual_seed(seed * 1000 + bits * 100 + length * 3 + group_size + int(symmetric))
     x = torch.randn(n, length, generator=gen) * 3 + 1
