@@ -45,8 +45,9 @@ def main(params: dict) -> None:
             samples = generate_task("longbench", tokenizer, n_per_cell=lb["n_per_task"], lengths=lb["lengths"],
                                     depths=[], seed=seed, source=lb["source"], tasks=lb["tasks"])
         else:
-            samples = generate_task(t["name"], tokenizer, n_per_cell=t["n_per_cell"], lengths=t["lengths"],
-                                    depths=t["depths"], seed=seed, **t["kwargs"])
+            samples = [s for length, n in zip(t["lengths"], t["n_per_cell"])
+                       for s in generate_task(t["name"], tokenizer, n_per_cell=n, lengths=[length],
+                                              depths=t["depths"], seed=seed, **t["kwargs"])]
             for s in samples:
                 s.meta.setdefault("max_new_tokens", t["max_new_tokens"])
         rows += [{**s.to_row(), "seed": seed, "split": split} for s in samples]

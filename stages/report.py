@@ -29,10 +29,14 @@ FIGURES = {
     "Error analysis: failure rate by depth and task (exact 95% CI), needle bits by outcome": "errors",
 }
 
+def _per_cell(n) -> str:
+    return f", {'/'.join(map(str, n))} per cell by length" if isinstance(n, list) else f", {n} per cell"
+
+
 def setup(params: dict, n_samples: int) -> dict:
     tasks = get(params, "tasks", {}) or {}
     grid = "; ".join(f"{name}: lengths {v.get('lengths')}" + (f" x depths {v['depths']}" if v.get("depths") else "")
-                     + f", {v.get('n_per_cell', 1)} per cell" for name, v in tasks.items())
+                     + _per_cell(v.get("n_per_cell", 1)) for name, v in tasks.items())
     lb = get(params, "longbench", {}) or {}
     return {
         "model": get(params, "model"),

@@ -126,3 +126,19 @@ def test_stage_exits_2_with_one_line(tmp_path, params):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: params.yaml: budget=1.5 must be a fraction of FP16 memory in (0, 1]"], proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_n_per_cell_per_length(params):
+    p = copy.deepcopy(params)
+    p["tasks"]["niah"]["lengths"] = [1024, 2048]
+    p["tasks"]["niah"]["n_per_cell"] = [6, 2]
+    niah = next(t for t in task_plan(p) if t["name"] == "niah")
+    assert niah["n_per_cell"] == [6, 2]
+    p["tasks"]["niah"]["n_per_cell"] = 3
+    assert next(t for t in task_plan(p) if t["name"] == "niah")["n_per_cell"] == [3, 3]
+    p["tasks"]["niah"]["n_per_cell"] = [6]
+    with pytest.raises(ParamError, match=r"one count per length \(2\)"):
+        task_plan(p)
+    p["tasks"]["niah"]["n_per_cell"] = [6, 0]
+    with pytest.raises(ParamError, match=r"n_per_cell\[1\]"):
+        task_plan(p)

@@ -148,6 +148,25 @@ def test_niah_classic_block_is_the_original_filler():
         generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, block="essay")
 
 
+def test_niah_block_layout_puts_the_needle_between_whole_blocks():
+    samples = generate_task("niah", TOK, n_per_cell=2, lengths=[600], depths=[0.1, 0.5, 0.9], seed=4, layout="block")
+    default = generate_task("niah", TOK, n_per_cell=2, lengths=[600], depths=[0.1, 0.5, 0.9], seed=4)
+    for s, d in zip(samples, default):
+        assert s.answers == d.answers  # same key and block: only the layout differs
+        assert s.prompt.endswith(".\nWhat is the pass key? The pass key is")
+        assert "\n\n" not in s.prompt
+        h0, h1 = s.meta["haystack_char_span"]
+        n0, n1 = s.meta["needle_char_span"]
+        before, after = s.prompt[h0:n0].strip(), s.prompt[n1:h1].strip()
+        block = " ".join(x.strip() + "." for x in after.split(".")[:5])
+        # the haystack on either side is whole repeats of the prompt's own five-sentence block
+        for side in (before, after):
+            if side:
+                assert side.count(block) * (len(block) + 1) == len(side) + 1
+    with pytest.raises(ValueError, match="layout='inline'; allowed: sentence, block"):
+        generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=3, layout="inline")
+
+
 @pytest.mark.parametrize("name", ["niah", "ruler_multikey", "ruler_multivalue", "ruler_vt"])
 def test_every_prompt_is_its_own_cluster(generated, name):
     """No two prompts share a haystack or a key (issue 8: shared material made 18 prompts 6 clusters)."""

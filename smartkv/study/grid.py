@@ -9,8 +9,22 @@ from smartkv.study.params import ParamError, check_positive_int, get, is_int, is
 TASK_KEYS = ("lengths", "depths", "n_per_cell", "max_new_tokens", "kwargs")
 
 
+def _n_per_length(key: str, value, lengths: list[int]) -> list[int]:
+    if isinstance(value, list):
+        if len(value) != len(lengths):
+            raise ParamError(f"{key}.n_per_cell={value!r}: a list needs one count per length ({len(lengths)}), "
+                             f"or give one int for all")
+        return [check_positive_int(f"{key}.n_per_cell[{i}]", v) for i, v in enumerate(value)]
+    return [check_positive_int(f"{key}.n_per_cell", value)] * len(lengths)
+
+
 def task_plan(params: dict) -> list[dict]:
-    """Validated task entries: name, lengths, depths, n_per_cell, max_new_tokens, kwargs."""
+    """Validated task entries: name, lengths, depths, n_per_cell, max_new_tokens, kwargs.
+
+    `n_per_cell` comes back as a list with one count per length: params may give one int for
+    every length or a list aligned with `lengths`, because a long prompt costs several short
+    ones and a study sized for power at 1k cannot afford the same count at 4k.
+    """
     from smartkv.tasks.registry import TASKS, task_names
 
     known = task_names()
@@ -35,7 +49,7 @@ def task_plan(params: dict) -> list[dict]:
         if TASKS[name].uses_depth:
             if not isinstance(depths, list) or not depths or not all(is_num(d) and 0 <= d <= 1 for d in depths):
                 raise ParamError(f"{key}.depths={depths!r} must be a non-empty list of fractions in [0, 1]")
-        n = check_positive_int(f"{key}.n_per_cell", spec.get("n_per_cell", 1))
+        n = _n_per_length(key, spec.get("n_per_cell", 1), lengths)
         new = check_positive_int(f"{key}.max_new_tokens", spec.get("max_new_tokens", default_new))
         kwargs = spec.get("kwargs") or {}
         if not isinstance(kwargs, dict):

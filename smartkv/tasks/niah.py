@@ -31,21 +31,37 @@ def needle_text(passkey: str) -> str:
 
 
 BLOCKS = ("drawn", "classic")
+# How the haystack is laid out around the needle.
+# - `sentence`: the needle goes between filler sentences (possibly inside a block), blank lines
+#   around the haystack.
+# - `block`: the haystack is whole repeats of the block and the needle sits between two repeats,
+#   single newlines around it: Landmark Attention's own layout. At 2k-4k tokens SmolLM2-135M
+#   answers this layout and not the other (params.yaml, "Calibrated"), so long contexts use it.
+LAYOUTS = {
+    "sentence": (HEADER, FOOTER),
+    "block": (HEADER.rstrip("\n") + "\n", "\n" + FOOTER.lstrip("\n")),
+}
 
 
-def repeated_filler(*key: object, block: str = "drawn") -> SentenceStream:
+def repeated_filler(*key: object, block: str = "drawn", layout: str = "sentence") -> SentenceStream:
     """The prompt's repeated-filler stream: its own block drawn from `key`, or (`classic`) the
-    original five sentences in their original order, the same for every prompt."""
+    original five sentences in their original order, the same for every prompt. With layout
+    `block` each item of the stream is a whole block, so a needle can only fall between blocks."""
     if block not in BLOCKS:
         raise ValueError(f"niah: block={block!r}; allowed: {', '.join(BLOCKS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"niah: layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
     sentences = REPEAT_SENTENCES[:5] if block == "classic" else repeated_block(rng_for(*key, "block"))
+    if layout == "block":
+        sentences = [" ".join(sentences)]
     return SentenceStream(rng_for(*key, "filler"), cycle_maker(sentences))
 
 
 @register_task("niah", "needle-in-a-haystack passkey retrieval over length x depth (repeated filler)")
 def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-             block: str = "drawn") -> list[Sample]:
-    repeated_filler(block=block)  # a bad block fails before any prompt is built
+             block: str = "drawn", layout: str = "sentence") -> list[Sample]:
+    repeated_filler(block=block, layout=layout)  # a bad block or layout fails before any prompt is built
+    header, footer = LAYOUTS[layout]
     samples = []
     for length in lengths:
         for depth in depths:
@@ -54,8 +70,8 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
                 key = ("niah", seed, length, f"{depth:.3f}", i)
                 passkey = str(rng_for(*key, "passkey").randint(10000, 99999))
                 hay = build_haystack(
-                    tokenizer, length, stream=repeated_filler(*key, block=block),
-                    header=HEADER, needles=[(needle_text(passkey), depth)], footer=FOOTER, what="niah",
+                    tokenizer, length, stream=repeated_filler(*key, block=block, layout=layout),
+                    header=header, needles=[(needle_text(passkey), depth)], footer=footer, what="niah",
                 )
                 samples.append(Sample(
                     task="niah",
