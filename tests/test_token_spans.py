@@ -64,7 +64,8 @@ def test_slow_tokenizer_that_does_not_decode_the_text_back(tmp_path):
 def fast_tokenizer():
     path = default_model_dir()
     if not (path / "tokenizer.json").exists():
-        pytest.skip(f"the default model's tokenizer is not converted under {path} (the first `load_model("default")` converts it)")
+        pytest.skip(f"the default model's tokenizer is not converted under {path} "
+                    "(the first `load_model('default')` converts it)")
     return AutoTokenizer.from_pretrained(str(path))
 
 
