@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from smartkv.token_spans import char_span_tokens
+
 # One character per bit width, light to heavy; the legend is printed with the map.
 GLYPHS = {0: " ", 1: "_", 2: ".", 3: ":", 4: "+", 5: "=", 6: "=", 7: "=", 8: "#", 16: "F"}
 
@@ -54,9 +56,8 @@ def ascii_allocation_map(bits: np.ndarray, *, columns: int = 64, band: int = 5,
 
 
 def needle_tokens(tokenizer, prompt: str, char_span) -> tuple[int, int] | None:
-    offs = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offs) if b > char_span[0] and a < char_span[1] and b > a]
-    return (inside[0], inside[-1] + 1) if inside else None
+    """Half-open token range of the needle (slow tokenizers too: smartkv/token_spans.py)."""
+    return char_span_tokens(tokenizer, prompt, char_span)
 
 
 def run_demo(model, tokenizer, *, length: int = 1024, depth: float = 0.5, seed: int = 0, budget: float = 0.25,

@@ -32,6 +32,7 @@ from smartkv.methods.registry import config_dict
 from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, needs_tracker, oracle_tracker,
                             prefill)
 from smartkv.tasks.sample import Sample
+from smartkv.token_spans import char_span_tokens
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,8 @@ def needle_token_span(tokenizer, sample: Sample) -> tuple[int, int] | None:
     span = sample.meta.get("needle_char_span")
     if not span:
         return None
-    offs = tokenizer(sample.prompt, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offs) if b > span[0] and a < span[1]]
-    return (inside[0], inside[-1]) if inside else None
+    tokens = char_span_tokens(tokenizer, sample.prompt, span)  # slow tokenizers too (no offsets there)
+    return (tokens[0], tokens[1] - 1) if tokens else None
 
 
 def needle_bits(tokenizer, sample: Sample, cache, n_prompt: int) -> dict:

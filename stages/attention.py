@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 
-from smartkv.study.params import ParamError, device_setting, get, model_settings, seeds_by_split
+from smartkv.study.params import ParamError, get
 from stages.common import DATA, METRICS, PLOTS, log, stage_main
+from stages.dev_setup import analysis_section, check_dev_seeds, int_list_param, int_param, load_study_model
 
 OUT_DATA = DATA / "attention.parquet"
 OUT_METRICS = METRICS / "attention.json"
@@ -19,22 +20,8 @@ OUT_PLOT = PLOTS / "attention_heatmap"
 NEEDLE_TASKS = ("passkey", "niah")  # tasks whose samples carry `needle_char_span`
 
 
-def _int(key: str, v, lo: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ParamError(f"{key}={v!r} must be an integer >= {lo}")
-    return v
-
-
-def _int_list(key: str, v, lo: int) -> list[int]:
-    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v):
-        raise ParamError(f"{key}={v!r} must be a non-empty list of integers >= {lo}")
-    return v
-
-
 def settings(params: dict) -> dict:
-    a = get(params, "attention")
-    if not isinstance(a, dict):
-        raise ParamError("attention must be a mapping")
+    a = analysis_section(params, "attention")
     tasks = a.get("tasks")
     if not isinstance(tasks, list) or not tasks or any(t not in NEEDLE_TASKS for t in tasks):
         raise ParamError(f"attention.tasks={tasks!r} must list needle tasks from {', '.join(NEEDLE_TASKS)}")
@@ -46,23 +33,20 @@ def settings(params: dict) -> dict:
     if not isinstance(hm, dict) or hm.get("task", "passkey") not in NEEDLE_TASKS:
         raise ParamError(f"attention.heatmap={hm!r} must be a mapping with task in {NEEDLE_TASKS}, length, depth, seed")
     cfg = {
-        "seeds": _int_list("attention.seeds", a.get("seeds"), 0),
+        "seeds": int_list_param("attention.seeds", a.get("seeds"), 0),
         "tasks": tasks,
-        "lengths": _int_list("attention.lengths", a.get("lengths"), 64),
+        "lengths": int_list_param("attention.lengths", a.get("lengths"), 64),
         "depths": [float(d) for d in depths],
-        "n_per_cell": _int("attention.n_per_cell", a.get("n_per_cell", 1), 1),
-        "obs_window": _int("attention.obs_window", a.get("obs_window", 32), 1),
-        "decode_steps": _int("attention.decode_steps", a.get("decode_steps", 8), 1),
-        "sink_tokens": _int("attention.sink_tokens", a.get("sink_tokens", 4), 1),
-        "heatmap": {"task": hm.get("task", "passkey"), "length": _int("attention.heatmap.length", hm.get("length", 256), 64),
-                    "depth": float(hm.get("depth", 0.5)), "seed": _int("attention.heatmap.seed", hm.get("seed", 100), 0)},
+        "n_per_cell": int_param("attention.n_per_cell", a.get("n_per_cell", 1), 1),
+        "obs_window": int_param("attention.obs_window", a.get("obs_window", 32), 1),
+        "decode_steps": int_param("attention.decode_steps", a.get("decode_steps", 8), 1),
+        "sink_tokens": int_param("attention.sink_tokens", a.get("sink_tokens", 4), 1),
+        "heatmap": {"task": hm.get("task", "passkey"), "length": int_param("attention.heatmap.length", hm.get("length", 256), 64),
+                    "depth": float(hm.get("depth", 0.5)), "seed": int_param("attention.heatmap.seed", hm.get("seed", 100), 0)},
     }
     if not 0 <= cfg["heatmap"]["depth"] <= 1:
         raise ParamError(f"attention.heatmap.depth={cfg['heatmap']['depth']!r} must lie in [0, 1]")
-    test_seeds = set(seeds_by_split(params)["test"])  # dev seeds are the analysis's to use
-    shared = sorted(test_seeds & set(cfg["seeds"] + [cfg["heatmap"]["seed"]]))
-    if shared:
-        raise ParamError(f"attention seeds share {shared} with the study's test seeds (`seeds.test`): use dev seeds the study never tests on")
+    check_dev_seeds(params, "attention.seeds (with heatmap.seed)", cfg["seeds"] + [cfg["heatmap"]["seed"]])
     return cfg
 
 
@@ -126,13 +110,10 @@ def main(params: dict) -> None:
 
     from smartkv.analysis.attention import summarize
     from smartkv.io import atomic_write_json, atomic_write_parquet, provenance
-    from smartkv.models import load_model
     from smartkv.tasks import generate_task
 
     cfg = settings(params)
-    model_name, dtype = model_settings(params)
-    device = device_setting(params)
-    model, tok = load_model(model_name, dtype=dtype, device=device)
+    model, tok, device = load_study_model(params)
     samples = [s for seed in cfg["seeds"] for task in cfg["tasks"] for s in generate_task(
         task, tok, n_per_cell=cfg["n_per_cell"], lengths=cfg["lengths"], depths=cfg["depths"], seed=seed)]
     rows, start = [], time.perf_counter()
@@ -140,7 +121,7 @@ def main(params: dict) -> None:
         rows += analyse(model, tok, s, cfg, device)[0]
         log.info("attention %d/%d %s (%.0f s)", i + 1, len(samples), s.sample_id, time.perf_counter() - start)
     df = pd.DataFrame(rows)
-    atomic_write_parquet(df, OUT_DATA, provenance({"attention": cfg, "model": model_name}))
+    atomic_write_parquet(df, OUT_DATA, provenance({"attention": cfg, "model": get(params, "model")}))
     atomic_write_json(OUT_METRICS, {"config": cfg, "n_prompts": len(samples), "phases": summarize(df)})
     heatmap(model, tok, cfg, device)
 

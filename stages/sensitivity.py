@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import time
 
-from smartkv.study.params import ParamError, device_setting, get, model_settings, seeds_by_split
+from smartkv.study.params import ParamError, get
 from stages.common import DATA, METRICS, PLOTS, log, stage_main
+from stages.dev_setup import analysis_section, check_dev_seeds, int_list_param, int_param, load_study_model
 
 OUT_DATA = DATA / "sensitivity.parquet"
 OUT_METRICS = METRICS / "sensitivity.json"
 OUT_PLOT = PLOTS / "sensitivity"
-
-
-def _ints(key: str, v, lo: int = 0) -> list[int]:
-    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v):
-        raise ParamError(f"{key}={v!r} must be a non-empty list of integers >= {lo}")
-    return v
 
 
 def _fracs(key: str, v, closed: bool = False) -> list[float]:
@@ -32,37 +27,26 @@ def _fracs(key: str, v, closed: bool = False) -> list[float]:
     return [float(x) for x in v]
 
 
-def _int(key: str, v, lo: int, hi: int | None = None) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-        raise ParamError(f"{key}={v!r} must be an integer in [{lo}, {hi if hi is not None else 'inf'}]")
-    return v
-
-
 def settings(params: dict) -> dict:
     """The validated `sensitivity` section."""
-    s = get(params, "sensitivity")
-    if not isinstance(s, dict):
-        raise ParamError("sensitivity must be a mapping")
-    study_seeds = set(seeds_by_split(params)["test"])  # dev seeds are the analysis's to use
+    s = analysis_section(params, "sensitivity")
     cfg = {
-        "seeds": _ints("sensitivity.seeds", s.get("seeds")),
-        "lengths": _ints("sensitivity.lengths", s.get("lengths"), lo=16),
+        "seeds": int_list_param("sensitivity.seeds", s.get("seeds")),
+        "lengths": int_list_param("sensitivity.lengths", s.get("lengths"), lo=16),
         "depths": _fracs("sensitivity.depths", s.get("depths"), closed=True),
-        "n_per_cell": _int("sensitivity.n_per_cell", s.get("n_per_cell", 1), 1),
+        "n_per_cell": int_param("sensitivity.n_per_cell", s.get("n_per_cell", 1), 1),
         "fractions": _fracs("sensitivity.fractions", s.get("fractions")),
-        "low_bits": _int("sensitivity.low_bits", s.get("low_bits", 2), 1, 8),
-        "high_bits": _int("sensitivity.high_bits", s.get("high_bits", 4), 1, 8),
-        "group_size": _int("sensitivity.group_size", s.get("group_size", 32), 1),
-        "obs_window": _int("sensitivity.obs_window", s.get("obs_window", 32), 1),
-        "pool_kernel": _int("sensitivity.pool_kernel", s.get("pool_kernel", 5), 1),
-        "sink_tokens": _int("sensitivity.sink_tokens", s.get("sink_tokens", 4), 0),
-        "bootstrap_seed": _int("sensitivity.bootstrap_seed", s.get("bootstrap_seed", 0), 0),
+        "low_bits": int_param("sensitivity.low_bits", s.get("low_bits", 2), 1, 8),
+        "high_bits": int_param("sensitivity.high_bits", s.get("high_bits", 4), 1, 8),
+        "group_size": int_param("sensitivity.group_size", s.get("group_size", 32), 1),
+        "obs_window": int_param("sensitivity.obs_window", s.get("obs_window", 32), 1),
+        "pool_kernel": int_param("sensitivity.pool_kernel", s.get("pool_kernel", 5), 1),
+        "sink_tokens": int_param("sensitivity.sink_tokens", s.get("sink_tokens", 4), 0),
+        "bootstrap_seed": int_param("sensitivity.bootstrap_seed", s.get("bootstrap_seed", 0), 0),
     }
     if cfg["low_bits"] >= cfg["high_bits"]:
         raise ParamError(f"sensitivity.low_bits={cfg['low_bits']} must be below high_bits={cfg['high_bits']}")
-    shared = sorted(study_seeds & set(cfg["seeds"]))
-    if shared:
-        raise ParamError(f"sensitivity.seeds shares {shared} with the study's test seeds (`seeds.test`): use dev seeds the study never tests on")
+    check_dev_seeds(params, "sensitivity.seeds", cfg["seeds"])
     return cfg
 
 
@@ -73,13 +57,10 @@ def run(params: dict, cfg: dict, checkpoint=None) -> "object":
 
     from smartkv.analysis.recorder import record_prefill
     from smartkv.analysis.sensitivity import conditions, run_prompt
-    from smartkv.models import load_model
     from smartkv.runner import encode
     from smartkv.tasks import generate_task
 
-    model_name, dtype = model_settings(params)
-    device = device_setting(params)
-    model, tok = load_model(model_name, dtype=dtype, device=device)
+    model, tok, device = load_study_model(params)
     conds = conditions(cfg["fractions"], low=cfg["low_bits"], high=cfg["high_bits"])
     samples = [s for seed in cfg["seeds"] for s in generate_task(
         "passkey", tok, n_per_cell=cfg["n_per_cell"], lengths=cfg["lengths"], depths=cfg["depths"], seed=seed)]

@@ -74,7 +74,7 @@ def test_bad_sensitivity_params(params, key, value, message):
 
 @pytest.mark.parametrize("key, value, message", [
     ("tasks", ["ruler_vt"], "attention.tasks"),
-    ("seeds", [1], "share \\[1\\]"),
+    ("seeds", [1], "shares \\[1\\]"),
     ("decode_steps", 0, "attention.decode_steps"),
     ("heatmap", {"task": "passkey", "depth": 2.0}, "attention.heatmap.depth"),
 ])

@@ -3,9 +3,9 @@
 Methods x cases x tiny models of three architectures. For each cell: no exception escapes
 `generate`, and a method with a budget either meets it or flags it (`budget_met: False`
 with a note), and flags it only where it must (a context shorter than `budget_holds_from`,
-or generation ended before the first decode step). Apart from the matrix: budget 1.0
-reproduces FP16 token for token, and beam search with every token in FP16 reproduces
-transformers' `DynamicCache` beams.
+or generation ended before the first decode step). Apart from the matrix: budget 1.0 is
+no compression (no importance state, FP16 bytes exactly, `DynamicCache`'s tokens), and beam
+search with every token in FP16 reproduces transformers' `DynamicCache` beams.
 """
 
 from __future__ import annotations
@@ -139,14 +139,22 @@ def test_generate_matrix(arch, method, case):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("case", ["long_prompt", "batch3_left_padded", "assisted", "past_fp16_window", "short_prompt"])
-def test_budget_one_matches_fp16_token_for_token(arch, case):
+def test_budget_one_is_no_compression(arch, case):
+    """Budget 1.0 means no compression: no importance state, every token in FP16, the bytes
+    exactly FP16's, and the output that of transformers' `DynamicCache` and of `fp16`."""
     c = CASES[case]
     model = _model(arch)
     ids, mask = _inputs(c["lengths"], seed=1)
-    ref = _generate(model, build_cache("fp16", model.config), ids, mask, c["new"], assisted=c.get("assisted", False))
-    same = _generate(model, build_cache("smartkv", model.config, budget=1.0), ids, mask, c["new"],
-                     assisted=c.get("assisted", False))
-    assert torch.equal(ref, same)
+    ref = _generate(model, DynamicCache(config=model.config), ids, mask, c["new"], assisted=c.get("assisted", False))
+    fp16 = _generate(model, build_cache("fp16", model.config), ids, mask, c["new"], assisted=c.get("assisted", False))
+    cache = build_cache("smartkv", model.config, budget=1.0)
+    same = _generate(model, cache, ids, mask, c["new"], assisted=c.get("assisted", False))
+    assert torch.equal(ref, same) and torch.equal(fp16, same)
+    rep = cache.memory_report()
+    assert cache.tracker is None and rep["tracker_bytes"] == 0
+    assert set(rep["bits_histogram"]) == {16}
+    assert rep["kv_bytes"] == rep["fp16_kv_bytes"] and rep["ratio"] == 1.0
+    assert rep["budget_met"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -23,8 +23,10 @@ _NO_SIGNAL = ("random", "fixed")
 
 @dataclass(frozen=True)
 class SmartKVConfig:
-    """budget: fraction of the FP16 bytes of the same tokens (metadata, index and FP16 window counted).
-    budget=1.0 keeps every token in FP16 (unbounded window): it reproduces `fp16` exactly."""
+    """budget: fraction of the FP16 bytes of the same tokens (metadata, index, FP16 window and
+    importance state counted). budget=1.0 means no compression: no importance state is kept,
+    every token stays in FP16 (unbounded window), the output is `fp16`'s token for token and
+    the memory ratio is exactly 1.0."""
 
     budget: float = 0.3
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -83,8 +85,15 @@ class SmartKVConfig:
             raise ConfigError(f"{m}: layer_skew={self.layer_skew!r} must lie in [0, 1)")
 
     @property
+    def compresses(self) -> bool:
+        """False at budget 1.0: every token stays in FP16, so there is nothing to allocate."""
+        return self.budget < 1.0
+
+    @property
     def tracks_attention(self) -> bool:
-        return self.allocation not in _NO_SIGNAL
+        # At budget 1.0 importance would decide nothing, and its bytes would have to be paid for
+        # by quantizing tokens: keep none.
+        return self.compresses and self.allocation not in _NO_SIGNAL
 
     def spec(self) -> MixedSpec:
         return MixedSpec(
@@ -92,8 +101,8 @@ class SmartKVConfig:
             group_size=self.group_size,
             symmetric=self.symmetric,
             budget=self.budget,
-            window=sys.maxsize if self.budget >= 1.0 else self.window,
-            window_share=1.0 if self.budget >= 1.0 else self.window_share,
+            window=self.window if self.compresses else sys.maxsize,
+            window_share=self.window_share if self.compresses else 1.0,
             sink_tokens=self.sink_tokens,
             allocation="greedy" if self.allocation == "layer_aware" else self.allocation,
             signal=self.signal,
@@ -101,11 +110,11 @@ class SmartKVConfig:
             kv_split=self.kv_split,
             key_weight=self.key_weight,
             realloc_freq=self.realloc_freq,
-            layer_budgets="entropy" if self.allocation == "layer_aware" else "equal",
+            layer_budgets="entropy" if self.allocation == "layer_aware" and self.compresses else "equal",
             layer_skew=self.layer_skew,
             seed=self.seed,
-            key_smoothing=self.key_smoothing and self.budget < 1.0,  # nothing is quantized at 1.0
-            key_rotation=self.key_rotation and self.budget < 1.0,
+            key_smoothing=self.key_smoothing and self.compresses,  # nothing is quantized at 1.0
+            key_rotation=self.key_rotation and self.compresses,
             prior=self.prior,
             pool=self.pool,
             error_model=self.error_model,

@@ -75,14 +75,20 @@ def _unique(runs: list[RunSpec], key: str) -> list[RunSpec]:
     return runs
 
 
-def baseline_runs(params: dict) -> list[RunSpec]:
-    entries = get(params, "baselines")
+def _entries(params: dict, key: str, one: str, fields: str) -> list[dict]:
+    """`params[key]`: a non-empty list of mappings (each with `fields`), or a ParamError naming the key."""
+    entries = get(params, key)
     if not isinstance(entries, list) or not entries:
-        raise ParamError("baselines must list at least one run (label, method, params)")
-    runs = []
+        raise ParamError(f"{key} must list at least one {one} ({fields})")
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            raise ParamError(f"baselines[{i}] must be a mapping with label, method, params")
+            raise ParamError(f"{key}[{i}] must be a mapping with {fields}")
+    return entries
+
+
+def baseline_runs(params: dict) -> list[RunSpec]:
+    runs = []
+    for i, e in enumerate(_entries(params, "baselines", "run", "label, method, params")):
         _own_label(f"baselines[{i}]", e.get("label"))
         family = e.get("family", "peer" if str(e.get("method", "")).startswith("hf_") else "baseline")
         runs.append(run_spec(f"baselines[{i}]", e.get("label"), e.get("method"), e.get("params") or {}, family))
@@ -151,13 +157,8 @@ def smartkv_runs(params: dict, matched: dict[str, float] | None = None) -> list[
 def ablation_runs(params: dict) -> list[RunSpec]:
     """Each ablation is the headline config with some params overridden (or `oracle: true`)."""
     base = dict(headline_run(params).params)
-    entries = get(params, "ablations")
-    if not isinstance(entries, list) or not entries:
-        raise ParamError("ablations must list at least one variant (label, params and/or oracle)")
     runs = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise ParamError(f"ablations[{i}] must be a mapping with label, params, oracle")
+    for i, e in enumerate(_entries(params, "ablations", "variant", "label, params and/or oracle")):
         unknown = sorted(set(e) - {"label", "params", "oracle"})
         if unknown:
             raise ParamError(f"ablations[{i}]: unknown key(s) {', '.join(unknown)}; allowed: label, params, oracle")

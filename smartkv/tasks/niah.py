@@ -16,6 +16,7 @@ from typing import Any
 
 from smartkv.tasks.filler import REPEAT_SENTENCES, SentenceStream, cycle_maker, repeated_block, rng_for
 from smartkv.tasks.haystack import build_haystack
+from smartkv.tasks.needle_sample import passkey_sample
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
 
@@ -73,15 +74,5 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
                     tokenizer, length, stream=repeated_filler(*key, block=block, layout=layout),
                     header=header, needles=[(needle_text(passkey), depth)], footer=footer, what="niah",
                 )
-                samples.append(Sample(
-                    task="niah",
-                    sample_id=sample_id,
-                    prompt=hay.prompt,
-                    answers=[passkey],
-                    metric="contains",
-                    context_length=length,
-                    depth=depth,
-                    meta={"needle_char_span": hay.needle_spans[0], "haystack_char_span": hay.haystack_span},
-                    target=f" {passkey}",
-                ))
+                samples.append(passkey_sample("niah", sample_id, hay, passkey, length, depth, target=f" {passkey}"))
     return samples

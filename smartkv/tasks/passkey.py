@@ -14,6 +14,7 @@ from typing import Any
 
 from smartkv.tasks.filler import SentenceStream, rng_for
 from smartkv.tasks.haystack import build_haystack
+from smartkv.tasks.needle_sample import passkey_sample
 from smartkv.tasks.niah import FOOTER, HEADER, needle_text
 from smartkv.tasks.registry import register_task
 from smartkv.tasks.sample import Sample
@@ -38,14 +39,6 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
                     stream=SentenceStream(rng_for(*key, "filler"), make=_repeat),
                     header=HEADER, needles=[(needle_text(passkey), depth)], footer=FOOTER, what="passkey",
                 )
-                samples.append(Sample(
-                    task="passkey",
-                    sample_id=f"passkey-s{seed}-L{length}-d{depth:.3f}-{i}",
-                    prompt=hay.prompt,
-                    answers=[passkey],
-                    metric="contains",
-                    context_length=length,
-                    depth=depth,
-                    meta={"needle_char_span": hay.needle_spans[0], "haystack_char_span": hay.haystack_span},
-                ))
+                samples.append(passkey_sample("passkey", f"passkey-s{seed}-L{length}-d{depth:.3f}-{i}", hay, passkey,
+                                              length, depth))
     return samples
