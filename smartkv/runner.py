@@ -33,6 +33,11 @@ class RunSpec:
     # Oracle ablation: importance from the attention of the whole FP16 generation (future
     # queries included), known before the first decode step. An upper reference, not a method.
     oracle: bool = False
+    # The prompt length (tokens, as the task grid names it) this spec applies to; None: every
+    # length. A matched run is one spec per length under one label, each at the bytes its
+    # baseline held at that length (KIVI's full-precision residual is a larger share of a
+    # short prompt, so one budget for all lengths would match none of them).
+    context_length: int | None = None
 
     def config(self):
         return make_config(self.method, **self.params)

@@ -105,12 +105,12 @@ def overall_json(ov: pd.DataFrame) -> dict:
 @stage_main
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance
-    from smartkv.stats import main_table, markdown_table, metrics_json, overall, power_report, summarize
+    from smartkv.stats import length_strata, main_table, markdown_table, metrics_json, overall, power_report, summarize
 
     settings = stats_settings(params)
     split = study_split(params)
-    main_df = read_results("baselines", "peers", "smartkv", split=split)
-    abl_df = read_results("ablations", split=split)
+    main_df = length_strata(read_results("baselines", "peers", "smartkv", split=split))
+    abl_df = length_strata(read_results("ablations", split=split))
     summary = summarize(main_df)
     ov = overall(main_df)
     tests = matched_tests(main_df, ov, settings)

@@ -510,3 +510,15 @@ def test_report_budget_limitation_uses_the_one_memory_number():
     assert not any("above its budget" in x for x in report.limitations(s, None, {}))
     over = s.assign(kv_ratio=s["kv_ratio"] + 0.05)
     assert any("`s` measured 0.330" in x for x in report.limitations(over, None, {}))
+
+
+def test_length_strata_split_only_tasks_with_several_lengths():
+    from smartkv.stats import length_strata
+
+    df = pd.DataFrame({"task": ["niah", "niah", "niah", "perplexity"], "context_length": [1024, 2048, 1500, 1024],
+                       "score": [1.0, 0.0, 1.0, float("nan")]})
+    out = length_strata(df)
+    assert out["task"].tolist() == ["niah@1k", "niah@2k", "niah@1500", "perplexity"]
+    assert df["task"].tolist() == ["niah", "niah", "niah", "perplexity"]  # the input is left alone
+    same = length_strata(df.iloc[[0, 3]])
+    assert same["task"].tolist() == ["niah", "perplexity"]

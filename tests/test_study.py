@@ -114,3 +114,25 @@ def test_budget_sweep_is_shown_not_chosen():
 def test_a_tie_on_dev_keeps_the_current_value():
     s = sweeps.summarize(sweeps.finished(shown(exp("d85", "dev", 0.7, decay=0.85), exp("d90", "dev", 0.7))), CURRENT)
     assert s["params"]["decay"]["best_on_dev"] == 0.9
+
+
+def test_matching_is_per_length_when_the_task_set_has_several():
+    df = pd.DataFrame([{**r, "context_length": 1024} for r in rows("kivi-2", "test", [0.24, 0.26])]
+                      + [{**r, "context_length": 2048} for r in rows("kivi-2", "test", [0.18])])
+    m = match.measure(df, ["kivi-2"])
+    assert m["test"]["kivi-2"]["by_length"] == {"1024": 0.25, "2048": 0.18}
+    assert m["test"]["kivi-2"]["kv_ratio"] == pytest.approx((0.24 + 0.26 + 0.18) / 3, abs=1e-6)
+    b = match.budgets(m, "test")
+    assert b == {"kivi-2": {1024: 0.25, 2048: 0.18}}
+
+    import yaml
+    from pathlib import Path
+
+    from smartkv.study.runs import smartkv_runs
+
+    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    runs = [r for r in smartkv_runs(params, b) if r.label == "smartkv@kivi-2"]
+    assert [(r.context_length, r.params["budget"]) for r in runs] == [(1024, 0.25), (2048, 0.18)]
+    # a length whose ratio cannot be matched drops the baseline, not just that length
+    m["test"]["kivi-2"]["by_length"]["2048"] = 1.3
+    assert match.budgets(m, "test") == {}

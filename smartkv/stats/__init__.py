@@ -16,13 +16,13 @@ from smartkv.stats.matching import EXACT_PREFIX, match_baselines
 from smartkv.stats.multiplicity import INCONCLUSIVE, apply_holm, holm, verdict
 from smartkv.stats.paired import MEASURES, compare, mcnemar_exact, measures_in, paired_continuous, paired_tests
 from smartkv.stats.power import critical_counts, mcnemar_power, n_for_power, normal_n, power_report
-from smartkv.stats.summary import PERPLEXITY_TASK, RUN_META, overall, run_memory, summarize
+from smartkv.stats.summary import PERPLEXITY_TASK, RUN_META, length_strata, overall, run_memory, summarize
 from smartkv.stats.tables import _leaves, _num, comparison_key, comparison_table, main_table, markdown_table, metrics_json
 
 __all__ = [
     "EXACT_PREFIX", "INCONCLUSIVE", "MEASURES", "PERPLEXITY_TASK", "RUN_META", "_leaves", "_num",
     "apply_holm", "bootstrap_ci", "cluster_bootstrap_ci", "compare", "comparison_table", "critical_counts",
-    "holm", "main_table", "markdown_table", "match_baselines", "mcnemar_exact", "mcnemar_power",
+    "holm", "length_strata", "main_table", "markdown_table", "match_baselines", "mcnemar_exact", "mcnemar_power",
     "measures_in", "metrics_json", "n_for_power", "noninferiority", "normal_n", "overall",
     "paired_continuous", "paired_tests", "power_report", "run_memory", "summarize", "comparison_key", "verdict",
 ]

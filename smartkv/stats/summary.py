@@ -29,6 +29,22 @@ RUN_META = ["method", "family", "budget", "bits"]
 FAMILY_ORDER = {"baseline": 0, "peer": 1, "smartkv": 2, "ablation": 3}
 
 
+def length_strata(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with each task that ran at several prompt lengths split into one task per length
+    (`niah` -> `niah@1k`, `niah@2k`): a 2k prompt is a different difficulty and, for KIVI, a
+    different memory, so tables, per-task tests and the mean over tasks keep lengths apart
+    (pooled numbers still pool every prompt). Tasks with one length keep their name."""
+    if "context_length" not in df or df.empty:
+        return df
+    out = df.copy()
+    for task, g in df.groupby("task", sort=False):
+        if g["context_length"].nunique() > 1:
+            lengths = g["context_length"].astype(int)
+            names = [f"{task}@{n // 1024}k" if n % 1024 == 0 else f"{task}@{n}" for n in lengths]
+            out.loc[g.index, "task"] = names
+    return out
+
+
 def _run_meta(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in RUN_META if c in df.columns]
     return df.groupby("run", sort=False)[cols].first()

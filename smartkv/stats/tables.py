@@ -138,7 +138,8 @@ def comparison_table(tests: pd.DataFrame) -> str:
 def main_table(summary: pd.DataFrame, tests: pd.DataFrame, power: dict) -> str:
     """`metrics/main_table.md`: the per-task table, the pooled comparisons with how each
     SmartKV partner was chosen, and the power the design reaches (`power_report`'s dict)."""
-    md = ["## Results per task", "Score mean ± std over seeds; the mean over tasks is the mean of per-task "
+    md = ["## Results per task", "Score mean ± std over seeds; a task run at several prompt lengths has one "
+          "column per length (`niah@2k`); the mean over tasks is the mean of per-task "
           "means (each task weighs the same); KV memory is the mean over accuracy prompts (perplexity "
           "rows excluded), as everywhere in this study.", "", markdown_table(summary)]
     pooled = tests[tests["task"] == "all"] if len(tests) else tests

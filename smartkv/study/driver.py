@@ -84,7 +84,21 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
             cfg = r.config()
             key = (float(getattr(cfg, "decay", BASELINE_DECAY)), getattr(cfg, "obs_window", None))
             by_tracking.setdefault(key, []).append(r)
-        groups += [(seed, samples, key[0], group) for key, group in by_tracking.items()]
+        # A run tied to one prompt length (matched per length) sees only that length's samples.
+        lengths = sorted({int(s.context_length) for s in samples})
+        for key, group in by_tracking.items():
+            if all(r.context_length is None for r in group):
+                groups.append((seed, samples, key[0], group))
+                continue
+            for length in lengths:
+                at = [r for r in group if r.context_length in (None, length)]
+                mine = [s for s in samples if int(s.context_length) == length]
+                missing = {r.label for r in group if r.context_length is not None} - {r.label for r in at}
+                if missing and mine:
+                    log.warning("no matched budget at %d tokens for %s: those runs skip the %d samples of that "
+                                "length", length, ", ".join(sorted(missing)), len(mine))
+                if at and mine:
+                    groups.append((seed, mine, key[0], at))
     # One bar over the whole stage (its ETA is the stage's); evaluate's own bar shows the group.
     total = tqdm(total=sum(len(s) * len(g) for _, s, _, g in groups), desc=f"{desc} (all seeds)", unit="run",
                  position=0)

@@ -21,10 +21,13 @@ DIGITS = 6
 
 
 def measure(baselines: pd.DataFrame, labels: list[str]) -> dict:
-    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts}}} over measured rows.
+    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts[, by_length]}}} over measured rows.
 
     `kv_ratio` is the mean over the accuracy prompts (perplexity's teacher-forced rows hold
-    more tokens and are compared apart), the memory `metrics/main.json` reports."""
+    more tokens and are compared apart), the memory `metrics/main.json` reports. With prompts
+    of several lengths, `by_length` holds the mean at each length ({"1024": r, ...}): a
+    baseline's share of FP16 bytes depends on the length (KIVI's residual, sinks), so SmartKV
+    is matched length by length."""
     ok = baselines[(baselines["error"] == "") & baselines["kv_ratio"].notna()]
     if "metric" in ok and (ok["metric"] != "perplexity").any():
         ok = ok[ok["metric"] != "perplexity"]
@@ -39,17 +42,23 @@ def measure(baselines: pd.DataFrame, labels: list[str]) -> dict:
             out[split][label] = {"kv_ratio": round(float(r.mean()), DIGITS),
                                  "kv_ratio_min": round(float(r.min()), DIGITS),
                                  "kv_ratio_max": round(float(r.max()), DIGITS), "n_prompts": int(len(r))}
+            if "context_length" in rows and rows["context_length"].nunique() > 1:
+                by = rows.loc[rows["run"] == label].groupby("context_length")["kv_ratio"].mean()
+                out[split][label]["by_length"] = {str(int(k)): round(float(v), DIGITS) for k, v in by.items()}
     return out
 
 
-def budgets(measured: dict, split: str) -> dict[str, float]:
-    """label -> SmartKV budget on `split`; a baseline above FP16's bytes cannot be matched."""
-    out = {}
+def budgets(measured: dict, split: str) -> dict[str, float | dict[int, float]]:
+    """label -> SmartKV budget on `split` (or {prompt length: budget} where `measure` found
+    several lengths); a baseline above FP16's bytes, at any length, cannot be matched."""
+    out: dict = {}
     for label, m in measured.get(split, {}).items():
-        ratio = m["kv_ratio"]
-        if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
+        by = {int(k): v for k, v in m["by_length"].items()} if m.get("by_length") else None
+        ratios = list(by.values()) if by else [m["kv_ratio"]]
+        bad = [r for r in ratios if math.isnan(r) or not 0.0 < r <= 1.0]
+        if bad:
             log.warning("match: %s holds %.3f of FP16's bytes; a SmartKV budget must lie in (0, 1], skipped",
-                        label, ratio)
+                        label, bad[0])
             continue
-        out[label] = ratio
+        out[label] = by if by else m["kv_ratio"]
     return out

@@ -68,7 +68,8 @@ def _own_label(key: str, label: Any) -> None:
 
 
 def _unique(runs: list[RunSpec], key: str) -> list[RunSpec]:
-    labels = [r.label for r in runs]
+    labels = [r.label for r in runs if r.context_length is None]
+    labels += list(dict.fromkeys(r.label for r in runs if r.context_length is not None))
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ParamError(f"{key}: duplicate label(s) {', '.join(dup)}")
@@ -141,13 +142,19 @@ def sweep_budgets(params: dict) -> list[float]:
 
 def smartkv_runs(params: dict, matched: dict[str, float] | None = None) -> list[RunSpec]:
     """The headline run, then one run per matched baseline (`matched`: label -> measured
-    kv_ratio, from the match stage), then the Pareto sweep over `budgets`."""
+    kv_ratio, or {prompt length: kv_ratio} when the task set has several lengths, from the
+    match stage: then one spec per length under the one label), then the Pareto sweep."""
     base = smartkv_base(params)
     head = headline_run(params)
     runs = [head]
     for baseline, ratio in (matched or {}).items():
-        runs.append(run_spec(f"metrics/matched_budgets.json ({baseline})", matched_label(baseline), "smartkv",
-                             {**base, "budget": ratio}, "smartkv"))
+        where = f"metrics/matched_budgets.json ({baseline})"
+        if isinstance(ratio, dict):
+            for length, r in sorted(ratio.items()):
+                spec = run_spec(where, matched_label(baseline), "smartkv", {**base, "budget": r}, "smartkv")
+                runs.append(RunSpec(spec.label, spec.method, spec.params, spec.family, spec.oracle, int(length)))
+        else:
+            runs.append(run_spec(where, matched_label(baseline), "smartkv", {**base, "budget": ratio}, "smartkv"))
     for i, b in enumerate(dict.fromkeys(sweep_budgets(params))):
         if not math.isclose(b, head.params["budget"]):  # the headline already covers its own budget
             runs.append(run_spec(f"budgets[{i}]", budget_label(b), "smartkv", {**base, "budget": b}, "smartkv"))
@@ -177,4 +184,5 @@ def with_seed(run: RunSpec, seed: int) -> RunSpec:
     """SmartKV runs take the data seed (random allocation draws from it); others unchanged."""
     if run.method != "smartkv":
         return run
-    return RunSpec(run.label, run.method, {**run.params, "seed": int(seed)}, run.family, run.oracle)
+    return RunSpec(run.label, run.method, {**run.params, "seed": int(seed)}, run.family, run.oracle,
+                   run.context_length)
