@@ -290,6 +290,24 @@ class ImportanceTracker:
         mass = torch.softmax(scores, dim=-1).sum(dim=2)  # [B, Hkv, T]
         self.add_step(li, mass, None if allowed is None else allowed[:, 0])
 
+    @torch.no_grad()
+    def observe_weights(self, layer_idx: int, probs: torch.Tensor, kv_heads: int, allowed: torch.Tensor | None) -> None:
+        """Add one decode query's softmax weights `probs` [B, Hq, T], as the attention pass computed
+        them (smartkv.packed_attention), to layer `layer_idx`: what `observe` adds for that query,
+        without a second q.k. `allowed`: bool [B, T] of the keys the query could see (None: all)."""
+        b, hq, t = probs.shape
+        li = self.layer(layer_idx)
+        li._grow(b, kv_heads if self.per_head else 1, t, probs.device)
+        p = probs.float()
+        if li.n_tokens != t:
+            # a tracker that knows later tokens (oracle): `observe` takes its general path, which also
+            # samples the entropy, H = -sum p log p (masked keys have p = 0 and add nothing)
+            ent = -(p * p.clamp_min(1e-45).log()).sum(-1)  # [B, Hq]
+            live = torch.ones(b, dtype=torch.bool, device=p.device) if allowed is None else allowed.any(-1)
+            li.entropy_sum += float((ent * live[:, None]).sum())
+            li.entropy_rows += int(live.sum()) * hq
+        self.add_step(li, p.view(b, kv_heads, hq // kv_heads, t).sum(dim=2), allowed)
+
     def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
         """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`."""
         first = li.queries == 0

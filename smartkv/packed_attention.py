@@ -17,14 +17,16 @@ SMARTKV_NO_KERNEL=1 and geometries the kernel does not take.
 The history is described by `PackedHistory`, which mirrors how `smartkv.cache.mixed` lays a
 layer out (sinks, quantized units token-major, recent window); see its docstring.
 
-Not wired into the cache yet. The intended wiring, for a decode step (one query token):
-the layer's `update` returns zero-cost placeholders (e.g. `torch.zeros(()).expand(B, H, T, D)`)
-and publishes its `PackedHistory` on the active update; `smartkv_attention` sees it, calls
-`packed_decode_attention(query, history, scaling, allowed)` with `allowed` = the bool mask's
-`[:, 0, -1, :]` (None when transformers passes no mask), returns `out.transpose(1, 2)` (the
-[B, q, H, D] layout of `sdpa_attention_forward`), and hands `tracker_mass(probs, Hkv)` to the
-tracker instead of calling `observe` (which would redo q.k). Prefill, sliding-window or
-soft-capped attention keep the de-quantize + SDPA path.
+Wiring, for a decode step (one query token): `MixedPrecisionLayer.update` (smartkv/cache/mixed.py)
+returns zero-cost placeholders (`torch.zeros(()).expand(B, H, T, D)`) and publishes its
+`PackedHistory` on the active update (smartkv/cache/base.py); `smartkv_attention`
+(smartkv/attention.py) sees it, calls `packed_decode_attention(query, history, scaling, allowed)`
+with `allowed` = the model mask's last query row (None when transformers passes no mask), returns
+`out.transpose(1, 2)`, and hands the weights to `ImportanceTracker.observe_weights` instead of
+`observe` (which would redo q.k). Evicted (0-bit) units are held at no level and masked inside the
+kernel (`history.evicts`). Prefill, multi-token chunks, CUDA tensors, SMARTKV_NO_KERNEL=1, key
+rotation, and soft-capped, sliding-window (shorter than the history), position-bias or dropout
+attention keep the de-quantize + SDPA path (`packed_decode=False` forces it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class PackedHistory:
       (granularity "head"), cut into consecutive units of `unit_len` values.
     - `k_shift`, `k_scale`: key smoothing's per-channel centre and half-range [B, Hkv, 1, D]
       (keys = shift + scale * de-quantized), or None.
+    - `evicts`: a unit that no level holds was evicted (0 bits): the (batch row, KV head) whose
+      slice it held gives that token no attention. False: every unit must be held.
     """
 
     sink_k: torch.Tensor
@@ -62,6 +66,7 @@ class PackedHistory:
     win_v: torch.Tensor
     k_shift: torch.Tensor | None = None
     k_scale: torch.Tensor | None = None
+    evicts: bool = False
 
     @property
     def length(self) -> int:
@@ -124,6 +129,7 @@ def packed_decode_attention(
         _f32(history.sink_k), _f32(history.sink_v), _f32(history.win_k), _f32(history.win_v),
         planes, bits, scales, zeros, indices, history.n_quant, history.unit_len, history.head_major, group,
         shift, scale, None if allowed is None else allowed.to(torch.bool).contiguous(), float(scaling),
+        history.evicts,
     )
     return out.view(b, hq, 1, d).to(query.dtype), probs
 
@@ -152,7 +158,8 @@ def dequantized_history(history: PackedHistory, dtype: torch.dtype = torch.float
     parts_k, parts_v = [history.sink_k.to(dtype)], [history.sink_v.to(dtype)]
     if n:
         n_units = n * b * 2 * h * d // history.unit_len
-        buf = torch.empty(n_units, history.unit_len, dtype=dtype, device=history.sink_k.device)
+        make = torch.zeros if history.evicts else torch.empty  # evicted units read as zeros
+        buf = make(n_units, history.unit_len, dtype=dtype, device=history.sink_k.device)
         for rows, index in history.levels:
             if rows.n_rows:
                 rows.dequantize_into(buf, index)
@@ -169,6 +176,26 @@ def dequantized_history(history: PackedHistory, dtype: torch.dtype = torch.float
     return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
 
 
+def evicted_positions(history: PackedHistory) -> torch.Tensor | None:
+    """[B, Hkv, T] bool, True where a token's slice sits in a unit no level holds (evicted); None if none."""
+    b, h, s, d = history.sink_k.shape
+    n = history.n_quant
+    if not history.evicts or n == 0:
+        return None
+    n_units = n * b * 2 * h * d // history.unit_len
+    held = torch.zeros(n_units, dtype=torch.bool, device=history.sink_k.device)
+    for rows, index in history.levels:
+        held[torch.arange(rows.n_rows) if index is None else index.long()] = True
+    if bool(held.all()):
+        return None
+    flags = (~held)[:, None].expand(n_units, history.unit_len)
+    shape = (n, b, h, 2, d) if history.head_major else (n, b, 2, h, d)
+    k = flags.reshape(shape)[:, :, :, 0, 0] if history.head_major else flags.reshape(shape)[:, :, 0, :, 0]
+    out = torch.zeros(b, h, history.length, dtype=torch.bool, device=history.sink_k.device)
+    out[:, :, s : s + n] = k.permute(1, 2, 0)
+    return out
+
+
 def reference_decode_attention(
     query: torch.Tensor, history: PackedHistory, scaling: float, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +205,16 @@ def reference_decode_attention(
     groups = query.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query.float(), k.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, Hq, T]
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed.bool()[:, None, :], float("-inf"))
+    keep = None if allowed is None else allowed.bool()[:, None, :].expand_as(scores)  # [B, Hq, T]
+    gone = evicted_positions(history)
+    if gone is not None:
+        kept = ~gone.repeat_interleave(groups, dim=1)
+        keep = kept if keep is None else keep & kept
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     live = torch.isfinite(scores.amax(dim=-1, keepdim=True))
     probs = torch.where(live, torch.softmax(scores, dim=-1), torch.zeros_like(scores)).nan_to_num_(0.0)
-    mask = None if allowed is None else allowed.bool()[:, None, None, :]
+    mask = None if keep is None else keep[:, :, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
     out = torch.where(live.unsqueeze(-1), out, torch.zeros_like(out))
     return out, probs

@@ -15,14 +15,17 @@ from contextlib import contextmanager
 
 # phase -> methods, as "module:Class.method"
 PHASES: dict[str, tuple[str, ...]] = {
-    # the second q.k + softmax over the cached keys that SDPA does not hand back
-    "tracking": ("smartkv.cache.base:KVCache.observe",),
+    # the second q.k + softmax over the cached keys that SDPA does not hand back (`observe`), or, on
+    # the packed decode path, folding the weights the attention pass returned (`observe_weights`)
+    "tracking": ("smartkv.cache.base:KVCache.observe", "smartkv.cache.base:KVCache.observe_weights"),
     # periodic re-allocation of every quantized unit (demotions, re-quantization)
     "reallocation": ("smartkv.cache.mixed:MixedPrecisionLayer._reallocate",),
     # tokens leaving the FP16 window quantized at the widths the slack affords (between re-allocations)
     "window_release": ("smartkv.cache.mixed:MixedPrecisionLayer._release_window",),
     # de-quantizing the whole history into full-size tensors for SDPA
     "dequantize_history": ("smartkv.cache.mixed:MixedPrecisionLayer._assemble",),
+    # decode attention straight from the packed codes (the C++ kernel; replaces the two above)
+    "packed_attention": ("smartkv.cache.mixed:MixedPrecisionLayer.attend_packed",),
 }
 
 

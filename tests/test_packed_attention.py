@@ -107,6 +107,25 @@ def test_batch_with_left_padding_mask(kernel):
     assert float(out.abs().max()) == 0.0 and float(probs.abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("head_major", [False, True])
+def test_evicted_units_get_no_attention(kernel, head_major):
+    from smartkv.packed_attention import evicted_positions
+
+    history = make_history(2, 2, 32, 3, 60, 4, head_major=head_major, seed=12)
+    rows, index = history.levels[1]
+    keep = torch.arange(rows.n_rows) % 3 != 0  # evict every third unit of one level (0 bits: no row at all)
+    history.levels[1] = (rows.select(keep), index[keep].contiguous())
+    with pytest.raises(RuntimeError, match="at no level"):  # without `evicts` a missing unit is a corrupt layout
+        packed_decode_attention(torch.randn(2, 4, 1, 32), history, 0.2)
+    history.evicts = True
+    gone = evicted_positions(history)
+    assert gone is not None and int(gone.sum()) > 0
+    query = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(12))
+    _, probs = packed_decode_attention(query, history, 0.2)
+    assert float(probs.masked_select(gone.repeat_interleave(2, dim=1)).abs().max()) == 0.0
+    agree(query, history, 0.2)
+
+
 def test_edges_no_sinks_no_window_and_no_quantized_tokens(kernel):
     agree(torch.randn(1, 4, 1, 32), make_history(1, 2, 32, 0, 40, 0, seed=4), 0.2)
     empty = make_history(1, 2, 32, 3, 0, 6, smoothing=False, seed=5)

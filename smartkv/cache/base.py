@@ -10,6 +10,11 @@ A cache is a list of layers (as in `transformers.cache_utils`); a layer's one jo
   attention that the layer's queries pay back to the tracker. The marker holds the very
   key tensor `update` returned, so the attention function only reports to the cache whose
   keys it is attending over;
+- decode from packed codes: a layer that can (`attends_packed`) returns zero-cost placeholders
+  for a decode step and publishes its packed history on the active update; the attention
+  function computes attention and the tracker's weights from it in one pass. It does so only
+  once SmartKV's attention function has been seen serving this cache (`attention_routed`), so
+  another attention implementation never reads placeholders;
 - beam search and cropping (`reorder_cache`, `batch_repeat_interleave`, `batch_select_indices`,
   `crop`, what `generate` calls): each layer moves its own tokens, the cache moves the
   tracker's per-token statistics with them.
@@ -35,6 +40,10 @@ class ActiveUpdate:
     keys: torch.Tensor
     # [B, H_kv, T] bool, True = evicted (0 bits): positions the attention function must mask out
     drop: torch.Tensor | None = None
+    # The layer returned placeholders: the attention function reads this packed history instead
+    # (smartkv.packed_attention.PackedHistory), through `layer.attend_packed`, or `layer.materialize()`.
+    history: object | None = None
+    layer: "KVLayer | None" = None
 
 
 _ACTIVE: contextvars.ContextVar[ActiveUpdate | None] = contextvars.ContextVar("smartkv_active_update", default=None)
@@ -79,6 +88,7 @@ class KVLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
+    attends_packed = False  # may return placeholders for a decode step (see the module docstring)
     is_croppable = False
     supports_early_init = False
 
@@ -171,6 +181,8 @@ class KVCache(Cache):
         self.tracker = tracker
         self._layer_fractions: list[float] | None = None
         self.pending_drop: int | None = None  # a layer whose evictions the attention function has yet to mask
+        self.pending_packed: int | None = None  # a layer whose placeholders the attention function has yet to replace
+        self.attention_routed = False  # SmartKV's attention function has attended over this cache's keys
         for idx, layer in enumerate(layers):
             layer.attach(self, idx)
 
@@ -180,11 +192,19 @@ class KVCache(Cache):
                 f"{self.method}: layer {self.pending_drop} evicted tokens (a 0-bit width) but its attention was not "
                 "computed by SmartKV's attention function, so nothing masked them out; call "
                 "smartkv.attention.use_smartkv_attention(model) before generate, or drop 0 from `bits`")
+        if self.pending_packed is not None:
+            raise RuntimeError(
+                f"{self.method}: layer {self.pending_packed} returned placeholders for its packed history but its "
+                "attention was not computed by SmartKV's attention function; keep the model on "
+                "smartkv.attention.use_smartkv_attention(model) for the whole generation")
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        drop = getattr(self.layers[layer_idx], "drop", None)
-        tracked = self.tracker is not None or drop is not None
-        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys, drop) if tracked else None)
+        layer = self.layers[layer_idx]
+        drop = getattr(layer, "drop", None)
+        history = getattr(layer, "history", None)
+        tracked = self.tracker is not None or drop is not None or getattr(layer, "attends_packed", False)
+        _ACTIVE.set(ActiveUpdate(self, layer_idx, keys, drop, history, layer) if tracked else None)
         self.pending_drop = layer_idx if drop is not None else None
+        self.pending_packed = layer_idx if history is not None else None
         return keys, values
 
     def warn_once(self, key: str, message: str) -> None:
@@ -220,6 +240,11 @@ class KVCache(Cache):
     def observe(self, layer_idx: int, query, key, attention_mask, scaling: float) -> None:
         if self.tracker is not None:
             self.tracker.observe(layer_idx, query, key, attention_mask, scaling)
+
+    def observe_weights(self, layer_idx: int, probs: torch.Tensor, kv_heads: int, allowed: torch.Tensor | None) -> None:
+        """Hand the tracker one decode query's softmax weights [B, Hq, T] from the attention pass itself."""
+        if self.tracker is not None:
+            self.tracker.observe_weights(layer_idx, probs, kv_heads, allowed)
 
     def warn_unobserved(self) -> None:
         """Once per cache: it allocates by attention but has seen none (attention not routed to it)."""

@@ -16,6 +16,10 @@ re-allocation every `realloc_freq` decoded tokens may demote stored units to mak
 Precision never goes up: a demoted unit is re-quantized from its de-quantized values.
 With `budget=None` nothing is allocated: every unit gets the single width in `bit_set`.
 
+Reads: prefill and multi-token chunks get the de-quantized history (fused C++ de-quantization,
+then SDPA). A single-token decode step on CPU gets zero-cost placeholders instead, and SmartKV's
+attention function reads the packed codes directly (`PackedHistory`, smartkv/packed_attention.py).
+
 Short contexts: below `budget_holds_from()` tokens no layout meets the budget (the sinks
 alone may weigh more). The layer then holds its floor (sinks in FP16, every other token at
 the lowest width), warns once per cache, and reports `budget_met: False`; from that length
@@ -33,9 +37,11 @@ import warnings
 import torch
 
 from smartkv import allocate as alloc
+from smartkv import kernels
 from smartkv.cache.base import KVLayer
 from smartkv.cache.fp16 import crop_length
 from smartkv.cache.packed_store import PackedStore
+from smartkv.packed_attention import PackedHistory, kernel_can_take, packed_decode_attention
 from smartkv.rotation import rotation
 
 
@@ -67,6 +73,9 @@ class MixedSpec:
     # Squared error of each width for the allocator: "range" (measured: each unit's group
     # ranges, step**2 / 12) or "bits" (the 4**-b model of a uniform quantizer).
     error_model: str = "range"
+    # Decode steps attend straight from the packed codes (smartkv/packed_attention.py) where
+    # the C++ kernel can: no full-precision copy of the history, the tracker's weights from the same pass.
+    packed_decode: bool = True
 
 
 class MixedPrecisionLayer(KVLayer):
@@ -83,6 +92,8 @@ class MixedPrecisionLayer(KVLayer):
         self.reallocations = 0  # allocations of the whole quantized region (the first one included)
         self.rot: torch.Tensor | None = None  # key rotation [D, D], a function of head_dim (not stored per token)
         self.drop: torch.Tensor | None = None  # [B, H, T] evicted positions of the last read, for the attention mask
+        # The packed history of the last decode step when `update` returned placeholders (else None)
+        self.history: PackedHistory | None = None
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -198,7 +209,54 @@ class MixedPrecisionLayer(KVLayer):
                     self._reallocate()
                 elif self.spec.budget is None or self._over_budget() or self.win_k.shape[-2] > self.spec.window + f:
                     self._release_window()
+        if not prefill and key_states.shape[-2] == 1:
+            history = self._packed_history()
+            if history is not None:
+                return self._placeholders(history)
+        self.history = None
         return self._assemble()
+
+    # --- decode from the packed codes ---------------------------------------------------------
+    @property
+    def attends_packed(self) -> bool:
+        """Whether decode steps may attend on the packed codes (key rotation is not folded into the kernel)."""
+        return self.spec.packed_decode and not self.spec.key_rotation
+
+    def _packed_history(self) -> PackedHistory | None:
+        """This layer's history as the kernel reads it, or None where the de-quantize + SDPA path must run:
+        no kernel (SMARTKV_NO_KERNEL=1, not a CPU tensor), a geometry it does not take, or attention
+        not routed through SmartKV's function (placeholders would then be attended as they are)."""
+        if not self.attends_packed or self.device.type != "cpu" or self.cache is None:
+            return None
+        if not self.cache.attention_routed or kernels.kernel_module() is None:
+            return None
+        levels = [(rows, self.store.index[lvl]) for lvl, rows in sorted(self.store.rows.items()) if rows.n_rows]
+        history = PackedHistory(self.sink_k, self.sink_v, levels, self.n_quant, self.unit_len,
+                                self.spec.granularity == "head", self.win_k, self.win_v, self.k_shift, self.k_scale,
+                                evicts=self.store.evicts)
+        # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
+        probe = torch.empty(self.batch, self.heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        return history if kernel_can_take(probe, history) else None
+
+    def _placeholders(self, history: PackedHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-cost [B, H, T, D] stand-ins for the keys and values: SmartKV's attention function
+        reads `history` (published on the active update) instead."""
+        self.history = history
+        self.drop = self._evicted_positions() if self.store.evicts and self.n_quant else None
+        shape = (self.batch, self.heads, self.seq_len, self.head_dim)
+        stand_in = torch.zeros((), dtype=self.dtype, device=self.device).expand(shape)
+        return stand_in, stand_in.expand(shape)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The de-quantized keys and values behind the placeholders (attention the kernel does not
+        take: sliding window, soft-capping, position bias, dropout)."""
+        self.history = None
+        return self._assemble()
+
+    def attend_packed(self, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None):
+        """(out [B, Hq, 1, D], softmax weights [B, Hq, T]) of one decode query over the packed history."""
+        history, self.history = self.history, None
+        return packed_decode_attention(query, history, scaling, allowed)
 
     def _split_sinks(self) -> None:
         if self.spec.key_smoothing:

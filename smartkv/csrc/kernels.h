@@ -17,4 +17,4 @@ std::vector<at::Tensor> packed_decode_attention(
     std::vector<at::Tensor> planes, std::vector<int64_t> level_bits, std::vector<at::Tensor> scales,
     std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
     bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
-    c10::optional<at::Tensor> allowed, double scaling);
+    c10::optional<at::Tensor> allowed, double scaling, bool evicted_masked);

@@ -8,6 +8,9 @@
 // cut into units of `unit_len` values (a token's K and V over all heads, one head's K and V,
 // or either alone with kv_split). Each unit is one row of some level's QuantizedRows; the
 // level's int32 index says which unit each row holds (empty index: rows in unit order).
+// With `evicted_masked`, a unit stored at no level is an evicted (0-bit) unit: the tokens whose
+// slices it holds get no attention from that (batch row, KV head); without it, such a unit is a
+// corrupt layout and is refused.
 //
 // Keys (scores): k = shift + kscale * (code * s + z) per group (key smoothing optional), so
 //   q . k = q . shift + sum_groups [ s * sum_d (q * kscale)_d code_d + z * sum_d (q * kscale)_d ]
@@ -59,6 +62,7 @@ struct Level {
 struct Ctx {
   int64_t B, Hq, Hkv, D, g, S, W, n, T, unit_len, group, ng;
   bool head_major;
+  bool evicted_masked;
   const float* q;
   const float* sink_k;
   const float* sink_v;
@@ -242,6 +246,8 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
   // Quantized tokens level by level, rows in storage order: sequential reads, and the plane
   // widths stay the same through each level's loop (no mispredicted branch per token).
   const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
+  if (C.evicted_masked)  // a token no level's row names was evicted: it keeps this -inf score
+    for (int64_t j = 0; j < g; ++j) std::fill(P + j * T + C.S, P + j * T + C.S + C.n, -std::numeric_limits<float>::infinity());
   for (int64_t l = 0; l < C.n_levels; ++l) {
     const Level& L = C.levels[l];
     for (int64_t r = 0; r < L.rows; ++r) {
@@ -340,7 +346,7 @@ std::vector<at::Tensor> packed_decode_attention(
     std::vector<at::Tensor> planes, std::vector<int64_t> level_bits, std::vector<at::Tensor> scales,
     std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
     bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
-    c10::optional<at::Tensor> allowed, double scaling) {
+    c10::optional<at::Tensor> allowed, double scaling, bool evicted_masked) {
   TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous() && query.dim() == 3,
               "query must be a contiguous float32 [B, Hq, D] tensor");
   Ctx C;
@@ -361,6 +367,7 @@ std::vector<at::Tensor> packed_decode_attention(
   C.T = C.S + C.n + C.W;
   C.unit_len = unit_len;
   C.head_major = head_major;
+  C.evicted_masked = evicted_masked;
   C.group = group_size;
   TORCH_CHECK(C.D % 8 == 0, "head_dim ", C.D, " must be a multiple of 8 (whole bytes per head in every plane)");
   TORCH_CHECK(group_size >= 1 && C.D % group_size == 0, "group_size ", group_size, " must divide head_dim ", C.D);
@@ -428,7 +435,8 @@ std::vector<at::Tensor> packed_decode_attention(
     }
   }
   TORCH_CHECK(pi == planes.size(), "more planes than the levels' bit widths need");
-  for (int64_t u = 0; u < n_units; ++u) TORCH_CHECK(unit_level[u] >= 0, "unit ", u, " is stored at no level");
+  if (!evicted_masked)
+    for (int64_t u = 0; u < n_units; ++u) TORCH_CHECK(unit_level[u] >= 0, "unit ", u, " is stored at no level");
 
   at::Tensor shift_t, scale_t;
   C.k_shift = C.k_scale = nullptr;

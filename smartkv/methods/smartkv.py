@@ -50,6 +50,9 @@ class SmartKVConfig:
     key_rotation: bool = False
     prior: float = 0.5
     error_model: str = "range"
+    # Decode steps attend straight from the packed codes (C++ kernel, CPU); False: de-quantize + SDPA.
+    # The output agrees within float32 rounding (tests/test_packed_decode.py); it is a speed switch.
+    packed_decode: bool = True
 
     def __post_init__(self):
         m = "smartkv"
@@ -81,6 +84,8 @@ class SmartKVConfig:
             raise ConfigError(f"{m}: prior={self.prior!r} must lie in [0, 1]")
         if isinstance(self.window_share, bool) or not 0.0 <= self.window_share <= 1.0:
             raise ConfigError(f"{m}: window_share={self.window_share!r} must lie in [0, 1]")
+        if not isinstance(self.packed_decode, bool):
+            raise ConfigError(f"{m}: packed_decode={self.packed_decode!r} must be true or false")
         if not 0.0 <= self.layer_skew < 1.0:
             raise ConfigError(f"{m}: layer_skew={self.layer_skew!r} must lie in [0, 1)")
 
@@ -118,6 +123,7 @@ class SmartKVConfig:
             prior=self.prior,
             pool=self.pool,
             error_model=self.error_model,
+            packed_decode=self.packed_decode,
         )
 
 
