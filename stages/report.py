@@ -11,7 +11,7 @@ import platform
 
 from smartkv.study import get
 from smartkv.study.runs import HEADLINE
-from stages.common import DATA, METRICS, PLOTS, stage_main
+from stages.common import DATA, METRICS, PLOTS, code_revision, stage_main
 
 log = logging.getLogger("stages.report")
 REPORT = "REPORT.md"
@@ -66,27 +66,6 @@ def main(params: dict) -> None:
                          report_dir=".", metrics=load_metrics(METRICS), ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))
-
-# What `dvc repro` itself rewrites before this stage runs: not a change to the code or params
-# that made the results, so it does not make the revision "-dirty".
-PIPELINE_OUTPUTS = ("data", "metrics", "plots", "dvc.lock", "REPORT.md", "slides.pdf")
-
-
-def code_revision(revision: str) -> str:
-    """HEAD, marked "-dirty" only when code or params differ from it (outputs excluded)."""
-    import subprocess
-
-    rev = revision.removesuffix("-dirty")
-    if rev == "unknown":
-        return rev
-    excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded], capture_output=True,
-                               text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return revision
-    return rev + ("-dirty" if dirty else "")
-
 
 if __name__ == "__main__":
     main()
