@@ -1,7 +1,7 @@
 """Stage `report`: REPORT.md from the current results (never edited by hand).
 
 Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
-`errors` and `latency` (a missing one is named in its section) and the PNG figures."""
+`errors`, `latency` and `profile` (a missing one is named in its section) and the PNG figures."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ FIGURES = {
     "Ablations at the headline budget (score per task, std over seeds)": "ablations",
     "Allocation regret against the oracle (importance from the whole FP16 generation)": "regret",
     "Throughput of the teacher-forced answer forward relative to FP16 (wall clock on this machine)": "latency",
+    "Decode time per token vs context length, every method in one process (median, IQR band, min-max whiskers)":
+        "profile_latency",
+    "Peak memory allocated over the fork and decode vs the cache's own bytes, per method and context":
+        "profile_memory",
     "Attention of one needle prompt (dev seed) per layer": "attention_heatmap",
     "The hypothesis test: 2 bits on the top- vs bottom-attention tokens at equal bytes (KL and accuracy)":
         "sensitivity",

@@ -119,3 +119,21 @@ def test_profile_runs_need_known_baselines_and_fp16():
         profile_runs(params, ["fp16", "int3"])
     with pytest.raises(ParamError, match="fp16"):
         profile_runs(params, ["int4"])
+
+
+def test_report_section_words_follow_the_numbers(block):
+    import copy
+
+    from smartkv.report.profile_section import profile_section
+
+    result = {"new_tokens": NEW, "repeats": REPEATS, "contexts": [copy.deepcopy(block)], "headline": "smartkv",
+              "fp16": "fp16", "machine": {"torch_threads": 1, "cpus": 2, "loadavg_at_end": [1.0, 1.0, 1.0]},
+              "provenance": {"git_revision": "abc"}}
+    lat = {r["run"]: r for r in result["contexts"][0]["latency"]}
+    lat["smartkv"]["ratio_vs_fp16"] = 0.5
+    text = "\n".join(profile_section(result))
+    assert "decodes at 0.50 × FP16's tokens/s (slower than FP16)" in text
+    assert "| `kivi-2` |" in text and "tracking" in text and "Top operators" in text
+    lat["smartkv"]["ratio_vs_fp16"] = 1.25
+    assert "(at least as fast as FP16)" in "\n".join(profile_section(result))
+    assert "`metrics/profile.json` is missing" in profile_section(None)[0]
