@@ -64,7 +64,7 @@ def memory_figure(rows: pd.DataFrame, out_stem: str | Path) -> list[Path]:
     ax.set_xticks(range(len(contexts)), [str(c) for c in contexts])
     ax.set_xlabel("context length (prompt tokens)")
     ax.set_ylabel("MiB")
-    ax.legend(frameon=False, fontsize=7, ncols=2, loc="upper left")
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over a bar
     new = int(rows["new_tokens"].iloc[0]) if "new_tokens" in rows else None
     ax.set_title("Memory per method: peak allocated by torch over the cache's fork"
                  + (f" and {new} decode steps" if new else " and decode")
