@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
+from smartkv.runner import Prefill, RunSpec, decode, encode, fork, memory_of, prefill
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_RUNS = [
@@ -62,7 +62,8 @@ def parse_runs(items: list[str]) -> list[RunSpec]:
     return runs
 
 
-def _prompt(tokenizer, n_tokens: int) -> str:
+def bench_prompt(tokenizer, n_tokens: int) -> str:
+    """The prompt every context is timed on: a needle prompt of `n_tokens` tokens (depth 0.5, seed 0)."""
     from smartkv.tasks import generate_task
 
     sample = generate_task("niah", tokenizer, n_per_cell=1, lengths=[n_tokens], depths=[0.5], seed=0)[0]
@@ -90,9 +91,13 @@ def _phase_shares(model, pre, run: RunSpec, new_tokens: int) -> dict:
 
 
 def bench_context(model, tok, runs: list[RunSpec], context: int, new_tokens: int, repeats: int, warmup_tokens: int,
-                  profile: bool) -> dict:
-    ids, mask = encode(tok, [_prompt(tok, context)], device=model.device)
-    pre = prefill(model, ids, mask)
+                  profile: bool, pre: Prefill | None = None) -> dict:
+    """One context's timings; `pre`: a prefill of `bench_prompt(tok, context)` made by the caller
+    (e.g. `smartkv.analysis.profile`, which measures its memory), else made here."""
+    if pre is None:
+        ids, mask = encode(tok, [bench_prompt(tok, context)], device=model.device)
+        pre = prefill(model, ids, mask)
+    ids = pre.input_ids
     timings: dict[str, list[float]] = {r.label: [] for r in runs}
     memory: dict[str, dict] = {}
     for rep in range(repeats + 1):  # repetition 0 is the warm-up

@@ -40,6 +40,30 @@ def resolve(target: str):
 
 
 @contextmanager
+def _patched(phases: dict[str, tuple[str, ...]], wrap):
+    """Replace each phase's methods by `wrap(name, original)` while the block runs; restore on exit."""
+    patched = []
+    try:
+        for name, targets in phases.items():
+            for target in targets:
+                cls, attr = resolve(target)
+                original = cls.__dict__.get(attr)
+                if original is None:  # inherited: patch on the class itself, remove on exit
+                    patched.append((cls, attr, None))
+                    setattr(cls, attr, wrap(name, getattr(cls, attr)))
+                else:
+                    patched.append((cls, attr, original))
+                    setattr(cls, attr, wrap(name, original))
+        yield
+    finally:
+        for cls, attr, original in reversed(patched):
+            if original is None:
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, original)
+
+
+@contextmanager
 def timed_phases(phases: dict[str, tuple[str, ...]] | None = None):
     """Yield a dict phase -> seconds, filled while the block runs (plus "<phase>_calls" counts)."""
     phases = PHASES if phases is None else phases
@@ -48,7 +72,6 @@ def timed_phases(phases: dict[str, tuple[str, ...]] | None = None):
         totals[name] = 0.0
         totals[f"{name}_calls"] = 0
     active = [0]  # depth of timed calls in progress: only the outermost one is counted
-    patched = []
 
     def wrap(name, original):
         @functools.wraps(original)
@@ -66,21 +89,27 @@ def timed_phases(phases: dict[str, tuple[str, ...]] | None = None):
 
         return timed
 
-    try:
-        for name, targets in phases.items():
-            for target in targets:
-                cls, attr = resolve(target)
-                original = cls.__dict__.get(attr)
-                if original is None:  # inherited: patch on the class itself, remove on exit
-                    patched.append((cls, attr, None))
-                    setattr(cls, attr, wrap(name, getattr(cls, attr)))
-                else:
-                    patched.append((cls, attr, original))
-                    setattr(cls, attr, wrap(name, original))
+    with _patched(phases, wrap):
         yield totals
-    finally:
-        for cls, attr, original in reversed(patched):
-            if original is None:
-                delattr(cls, attr)
-            else:
-                setattr(cls, attr, original)
+
+
+@contextmanager
+def labelled_phases(phases: dict[str, tuple[str, ...]] | None = None, prefix: str = "smartkv::"):
+    """Mark every call of a phase as a `torch.profiler.record_function` range named `<prefix><phase>`.
+
+    The C++ kernels are pybind functions, not ATen ops, so `torch.profiler` sees none of their
+    time; inside these ranges it shows up as the range's self time, attributed to its phase."""
+    import torch
+
+    phases = PHASES if phases is None else phases
+
+    def wrap(name, original):
+        @functools.wraps(original)
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(prefix + name):
+                return original(*args, **kwargs)
+
+        return labelled
+
+    with _patched(phases, wrap):
+        yield

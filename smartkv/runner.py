@@ -84,13 +84,17 @@ def needs_tracker(run: RunSpec) -> bool:
     return run.oracle or bool(getattr(run.config(), "tracks_attention", False))
 
 
-def fork(pre: Prefill, run: RunSpec, model) -> tuple[object, float]:
-    """A fresh cache of `run`'s method holding the prefilled tokens; returns it and the seconds spent."""
+def fork(pre: Prefill, run: RunSpec, model, copy: bool = False) -> tuple[object, float]:
+    """A fresh cache of `run`'s method holding the prefilled tokens; returns it and the seconds spent.
+
+    `copy=True` hands the cache copies of the prefilled tensors, one layer at a time, so that it
+    owns every byte it keeps even where its dtype equals the prefill's (a cache may store the
+    tensor it is given): a memory profile of the fork then sees the whole cache allocated."""
     start = time.perf_counter()
     cache = build_cache(run.method, model.config, **run.params)
     for idx, layer in enumerate(pre.cache.layers):
         dtype = model.dtype
-        cache.update(layer.keys.to(dtype), layer.values.to(dtype), idx)
+        cache.update(layer.keys.to(dtype, copy=copy), layer.values.to(dtype, copy=copy), idx)
     tracker = getattr(cache, "tracker", None)
     if tracker is not None:
         shared = pre.cache.tracker

@@ -72,3 +72,24 @@ def read_results(*names: str, split: str | None = None):
     from smartkv.study.driver import read_results as read
 
     return read([RESULTS[n] for n in names], split)
+
+
+# What `dvc repro` itself rewrites before this stage runs: not a change to the code or params
+# that made the results, so it does not make the revision "-dirty".
+PIPELINE_OUTPUTS = ("data", "metrics", "plots", "dvc.lock", "REPORT.md", "slides.pdf")
+
+
+def code_revision(revision: str) -> str:
+    """HEAD, marked "-dirty" only when code or params differ from it (outputs excluded)."""
+    import subprocess
+
+    rev = revision.removesuffix("-dirty")
+    if rev == "unknown":
+        return rev
+    excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded], capture_output=True,
+                               text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return revision
+    return rev + ("-dirty" if dirty else "")

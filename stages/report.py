@@ -1,7 +1,7 @@
 """Stage `report`: REPORT.md from the current results (never edited by hand).
 
 Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
-`errors` and `latency` (a missing one is named in its section) and the PNG figures."""
+`errors`, `latency` and `profile` (a missing one is named in its section) and the PNG figures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import platform
 
 from smartkv.study import get
 from smartkv.study.runs import HEADLINE
-from stages.common import DATA, METRICS, PLOTS, stage_main
+from stages.common import DATA, METRICS, PLOTS, code_revision, stage_main
 
 log = logging.getLogger("stages.report")
 REPORT = "REPORT.md"
@@ -23,6 +23,10 @@ FIGURES = {
     "Ablations at the headline budget (score per task, std over seeds)": "ablations",
     "Allocation regret against the oracle (importance from the whole FP16 generation)": "regret",
     "Throughput of the teacher-forced answer forward relative to FP16 (wall clock on this machine)": "latency",
+    "Decode time per token vs context length, every method in one process (median, IQR band, min-max whiskers)":
+        "profile_latency",
+    "Peak memory allocated over the fork and decode vs the cache's own bytes, per method and context":
+        "profile_memory",
     "Attention of one needle prompt (dev seed) per layer": "attention_heatmap",
     "The hypothesis test: 2 bits on the top- vs bottom-attention tokens at equal bytes (KL and accuracy)":
         "sensitivity",
@@ -70,27 +74,6 @@ def main(params: dict) -> None:
                          report_dir=".", metrics=load_metrics(METRICS), ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))
-
-# What `dvc repro` itself rewrites before this stage runs: not a change to the code or params
-# that made the results, so it does not make the revision "-dirty".
-PIPELINE_OUTPUTS = ("data", "metrics", "plots", "dvc.lock", "REPORT.md", "slides.pdf")
-
-
-def code_revision(revision: str) -> str:
-    """HEAD, marked "-dirty" only when code or params differ from it (outputs excluded)."""
-    import subprocess
-
-    rev = revision.removesuffix("-dirty")
-    if rev == "unknown":
-        return rev
-    excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded], capture_output=True,
-                               text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return revision
-    return rev + ("-dirty" if dirty else "")
-
 
 if __name__ == "__main__":
     main()

@@ -26,15 +26,16 @@ BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
-           "matched_budgets.json", "errors.json"]
-DETERMINISTIC = [m for m in METRICS if m != "latency.json"]
+           "matched_budgets.json", "errors.json", "profile.json"]
+DETERMINISTIC = [m for m in METRICS if m not in ("latency.json", "profile.json")]  # wall clock
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
-           "perplexity_memory", "latency", "sweeps", "errors"]
-CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv"]
+           "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
+CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
+        "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests"]
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "ablations", "stats",
-          "figures", "latency", "errors", "report", "slides", "sweeps"]
+          "figures", "latency", "errors", "profile", "report", "slides", "sweeps"]
 
 
 def run(cmd: list, cwd: Path) -> str:
@@ -120,6 +121,13 @@ def test_pipeline_end_to_end(origin: Path):
     bl = pd.read_parquet(repo / "data/baselines.parquet")
     assert set(bl["split"]) == {"dev", "test"}  # baselines cover both, so no split change re-runs them
 
+    prof = json.loads((repo / "metrics/profile.json").read_text())
+    assert [b["context"] for b in prof["contexts"]] == [96, 160]
+    for b in prof["contexts"]:
+        assert {r["run"] for r in b["latency"]} == {"fp16", "int4", "kivi-2", "smartkv"}
+        assert all(m["peak_allocated_bytes"] >= m["cache_bytes"] > 0 for m in b["memory"].values())
+    assert set(prof["contexts"][-1]["top_ops"]) == {"fp16", "smartkv"}
+    assert "git_revision" in prof["provenance"] and "### Where time and memory go" in (repo / "REPORT.md").read_text()
     lat = json.loads((repo / "metrics/latency.json").read_text())["runs"]
     assert all(v["tokens_per_s"] > 0 for v in lat.values()) and "smartkv@int4" in lat
     sig = json.loads((repo / "metrics/significance.json").read_text())["tests"]
@@ -171,7 +179,8 @@ def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path:
 
     # The headline budget: only what reads it re-runs (not prepare, baselines or match).
     out = run([DVC, "exp", "run", "-S", "budget=0.3"], clone)
-    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "errors", "report",
+    # `profile` times the headline run, so the budget is its param too
+    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "errors", "profile", "report",
                                 "slides"}, out[-2000:]
     main = json.loads((clone / "metrics/main.json").read_text())["runs"]
     assert main["smartkv"]["kv_ratio"] <= 0.3 + 1e-6

@@ -130,7 +130,7 @@ def test_report_names_missing_metrics_files(results, tmp_path):
     md = render_report(stats.summarize(results), _tests(results), None, {}, {}, {"config": {}}, str(tmp_path),
                        metrics={})
     for name, stage in (("attention", "attention"), ("sensitivity", "sensitivity"), ("errors", "errors"),
-                        ("latency", "latency")):
+                        ("latency", "latency"), ("profile", "profile")):
         assert f"`metrics/{name}.json` is missing" in md and f"`dvc repro {stage}`" in md
     for heading in ("## Method", "## Background and related work", "## Error analysis", "## Cost", "```text"):
         assert heading in md

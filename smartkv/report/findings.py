@@ -14,7 +14,7 @@ import pandas as pd
 
 from smartkv.stats import holm
 
-METRIC_FILES = ("main", "power", "attention", "sensitivity", "errors", "latency", "ablations")
+METRIC_FILES = ("main", "power", "attention", "sensitivity", "errors", "latency", "ablations", "profile")
 WIN, LOSS, INCONCLUSIVE = "significantly better", "significantly worse", "inconclusive"
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 from smartkv.report import sections as sec
 from smartkv.report.background import method_section, related_work_section
 from smartkv.report.limitations import limitations, significance_table
+from smartkv.report.profile_section import profile_section
 from smartkv.stats import markdown_table
 
 
@@ -73,6 +74,7 @@ def render_report(
            "### The hypothesis test", *sec.sensitivity_section(metrics.get("sensitivity")),
            "## Error analysis", *sec.errors_section(metrics.get("errors")),
            "## Cost", *sec.cost_section(metrics.get("latency")),
+           "### Where time and memory go", *profile_section(metrics.get("profile")),
            "## Figures"]
     for i, (caption, path) in enumerate(figures.items(), 1):
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
