@@ -48,14 +48,25 @@ def settings(params: dict) -> dict:
 
 
 def profile_runs(params: dict, labels) -> list:
-    """The baselines named in `profile.runs` (fp16 among them), then the headline SmartKV run."""
+    """The runs named in `profile.runs` (fp16 among them), then the headline SmartKV run. An entry
+    is a label of `baselines`, or a run profiled only here, {label, method, params} (e.g.
+    transformers' QuantizedCache with the quanto backend, which the accuracy study leaves out)."""
+    from smartkv.study.runs import run_spec
+
     known = {r.label: r for r in baseline_runs(params)}
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ParamError(f"profile.runs={labels!r} must list baseline labels (e.g. [fp16, int4, kivi-2])")
-    unknown = [x for x in labels if x not in known]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, (str, dict)) for x in labels):
+        raise ParamError(f"profile.runs={labels!r} must list baseline labels or {{label, method, params}} runs "
+                         f"(e.g. [fp16, int4, kivi-2])")
+    extra = {}
+    for i, x in enumerate(labels):
+        if isinstance(x, dict):
+            extra[x.get("label")] = run_spec(f"profile.runs[{i}]", x.get("label"), x.get("method"),
+                                             x.get("params") or {}, "peer")
+    names = [x if isinstance(x, str) else x.get("label") for x in labels]
+    unknown = [x for x in names if x not in known and x not in extra]
     if unknown:
         raise ParamError(f"profile.runs: {', '.join(unknown)} not in baselines; known: {', '.join(known)}")
-    runs = [known[x] for x in dict.fromkeys(labels)]
+    runs = [known.get(x) or extra[x] for x in dict.fromkeys(names)]
     if not any(r.method == "fp16" for r in runs):
         raise ParamError(f"profile.runs={labels!r} must include the fp16 baseline: every ratio is against it")
     return runs + [headline_run(params)]

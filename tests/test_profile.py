@@ -119,6 +119,12 @@ def test_profile_runs_need_known_baselines_and_fp16():
         profile_runs(params, ["fp16", "int3"])
     with pytest.raises(ParamError, match="fp16"):
         profile_runs(params, ["int4"])
+    # a run profiled only here, validated like any run
+    runs = profile_runs(params, ["fp16", {"label": "quanto-4", "method": "hf_quanto", "params": {"nbits": 4}}])
+    assert [(r.label, r.method, r.params) for r in runs[:2]] == [("fp16", "fp16", {}),
+                                                                ("quanto-4", "hf_quanto", {"nbits": 4})]
+    with pytest.raises(ParamError, match=r"profile.runs\[1\].method='nope'"):
+        profile_runs(params, ["fp16", {"label": "x", "method": "nope"}])
 
 
 def test_report_section_words_follow_the_numbers(block):
