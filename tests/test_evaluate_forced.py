@@ -18,11 +18,12 @@ class ByteTokenizer:
 
     padding_side = "left"
     pad_token_id = 0
+    is_fast = True  # it gives character offsets, as transformers' fast tokenizers do
 
     def encode(self, text, add_special_tokens=False):
         return list(text.encode("utf-8"))
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, **kwargs):
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def __call__(self, prompts, return_tensors="pt", padding=True, add_special_tokens=True,
