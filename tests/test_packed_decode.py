@@ -18,6 +18,8 @@ from smartkv.cache import mixed
 from smartkv.methods import build_cache
 from smartkv.models import tiny_model
 
+from random_prompts import left_padded
+
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 STEPS = 20  # past one re-allocation (every 16 decoded tokens)
 
@@ -31,12 +33,7 @@ def _model(arch: str):
 def _batch(lengths, steps, seed=0):
     """Left-padded random prompts (pad id 0) and the tokens fed at each decode step."""
     g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, 250, (n,), generator=g)
-        mask[row, width - n:] = 1
+    ids, mask = left_padded(lengths, g)
     return ids, mask, torch.randint(3, 250, (len(lengths), steps), generator=g)
 
 

@@ -23,6 +23,8 @@ from smartkv.methods import build_cache, method_names
 from smartkv.methods.hf_quantized import backend_available
 from smartkv.models import tiny_model
 
+from random_prompts import left_padded
+
 ARCHS = ("llama", "mistral", "qwen2")
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 
@@ -67,14 +69,7 @@ def _model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, layers:
 
 def _inputs(lengths: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts, left-padded to the longest (pad id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, 250, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded(lengths, torch.Generator().manual_seed(seed))
 
 
 def _generate(model, cache, ids, mask, new, eos_first=False, assisted=False, **kw):
