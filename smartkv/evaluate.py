@@ -29,8 +29,8 @@ from smartkv.allocate import BudgetError
 from smartkv.answer_scores import answer_measures, target_ids
 from smartkv.cache.base import MEMORY_PARTS
 from smartkv.methods.registry import config_dict
-from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, needs_tracker, oracle_tracker,
-                            prefill)
+from smartkv.runner import (RunSpec, decode, encode, forced_logits, fork, memory_of, oracle_tracker, prefill,
+                            tracked_stats)
 from smartkv.tasks.sample import Sample
 from smartkv.token_spans import char_span_tokens
 
@@ -164,7 +164,8 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
         raise ValueError(f"prediction={prediction!r}; allowed: {', '.join(PREDICTION_MODES)}")
     for run in runs:  # fail on a bad config before any model work
         run.config()
-    track = any(needs_tracker(r) for r in runs)
+    keep = tracked_stats(runs)
+    track = bool(keep)
     windows = {getattr(r.config(), "obs_window", None) for r in runs} - {None}
     if len(windows) > 1:
         raise ValueError(f"runs that share one prefill must share obs_window; got {sorted(windows)}")
@@ -173,7 +174,7 @@ def evaluate(model, tokenizer, samples: list[Sample], runs: list[RunSpec], *, se
     bar = tqdm(total=len(samples) * len(runs), desc=desc, disable=not progress, unit="run")
     for sample in samples:
         ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
-        pre = prefill(model, ids, mask, decay, obs_window, track=track)
+        pre = prefill(model, ids, mask, decay, obs_window, track=track, keep=keep)
         base = _sample_fields(sample, seed, ids.shape[1])
         target = _target(tokenizer, sample, model.device)
         ref_logprobs, ref_s = None, 0.0

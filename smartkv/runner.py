@@ -34,10 +34,17 @@ class RunSpec:
     # queries included), known before the first decode step. An upper reference, not a method.
     oracle: bool = False
     # The prompt length (tokens, as the task grid names it) this spec applies to; None: every
-    # length. A matched run is one spec per length under one label, each at the bytes its
-    # baseline held at that length (KIVI's full-precision residual is a larger share of a
-    # short prompt, so one budget for all lengths would match none of them).
+    # length. A matched run is one spec per cell of the grid (task x length) under one label,
+    # each at the bytes its baseline held there (KIVI's full-precision residual is a larger
+    # share of a short prompt, so one budget for all lengths would match none of them).
     context_length: int | None = None
+    # The task this spec applies to (None: every task): a perplexity row holds its scored
+    # continuation too, so a baseline's share of FP16 bytes there differs from the needle rows'.
+    task: str | None = None
+
+    def applies_to(self, task: str, context_length: int) -> bool:
+        """Whether this spec runs on a sample of `task` with a prompt of `context_length` tokens."""
+        return self.context_length in (None, int(context_length)) and self.task in (None, task)
 
     def config(self):
         return make_config(self.method, **self.params)
@@ -60,17 +67,19 @@ def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9,
-            obs_window: int = 64, track: bool = True) -> Prefill:
-    """Run the prompt minus its last token through an FP16 cache that tracks importance (every
-    statistic, float32: each method's cache copies the ones it keeps).
+            obs_window: int = 64, track: bool = True, keep: tuple[str, ...] | None = None) -> Prefill:
+    """Run the prompt minus its last token through an FP16 cache that tracks importance (float32:
+    each method's cache copies the statistics it keeps).
 
     `track=False` skips the importance statistics (a second pass over the attention scores)
-    when no method forked from this prefill reads them (`needs_tracker`).
+    when no method forked from this prefill reads them (`needs_tracker`). `keep` names the
+    statistics to track (default: all); `tracked_stats(runs)` gives what a set of runs reads.
+    Without `cumulative` and `count` the pass scores only the prompt's last rows.
     """
     if input_ids.shape[1] < 3:
         raise ValueError(f"prompt too short to prefill: {input_ids.shape[1]} tokens (need at least 3)")
     use_smartkv_attention(model)
-    tracker = ImportanceTracker(decay, obs_window) if track else None
+    tracker = ImportanceTracker(decay, obs_window, keep) if track else None
     cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, tracker)
     start = time.perf_counter()
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
@@ -82,6 +91,19 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay:
 def needs_tracker(run: RunSpec) -> bool:
     """Whether `run`'s cache reads the prefill's importance statistics."""
     return run.oracle or bool(getattr(run.config(), "tracks_attention", False))
+
+
+def tracked_stats(runs: list[RunSpec]) -> tuple[str, ...]:
+    """The importance statistics the runs forked from one prefill read (each run's signal; an
+    oracle run reads its signal too, from the prefill's copy extended by the FP16 generation)."""
+    from smartkv.importance import ALL_STATS, NEEDS
+
+    out: set[str] = set()
+    for run in runs:
+        if needs_tracker(run):
+            signal = getattr(run.config(), "signal", None)
+            out.update(NEEDS.get(signal, ALL_STATS))
+    return tuple(s for s in ALL_STATS if s in out)
 
 
 def fork(pre: Prefill, run: RunSpec, model, copy: bool = False) -> tuple[object, float]:

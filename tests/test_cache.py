@@ -6,7 +6,7 @@ import torch
 from smartkv.attention import use_smartkv_attention
 from smartkv.methods import ConfigError, build_cache
 from smartkv.models import tiny_model
-from smartkv.runner import RunSpec, decode, fork, prefill
+from smartkv.runner import RunSpec, decode, fork, prefill, tracked_stats
 
 ARCHS = ("llama", "mistral", "qwen2")
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
@@ -187,6 +187,31 @@ def test_fork_path_matches_direct_fp16(model):
     cache, _ = fork(pre, RunSpec("fp16", "fp16"), model)
     forked, _ = decode(model, pre, cache, 10, min_new_tokens=10)
     assert torch.equal(direct, forked)
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9])
+def test_prefill_tracking_only_what_runs_read_gives_the_same_signal(model, decay):
+    """A prefill that tracks only `ema` and `window` scores the prompt's last rows only (the
+    study's shared prefill for the SmartKV runs); the signals must match tracking every row."""
+    ids = prompt(length=600, seed=12)  # longer than the horizon, so rows are really skipped
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding too
+    full = prefill(model, ids, mask, decay, obs_window=16)
+    keep = tracked_stats([RunSpec("s", "smartkv", {"budget": 0.3, "signal": "ema"}),
+                          RunSpec("w", "smartkv", {"budget": 0.3, "signal": "window"})])
+    assert keep == ("ema", "window")
+    short = prefill(model, ids, mask, decay, obs_window=16, keep=keep)
+    assert short.cache.tracker.horizon < ids.shape[1] - 1
+    for idx, layer in full.cache.tracker.layers.items():
+        cut = short.cache.tracker.layers[idx]
+        assert cut.cumulative is None and cut.count is None
+        for name in keep:
+            torch.testing.assert_close(getattr(cut, name), getattr(layer, name), rtol=1e-5, atol=1e-9)
+        assert cut.entropy == pytest.approx(layer.entropy, rel=1e-5)
+    # a run that reads `cumulative` gets every row
+    assert tracked_stats([RunSpec("c", "smartkv", {"budget": 0.3, "signal": "normalized"})]) == ("cumulative",
+                                                                                                  "count")
+    assert tracked_stats([RunSpec("u", "uniform", {"bits": 4})]) == ()
 
 
 def test_budget_below_floor_is_refused_before_work_and_flagged_inside_generate(model):

@@ -116,14 +116,18 @@ def test_a_tie_on_dev_keeps_the_current_value():
     assert s["params"]["decay"]["best_on_dev"] == 0.9
 
 
-def test_matching_is_per_length_when_the_task_set_has_several():
+def test_matching_is_per_cell_when_the_task_set_has_several():
     df = pd.DataFrame([{**r, "context_length": 1024} for r in rows("kivi-2", "test", [0.24, 0.26])]
-                      + [{**r, "context_length": 2048} for r in rows("kivi-2", "test", [0.18])])
+                      + [{**r, "context_length": 2048} for r in rows("kivi-2", "test", [0.18])]
+                      + [{**r, "context_length": 1024, "task": "perplexity"}
+                         for r in rows("kivi-2", "test", [0.16], metric="perplexity")])
     m = match.measure(df, ["kivi-2"])
-    assert m["test"]["kivi-2"]["by_length"] == {"1024": 0.25, "2048": 0.18}
+    task = df["task"].iloc[0]
+    assert m["test"]["kivi-2"]["by_cell"] == {f"{task}@1024": 0.25, f"{task}@2048": 0.18, "perplexity@1024": 0.16}
+    # the headline memory is the accuracy prompts' mean; perplexity rows get their own budget
     assert m["test"]["kivi-2"]["kv_ratio"] == pytest.approx((0.24 + 0.26 + 0.18) / 3, abs=1e-6)
     b = match.budgets(m, "test")
-    assert b == {"kivi-2": {1024: 0.25, 2048: 0.18}}
+    assert b == {"kivi-2": {(task, 1024): 0.25, (task, 2048): 0.18, ("perplexity", 1024): 0.16}}
 
     import yaml
     from pathlib import Path
@@ -132,7 +136,11 @@ def test_matching_is_per_length_when_the_task_set_has_several():
 
     params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
     runs = [r for r in smartkv_runs(params, b) if r.label == "smartkv@kivi-2"]
-    assert [(r.context_length, r.params["budget"]) for r in runs] == [(1024, 0.25), (2048, 0.18)]
-    # a length whose ratio cannot be matched drops the baseline, not just that length
-    m["test"]["kivi-2"]["by_length"]["2048"] = 1.3
+    assert sorted((r.task, r.context_length, r.params["budget"]) for r in runs) == \
+        sorted([(task, 1024, 0.25), (task, 2048, 0.18), ("perplexity", 1024, 0.16)])
+    ppl = next(r for r in runs if r.task == "perplexity")
+    assert ppl.applies_to("perplexity", 1024) and not ppl.applies_to(task, 1024)
+    assert not ppl.applies_to("perplexity", 2048)
+    # a cell whose ratio cannot be matched drops the baseline, not just that cell
+    m["test"]["kivi-2"]["by_cell"][f"{task}@2048"] = 1.3
     assert match.budgets(m, "test") == {}

@@ -55,8 +55,9 @@ def split_of_seeds(path: str | Path) -> dict[int, str]:
 
 
 def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, split: str | None,
-                  desc: str) -> pd.DataFrame:
-    """Every run on every prepared sample of `split` (None: every seed), seed by seed.
+                  desc: str, seeds: list[int] | None = None) -> pd.DataFrame:
+    """Every run on every prepared sample of `split` (None: every seed), seed by seed; only
+    `seeds` of them when given.
 
     One row per (run, sample, seed), in a stable order (seed, task, sample, run order);
     with the timing columns, which `split_timings` takes apart before writing.
@@ -70,6 +71,8 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     model_name, dtype = model_settings(params)
     device = device_setting(params)
     tasks = read_tasks(tasks_file, split)
+    if seeds is not None:
+        tasks = {s: v for s, v in tasks.items() if s in seeds}
     if not tasks:
         raise ParamError(f"{tasks_file} has no samples for split {split!r}: re-run the prepare stage")
     splits = split_of_seeds(tasks_file)
@@ -84,20 +87,17 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
             cfg = r.config()
             key = (float(getattr(cfg, "decay", BASELINE_DECAY)), getattr(cfg, "obs_window", None))
             by_tracking.setdefault(key, []).append(r)
-        # A run tied to one prompt length (matched per length) sees only that length's samples.
-        lengths = sorted({int(s.context_length) for s in samples})
+        # A run tied to one cell of the grid (matched per task and length) sees only that cell's samples.
+        cells = sorted({(s.task, int(s.context_length)) for s in samples})
         for key, group in by_tracking.items():
-            if all(r.context_length is None for r in group):
-                groups.append((seed, samples, key[0], group))
-                continue
-            for length in lengths:
-                at = [r for r in group if r.context_length in (None, length)]
-                mine = [s for s in samples if int(s.context_length) == length]
+            for task, length in cells:
+                at = [r for r in group if r.applies_to(task, length)]
+                mine = [s for s in samples if s.task == task and int(s.context_length) == length]
                 missing = {r.label for r in group if r.context_length is not None} - {r.label for r in at}
-                if missing and mine:
-                    log.warning("no matched budget at %d tokens for %s: those runs skip the %d samples of that "
-                                "length", length, ", ".join(sorted(missing)), len(mine))
-                if at and mine:
+                if missing:
+                    log.warning("no matched budget for %s at %d tokens for %s: those runs skip its %d samples",
+                                task, length, ", ".join(sorted(missing)), len(mine))
+                if at:
                     groups.append((seed, mine, key[0], at))
     # One bar over the whole stage (its ETA is the stage's); evaluate's own bar shows the group.
     total = tqdm(total=sum(len(s) * len(g) for _, s, _, g in groups), desc=f"{desc} (all seeds)", unit="run",

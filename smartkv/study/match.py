@@ -20,40 +20,52 @@ log = logging.getLogger(__name__)
 DIGITS = 6
 
 
-def measure(baselines: pd.DataFrame, labels: list[str]) -> dict:
-    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts[, by_length]}}} over measured rows.
+def cell_key(task: str, length: int) -> str:
+    """How matched_budgets.json names a cell of the task grid: "niah@1024"."""
+    return f"{task}@{int(length)}"
 
-    `kv_ratio` is the mean over the accuracy prompts (perplexity's teacher-forced rows hold
-    more tokens and are compared apart), the memory `metrics/main.json` reports. With prompts
-    of several lengths, `by_length` holds the mean at each length ({"1024": r, ...}): a
-    baseline's share of FP16 bytes depends on the length (KIVI's residual, sinks), so SmartKV
-    is matched length by length."""
+
+def parse_cell(key: str) -> tuple[str, int]:
+    task, _, length = key.rpartition("@")
+    return task, int(length)
+
+
+def measure(baselines: pd.DataFrame, labels: list[str]) -> dict:
+    """{split: {label: {kv_ratio, kv_ratio_min, kv_ratio_max, n_prompts[, by_cell]}}} over measured rows.
+
+    `kv_ratio` is the mean over the accuracy prompts, the memory `metrics/main.json` reports.
+    With more than one cell of the grid (task x prompt length, perplexity's rows included),
+    `by_cell` holds the mean in each ({"niah@1024": r, "perplexity@1024": r, ...}): a
+    baseline's share of FP16 bytes depends on the tokens it holds (KIVI's full-precision
+    residual is a larger share of a short prompt; a perplexity row holds its 512 scored
+    tokens too), so SmartKV is matched cell by cell."""
     ok = baselines[(baselines["error"] == "") & baselines["kv_ratio"].notna()]
-    if "metric" in ok and (ok["metric"] != "perplexity").any():
-        ok = ok[ok["metric"] != "perplexity"]
+    accuracy = ok[ok["metric"] != "perplexity"] if "metric" in ok and (ok["metric"] != "perplexity").any() else ok
     out: dict = {}
     for split, rows in ok.groupby("split", sort=True):
         out[split] = {}
+        acc = accuracy[accuracy["split"] == split]
         for label in labels:
-            r = rows.loc[rows["run"] == label, "kv_ratio"]
+            mine = rows[rows["run"] == label]
+            r = acc.loc[acc["run"] == label, "kv_ratio"]
             if r.empty:
                 log.warning("match: baseline %s has no measured rows on the %s seeds", label, split)
                 continue
             out[split][label] = {"kv_ratio": round(float(r.mean()), DIGITS),
                                  "kv_ratio_min": round(float(r.min()), DIGITS),
                                  "kv_ratio_max": round(float(r.max()), DIGITS), "n_prompts": int(len(r))}
-            if "context_length" in rows and rows["context_length"].nunique() > 1:
-                by = rows.loc[rows["run"] == label].groupby("context_length")["kv_ratio"].mean()
-                out[split][label]["by_length"] = {str(int(k)): round(float(v), DIGITS) for k, v in by.items()}
+            if {"task", "context_length"} <= set(mine) and len(mine.groupby(["task", "context_length"])) > 1:
+                by = mine.groupby(["task", "context_length"])["kv_ratio"].mean()
+                out[split][label]["by_cell"] = {cell_key(t, n): round(float(v), DIGITS) for (t, n), v in by.items()}
     return out
 
 
-def budgets(measured: dict, split: str) -> dict[str, float | dict[int, float]]:
-    """label -> SmartKV budget on `split` (or {prompt length: budget} where `measure` found
-    several lengths); a baseline above FP16's bytes, at any length, cannot be matched."""
+def budgets(measured: dict, split: str) -> dict[str, float | dict[tuple[str, int], float]]:
+    """label -> SmartKV budget on `split` (or {(task, prompt length): budget} where `measure`
+    found several cells); a baseline above FP16's bytes, in any cell, cannot be matched."""
     out: dict = {}
     for label, m in measured.get(split, {}).items():
-        by = {int(k): v for k, v in m["by_length"].items()} if m.get("by_length") else None
+        by = {parse_cell(k): v for k, v in m["by_cell"].items()} if m.get("by_cell") else None
         ratios = list(by.values()) if by else [m["kv_ratio"]]
         bad = [r for r in ratios if math.isnan(r) or not 0.0 < r <= 1.0]
         if bad:

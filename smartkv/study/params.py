@@ -95,6 +95,21 @@ def study_split(params: dict) -> str:
     return split
 
 
+def seed_subset(params: dict, key: str) -> list[int] | None:
+    """`key`: a subset of the `split` seeds a stage runs on, to bound its cost (null: all of them)."""
+    value = get(params, key, None)
+    if value is None:
+        return None
+    split = study_split(params)
+    allowed = seeds_by_split(params)[split]
+    if not isinstance(value, list) or not value or not all(is_int(x) for x in value):
+        raise ParamError(f"{key}={value!r} must be null or a non-empty list of {split} seeds {allowed}")
+    outside = [x for x in value if x not in allowed]
+    if outside:
+        raise ParamError(f"{key}={value!r}: {outside} not among the {split} seeds {allowed}")
+    return list(value)
+
+
 def model_settings(params: dict) -> tuple[str, str]:
     from smartkv.models import resolve_dtype
 

@@ -12,6 +12,7 @@ the params key it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -142,17 +143,17 @@ def sweep_budgets(params: dict) -> list[float]:
 
 def smartkv_runs(params: dict, matched: dict[str, float] | None = None) -> list[RunSpec]:
     """The headline run, then one run per matched baseline (`matched`: label -> measured
-    kv_ratio, or {prompt length: kv_ratio} when the task set has several lengths, from the
-    match stage: then one spec per length under the one label), then the Pareto sweep."""
+    kv_ratio, or {(task, prompt length): kv_ratio} when the task set has several cells, from
+    the match stage: then one spec per cell under the one label), then the Pareto sweep."""
     base = smartkv_base(params)
     head = headline_run(params)
     runs = [head]
     for baseline, ratio in (matched or {}).items():
         where = f"metrics/matched_budgets.json ({baseline})"
         if isinstance(ratio, dict):
-            for length, r in sorted(ratio.items()):
+            for (task, length), r in sorted(ratio.items()):
                 spec = run_spec(where, matched_label(baseline), "smartkv", {**base, "budget": r}, "smartkv")
-                runs.append(RunSpec(spec.label, spec.method, spec.params, spec.family, spec.oracle, int(length)))
+                runs.append(dataclasses.replace(spec, task=task, context_length=int(length)))
         else:
             runs.append(run_spec(where, matched_label(baseline), "smartkv", {**base, "budget": ratio}, "smartkv"))
     for i, b in enumerate(dict.fromkeys(sweep_budgets(params))):
@@ -184,5 +185,4 @@ def with_seed(run: RunSpec, seed: int) -> RunSpec:
     """SmartKV runs take the data seed (random allocation draws from it); others unchanged."""
     if run.method != "smartkv":
         return run
-    return RunSpec(run.label, run.method, {**run.params, "seed": int(seed)}, run.family, run.oracle,
-                   run.context_length)
+    return dataclasses.replace(run, params={**run.params, "seed": int(seed)})
