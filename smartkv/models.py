@@ -261,12 +261,18 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str | None = None,
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ):
     """`(model, tokenizer)` in eval mode, with a pad token and left padding.
 
     `"default"` (SmolLM2-135M-Instruct) and `"gemma3-270m"` are the embedded models (converted
     once, see `EMBEDDED_MODELS`); anything else goes to `from_pretrained` (a hub id or a local
     path). A path that does not exist raises `FileNotFoundError` naming it.
+
+    `device_map` ("auto", "balanced", "sequential" or {module name: device}, accelerate's
+    placement) spreads a model larger than one device over several, and then `device` is not
+    used: inputs go to `model.device` (the first layer's). Every cache layer keeps its tensors
+    on the device of the keys it is given, so each lives with its attention layer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,16 +282,20 @@ def load_model(
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    log.info("loaded %s (%s, %s) in %.1f s", name_or_path, torch_dtype, device, time.perf_counter() - t0)
+    where = device if device_map is None else f"device_map {getattr(model, 'hf_device_map', device_map)}"
+    log.info("loaded %s (%s, %s) in %.1f s", name_or_path, torch_dtype, where, time.perf_counter() - t0)
     return model, tokenizer
 
 

@@ -3,7 +3,7 @@ params section, the rule that they run on dev seeds only, and loading the study'
 
 from __future__ import annotations
 
-from smartkv.study.params import ParamError, device_setting, get, model_settings, seeds_by_split
+from smartkv.study.params import ParamError, get, model_settings, placement, seeds_by_split
 
 
 def analysis_section(params: dict, name: str) -> dict:
@@ -34,10 +34,10 @@ def check_dev_seeds(params: dict, key: str, seeds: list[int]) -> None:
 
 
 def load_study_model(params: dict):
-    """`(model, tokenizer, device)` of the study's `model`, `dtype` and `device` params."""
+    """`(model, tokenizer, device)` of the study's `model`, `dtype`, `device` and `device_map`
+    params; `device` is where inputs go (the model's first layer)."""
     from smartkv.models import load_model
 
     model_name, dtype = model_settings(params)
-    device = device_setting(params)
-    model, tok = load_model(model_name, dtype=dtype, device=device)
-    return model, tok, device
+    model, tok = load_model(model_name, dtype=dtype, **placement(params))
+    return model, tok, model.device

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from smartkv.study.params import ParamError, device_setting, model_settings, section, study_split
+from smartkv.study.params import ParamError, model_settings, placement, section, study_split
 from smartkv.study.runs import HEADLINE, ablation_runs, headline_run
 from stages.common import DATA, PLOTS, read_results, stage_main
 
@@ -99,7 +99,7 @@ def allocation_example(params: dict, settings: dict):
 
     head = headline_run(params)
     model_name, dtype = model_settings(params)
-    model, tok = load_model(model_name, dtype=dtype, device=device_setting(params))
+    model, tok = load_model(model_name, dtype=dtype, **placement(params))
     sample = generate_task("niah", tok, n_per_cell=1, lengths=[settings["length"]], depths=[settings["depth"]],
                            seed=settings["seed"])[0]
     snap = allocation_snapshot(model, tok, sample, head, settings["max_new_tokens"], decay=head.config().decay)

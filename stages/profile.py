@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import platform
 
-from smartkv.study.params import ParamError, device_setting, get, model_settings
+from smartkv.study.params import ParamError, get, model_settings, placement
 from smartkv.study.runs import HEADLINE, baseline_runs, headline_run
 from stages.common import METRICS, PLOTS, code_revision, log, stage_main
 
@@ -85,13 +85,12 @@ def main(params: dict) -> None:
 
     cfg = settings(params)
     model_name, dtype = model_settings(params)
-    device = device_setting(params)
     runs = profile_runs(params, cfg["runs"])
-    model, tok = load_model(model_name, dtype=dtype, device=device)
+    model, tok = load_model(model_name, dtype=dtype, **placement(params))
     fp16 = next(r.label for r in runs if r.method == "fp16")
     result = profile_methods(model, tok, runs, cfg["contexts"], cfg["new_tokens"], cfg["repeats"], cfg["ops_context"],
                              (fp16, HEADLINE), log=lambda m: log.info("profile: %s", m))
-    config = {"model": model_name, "dtype": dtype, "device": device, **cfg,
+    config = {"model": model_name, "dtype": dtype, **placement(params), **cfg,
               "runs": [(r.label, r.method, r.params) for r in runs]}
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])

@@ -241,3 +241,36 @@ def test_default_model_with_peer_4bit(default_model, name, backend):
     assert "Paris" in answer
     mem = hf_quantized.hf_cache_nbytes(cache)
     assert 0 < mem["kv_bytes"] < mem["fp16_kv_bytes"]
+
+
+def test_device_map_places_each_layer_and_the_cache_follows(tmp_path):
+    """An explicit accelerate device_map (every module on the CPU here; on a machine with several
+    GPUs the same path spreads the layers) loads through `load_model`, and SmartKV's cache then
+    holds each layer's tensors on that layer's device and generates what a plain load does."""
+    from smartkv.attention import use_smartkv_attention
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", seed=3).save_pretrained(folder)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tok_models
+
+    vocab = {f"t{i}": i for i in range(256)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0")),
+                                  unk_token="t0", pad_token="t0", eos_token="t1")
+    tok.save_pretrained(folder)
+    layers = [f"model.layers.{i}" for i in range(2)]
+    device_map = {"model.embed_tokens": "cpu", **{name: "cpu" for name in layers}, "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped, _ = models.load_model(str(folder), device_map=device_map)
+    plain, _ = models.load_model(str(folder))
+    assert all(p.device.type == "cpu" for p in mapped.parameters())
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (mapped, plain):
+        use_smartkv_attention(model)
+        cache = build_cache("smartkv", model.config, budget=0.4)
+        outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                   max_new_tokens=6, do_sample=False, pad_token_id=0))
+        assert all(t.device == model.model.layers[i].self_attn.q_proj.weight.device
+                   for i, layer in enumerate(cache.layers) for t in (layer.sink_k, layer.win_k))
+    assert torch.equal(outs[0], outs[1])

@@ -12,7 +12,7 @@ import yaml
 
 from smartkv.study import ParamError
 from smartkv.study.grid import longbench_plan, task_plan
-from smartkv.study.params import seed_subset, seeds_by_split, study_split
+from smartkv.study.params import device_map_setting, seed_subset, seeds_by_split, study_split
 from smartkv.study.runs import HEADLINE, ablation_runs, baseline_runs, match_labels, matched_label, smartkv_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +29,7 @@ def validate(p: dict) -> list:
     seeds_by_split(p)
     study_split(p)
     seed_subset(p, "ablations_seeds")
+    device_map_setting(p)
     task_plan(p)
     match_labels(p)
     return baseline_runs(p) + smartkv_runs(p, {"int3": 0.25}) + ablation_runs(p)
@@ -82,6 +83,8 @@ def test_empty_budget_sweep_leaves_the_headline(params):
         (lambda p: p.update(seeds={"dev": [], "test": [0]}), "seeds.dev"),
         (lambda p: p.update(seeds={"dev": [0], "test": [0, 1]}), "both dev and test"),
         (lambda p: p.update(split="train"), "split"),
+        (lambda p: p.update(device_map="everywhere"), "device_map"),
+        (lambda p: p.update(device_map={"model.layers.0": "gpu"}), "device_map"),
         (lambda p: p.update(ablations_seeds=[0, 100]), "ablations_seeds"),
         (lambda p: p.update(ablations_seeds=[]), "ablations_seeds"),
         (lambda p: p.update(match=["int7"]), "match"),

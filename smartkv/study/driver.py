@@ -17,7 +17,7 @@ import pandas as pd
 if TYPE_CHECKING:  # the kvpress peers stage reads tasks with this module under another transformers
     from smartkv.runner import RunSpec
 
-from smartkv.study.params import ParamError, device_setting, model_settings
+from smartkv.study.params import ParamError, model_settings, placement
 from smartkv.study.runs import matched_baseline, with_seed
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,6 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     from smartkv.models import load_model
 
     model_name, dtype = model_settings(params)
-    device = device_setting(params)
     tasks = read_tasks(tasks_file, split)
     if seeds is not None:
         tasks = {s: v for s, v in tasks.items() if s in seeds}
@@ -77,7 +76,7 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
         raise ParamError(f"{tasks_file} has no samples for split {split!r}: re-run the prepare stage")
     splits = split_of_seeds(tasks_file)
     torch.manual_seed(0)
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=dtype, **placement(params))
     # Runs that track attention must share the prefill's decay and observation window: one
     # evaluate (one prefill per sample) per (decay, obs_window).
     groups = []

@@ -123,6 +123,29 @@ def model_settings(params: dict) -> tuple[str, str]:
     return model, dtype
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_setting(params: dict) -> str | dict | None:
+    """`device_map` (default null): accelerate's placement of a model too large for one device,
+    a strategy name or {module name: device}; it overrides `device` for the model's weights."""
+    value = get(params, "device_map", None)
+    if value is None:
+        return None
+    if isinstance(value, str) and value in DEVICE_MAP_STRATEGIES:
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and (is_int(v) or (
+            isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda", "mps", "disk"))) for k, v in value.items()):
+        return value
+    raise ParamError(f"device_map={value!r} must be null, one of {', '.join(DEVICE_MAP_STRATEGIES)}, or a mapping "
+                     "of module names to devices (cpu, cuda:<n>, <n>, mps, disk)")
+
+
+def placement(params: dict) -> dict:
+    """`load_model`'s placement kwargs from the `device` and `device_map` params."""
+    return {"device": device_setting(params), "device_map": device_map_setting(params)}
+
+
 def device_setting(params: dict) -> str:
     """`device` (default cpu); a GPU that is not there is an error before any work."""
     import torch
