@@ -17,7 +17,7 @@ import torch
 
 DEVICE = torch.device(os.environ.get("SMARTKV_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the @triton.jit kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit functions are defined (tests/conftest.py sets it first)
 elif not torch.cuda.is_available():
     raise RuntimeError(f"SMARTKV_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 
@@ -32,6 +32,10 @@ from smartkv import packed_attention  # noqa: E402
 from smartkv.packed_attention import evicted_positions, reference_decode_attention  # noqa: E402
 from smartkv.quantize import QuantizedRows  # noqa: E402
 from smartkv.triton_kernels.packed_attention import triton_decode_attention  # noqa: E402
+
+if DEVICE.type == "cpu" and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it): "
+                       "run with TRITON_INTERPRET=1 in the environment")
 from test_packed_attention import make_history  # noqa: E402
 
 
@@ -163,3 +167,13 @@ def test_dispatch_by_device(monkeypatch):
     monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("the CPU extension was built for CUDA tensors"))
     packed_attention.packed_decode_attention(dev_query, dev_history, 0.2)
     assert calls == [1]
+
+
+def test_decode_kernel_ready_by_device(monkeypatch):
+    """What the cache asks before publishing a packed history: C++ on CPU, Triton on CUDA, neither when switched off."""
+    from smartkv import triton_kernels
+
+    assert packed_attention.decode_kernel_ready(torch.device("cuda")) == triton_kernels.available() is True
+    monkeypatch.setenv("SMARTKV_NO_KERNEL", "1")
+    assert not packed_attention.decode_kernel_ready(torch.device("cuda"))
+    assert not packed_attention.decode_kernel_ready(torch.device("cpu"))
