@@ -177,3 +177,18 @@ def test_decode_kernel_ready_by_device(monkeypatch):
     monkeypatch.setenv("SMARTKV_NO_KERNEL", "1")
     assert not packed_attention.decode_kernel_ready(torch.device("cuda"))
     assert not packed_attention.decode_kernel_ready(torch.device("cpu"))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on CUDA every other test here compiles the kernels already")
+def test_kernels_compile_for_a_hopper_gpu():
+    """The interpreter accepts code the compiler refuses: compile for sm_90 too (the wheel's ptxas, no GPU)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "smartkv.triton_kernels.compile_check", "--arch", "90"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("_unit_map_kernel", "_attend_split_kernel", "_combine_kernel"):
+        assert f"{name}: sm_90 cubin" in proc.stdout

@@ -64,7 +64,7 @@ def _unit_map_kernel(table_ptr, map_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _load_slices(t, live, stride_ft, S, N, full_ptr_sink, full_ptr_win, sink_off, win_off, slice0, step,
+def _load_slices(t, live, stride_sink_t, stride_win_t, S, N, full_ptr_sink, full_ptr_win, sink_off, win_off, slice0, step,
                  map_ptr, table_ptr, UNIT_LEN, GROUP, HD, d, dm, COLS: tl.constexpr):
     """[BLOCK_T, DP] float32 slices of tokens `t` (one of K or V): full-precision rows for sinks and
     window, de-quantized codes (before key smoothing) for the quantized tokens; and which tokens are
@@ -74,10 +74,10 @@ def _load_slices(t, live, stride_ft, S, N, full_ptr_sink, full_ptr_win, sink_off
     in_q = live & (t >= S) & (t < S + N)
     dm2 = dm[None, :]
     ts = tl.where(in_sink, t, 0).to(tl.int64)
-    x = tl.load(full_ptr_sink + sink_off + ts[:, None] * stride_ft[0] + d[None, :], mask=in_sink[:, None] & dm2,
+    x = tl.load(full_ptr_sink + sink_off + ts[:, None] * stride_sink_t + d[None, :], mask=in_sink[:, None] & dm2,
                 other=0.0).to(tl.float32)
     tw = tl.where(in_win, t - S - N, 0).to(tl.int64)
-    x += tl.load(full_ptr_win + win_off + tw[:, None] * stride_ft[1] + d[None, :], mask=in_win[:, None] & dm2,
+    x += tl.load(full_ptr_win + win_off + tw[:, None] * stride_win_t + d[None, :], mask=in_win[:, None] & dm2,
                  other=0.0).to(tl.float32)
     per_unit = UNIT_LEN // HD
     sl = tl.where(in_q, t - S, 0).to(tl.int64) * step + slice0
@@ -163,7 +163,7 @@ def _attend_split_kernel(
     for t0 in range(start, stop, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < stop
-        kx, kq, in_q, held = _load_slices(t, live, (sk_t, wk_t), S, N, sink_k, win_k, b * sk_b + h * sk_h,
+        kx, kq, in_q, held = _load_slices(t, live, sk_t, wk_t, S, N, sink_k, win_k, b * sk_b + h * sk_h,
                                           b * wk_b + h * wk_h, slice_k, step, map_ptr, table_ptr, UNIT_LEN, GROUP,
                                           HD, d, dm, COLS)
         key = kx + kq * ksc[None, :]
@@ -179,7 +179,7 @@ def _attend_split_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vx, vq, _, _ = _load_slices(t, live, (sv_t, wv_t), S, N, sink_v, win_v, b * sv_b + h * sv_h,
+        vx, vq, _, _ = _load_slices(t, live, sv_t, wv_t, S, N, sink_v, win_v, b * sv_b + h * sv_h,
                                     b * wv_b + h * wv_h, slice_v, step, map_ptr, table_ptr, UNIT_LEN, GROUP,
                                     HD, d, dm, COLS)
         value = vx + vq
