@@ -30,6 +30,8 @@ t * 2 * B * Hkv + slice0(b, h, kv), and lies in unit slice // (unit_len / D) at 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -244,10 +246,15 @@ def _dense_rows(rows):
                          rows.group_size)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(rows_of_work: int, blocks: int, device: torch.device) -> int:
     """Token splits per (batch row, KV head): enough programs to fill the GPU twice over."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _multiprocessors(device)
     else:
         target = 4  # the interpreter: a few splits, so that the combine step is exercised
     return max(1, min(blocks, -(-target // max(rows_of_work, 1)), 256))
