@@ -46,7 +46,8 @@ def _fail(message: str) -> int:
 
 
 def run_tests() -> dict:
-    env = dict(os.environ, SMARTKV_TEST_DEVICE="cuda", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, SMARTKV_TEST_DEVICE="cuda", PYTHONPATH=path)
     env.pop("TRITON_INTERPRET", None)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -173,7 +174,8 @@ def markdown(report: dict) -> str:
         lines += [f"## Kernel tests on CUDA: {'passed' if tests['ok'] else 'FAILED'}", "", f"`{tests['summary']}`", ""]
     if report.get("kernel"):
         lines += ["## One layer's decode attention (ms, median of 50)", "",
-                  "| geometry | context | Triton | reference | FP16 SDPA | Triton / FP16 | max err out | max err probs |",
+                  "| geometry | context | Triton | reference | FP16 SDPA | Triton / FP16 | max err out "
+                  "| max err probs |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["kernel"]:
             tri, ref, fp = r["triton"]["median_ms"], r["reference"]["median_ms"], r["fp16_sdpa"]["median_ms"]

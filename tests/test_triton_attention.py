@@ -17,7 +17,7 @@ import torch
 
 DEVICE = torch.device(os.environ.get("SMARTKV_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit functions are defined (tests/conftest.py sets it first)
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit functions are defined (conftest.py sets it first)
 elif not torch.cuda.is_available():
     raise RuntimeError(f"SMARTKV_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 

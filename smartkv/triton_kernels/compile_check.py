@@ -33,7 +33,8 @@ _CONSTANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m smartkv.triton_kernels.compile_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m smartkv.triton_kernels.compile_check",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: Hopper, 80: Ampere)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):

@@ -56,8 +56,8 @@ _COLS = 18
 def _unit_map_kernel(table_ptr, map_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):
     lvl = tl.program_id(1)
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rows = tl.load(table_ptr + lvl * COLS + 16)
-    index_addr = tl.load(table_ptr + lvl * COLS + 15)
+    rows = tl.load(table_ptr + lvl * COLS + 16)  # table columns: _ROWS
+    index_addr = tl.load(table_ptr + lvl * COLS + 15)  # _INDEX
     live = r < rows
     unit = r
     if index_addr != 0:
@@ -66,8 +66,8 @@ def _unit_map_kernel(table_ptr, map_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _load_slices(t, live, stride_sink_t, stride_win_t, S, N, full_ptr_sink, full_ptr_win, sink_off, win_off, slice0, step,
-                 map_ptr, table_ptr, UNIT_LEN, GROUP, HD, d, dm, COLS: tl.constexpr):
+def _load_slices(t, live, stride_sink_t, stride_win_t, S, N, full_ptr_sink, full_ptr_win, sink_off, win_off,
+                 slice0, step, map_ptr, table_ptr, UNIT_LEN, GROUP, HD, d, dm, COLS: tl.constexpr):
     """[BLOCK_T, DP] float32 slices of tokens `t` (one of K or V): full-precision rows for sinks and
     window, de-quantized codes (before key smoothing) for the quantized tokens; and which tokens are
     quantized and which of those some level holds."""
@@ -92,13 +92,13 @@ def _load_slices(t, live, stride_sink_t, stride_win_t, S, N, full_ptr_sink, full
     tb = table_ptr + lvl * COLS
     pos = off[:, None] + d[None, :]  # position of each value inside its unit
     qmask = held[:, None] & dm2
-    n_planes = tl.load(tb + 17, mask=held, other=0)
+    n_planes = tl.load(tb + 17, mask=held, other=0)  # _NPLANES
     code = tl.zeros(pos.shape, dtype=tl.int64)
     for p in tl.static_range(4):
         pm = held & (n_planes > p)
-        w = tl.load(tb + 4 + p, mask=pm, other=1)
-        shift = tl.load(tb + 8 + p, mask=pm, other=0)
-        base = tl.load(tb + p, mask=pm, other=0).to(tl.pointer_type(tl.uint8))
+        w = tl.load(tb + 4 + p, mask=pm, other=1)  # _WIDTH
+        shift = tl.load(tb + 8 + p, mask=pm, other=0)  # _SHIFT
+        base = tl.load(tb + p, mask=pm, other=0).to(tl.pointer_type(tl.uint8))  # _PLANE
         row_bytes = UNIT_LEN * w // 8
         bit = pos * w[:, None]
         byte = tl.load(base[:, None] + (row * row_bytes)[:, None] + (bit >> 3), mask=pm[:, None] & dm2, other=0)
@@ -106,13 +106,14 @@ def _load_slices(t, live, stride_sink_t, stride_win_t, S, N, full_ptr_sink, full
         code |= field << shift[:, None]
     groups = (UNIT_LEN + GROUP - 1) // GROUP  # per unit; the last may be shorter
     gi = row[:, None] * groups + pos // GROUP
-    sc_ptr = tl.load(tb + 12, mask=held, other=0).to(tl.pointer_type(tl.float16))
+    sc_addr = tl.load(tb + 12, mask=held, other=0)  # _SCALE
+    sc_ptr = sc_addr.to(tl.pointer_type(tl.float16))
     scale = tl.load(sc_ptr[:, None] + gi, mask=qmask, other=0.0).to(tl.float32)
-    z_addr = tl.load(tb + 13, mask=held, other=0)
+    z_addr = tl.load(tb + 13, mask=held, other=0)  # _ZERO
     asym = z_addr != 0
     zero = tl.load(z_addr.to(tl.pointer_type(tl.float16))[:, None] + gi, mask=qmask & asym[:, None],
                    other=0.0).to(tl.float32)
-    bits = tl.load(tb + 14, mask=held, other=1)
+    bits = tl.load(tb + 14, mask=held, other=1)  # _BITS
     offset = tl.where(bits > 1, (1 << (bits - 1)) - 1, 0).to(tl.float32)
     c = code.to(tl.float32)
     # the reference's operation order: asymmetric c * s + z, symmetric (c - offset) * s
