@@ -150,16 +150,20 @@ def format_table(result: dict) -> str:
 
 
 def run_bench(model_name: str, dtype: str, runs: list[RunSpec], contexts: list[int] | tuple[int, ...] = DEFAULT_CONTEXTS,
-              new_tokens: int = 32, repeats: int = 3, threads: int | None = None, profile: bool = True) -> dict:
-    from smartkv import kernels
+              new_tokens: int = 32, repeats: int = 3, threads: int | None = None, profile: bool = True,
+              device: str = "cpu") -> dict:
+    from smartkv import kernels, triton_kernels
     from smartkv.io import provenance
     from smartkv.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
-    model, tok = load_model(model_name, dtype=dtype)
+    model, tok = load_model(model_name, dtype=dtype, device=device)
     if model.device.type == "cpu":
         kernels.warm_up()  # build or load the C++ kernels before anything is timed
+        path = "pytorch path (SMARTKV_NO_KERNEL)" if kernels.disabled() else "c++"
+    else:  # CUDA: Triton compiles on the first call, inside the warm-up repetition
+        path = "triton" if triton_kernels.available() else "pytorch path (no triton or SMARTKV_NO_KERNEL)"
     blocks = []
     for i, context in enumerate(contexts):
         # the first context warms every run past a re-allocation; later ones only need new shapes
@@ -171,10 +175,12 @@ def run_bench(model_name: str, dtype: str, runs: list[RunSpec], contexts: list[i
         "new_tokens": new_tokens,
         "repeats": repeats,
         "contexts": blocks,
-        "kernels": "pytorch path (SMARTKV_NO_KERNEL)" if kernels.disabled() else "c++",
+        "kernels": path,
+        "device": str(model.device),
+        "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "processor": platform.processor(), "loadavg_at_end": list(os.getloadavg())},
-        "provenance": provenance({"model": model_name, "dtype": dtype, "contexts": list(contexts),
+        "provenance": provenance({"model": model_name, "dtype": dtype, "device": device, "contexts": list(contexts),
                                   "new_tokens": new_tokens, "repeats": repeats,
                                   "runs": [(r.label, r.method, r.params) for r in runs]}),
         "created_unix": time.time(),

@@ -149,8 +149,15 @@ def cmd_bench(args) -> int:
     from smartkv.models import resolve_model_path
 
     resolve_model_path(args.model)  # a missing model folder is one line, before any work
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"--device {args.device!r} must be cpu, cuda or cuda:N")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: torch sees no CUDA device (torch {torch.__version__})")
     result = run_bench(args.model, args.dtype, runs, args.context, args.new_tokens, args.repeats, args.threads,
-                       profile=not args.no_phases)
+                       profile=not args.no_phases, device=args.device)
     text = json.dumps(result, indent=2, default=list)
     if args.out:
         from smartkv.io import atomic_write_text
@@ -212,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--run", action="append", help="LABEL=METHOD[:key=value,...], repeatable (default: the standard set)")
     b.add_argument("--no-phases", action="store_true",
                    help="skip the extra timed-phase decode of each smartkv run (tracking / re-allocation shares)")
+    b.add_argument("--device", default="cpu",
+                   help="cpu (C++ kernels) or cuda / cuda:N (Triton kernel for SmartKV's decode attention)")
     b.add_argument("--out", default=None, help="also write the JSON result here")
     b.add_argument("--json", action="store_true")
     _add_model_args(b)

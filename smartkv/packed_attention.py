@@ -11,7 +11,7 @@ Tuning-Free Asymmetric 2bit Quantization for KV Cache") and QServe/Atom-style gr
 kernels, here for rows of mixed bit widths on CPU with OpenMP over (batch row, KV head).
 
 `reference_decode_attention` is the PyTorch path (de-quantize, assemble, SDPA, explicit
-softmax for the weights): the kernel is tested against it, and it serves CUDA tensors,
+softmax for the weights): the kernels are tested against it, and it serves CUDA tensors without triton,
 SMARTKV_NO_KERNEL=1 and geometries the kernel does not take.
 
 The history is described by `PackedHistory`, which mirrors how `smartkv.cache.mixed` lays a
@@ -24,9 +24,13 @@ returns zero-cost placeholders (`torch.zeros(()).expand(B, H, T, D)`) and publis
 with `allowed` = the model mask's last query row (None when transformers passes no mask), returns
 `out.transpose(1, 2)`, and hands the weights to `ImportanceTracker.observe_weights` instead of
 `observe` (which would redo q.k). Evicted (0-bit) units are held at no level and masked inside the
-kernel (`history.evicts`). Prefill, multi-token chunks, CUDA tensors, SMARTKV_NO_KERNEL=1, key
+kernel (`history.evicts`). Prefill, multi-token chunks, SMARTKV_NO_KERNEL=1, key
 rotation, and soft-capped, sliding-window (shorter than the history), position-bias or dropout
 attention keep the de-quantize + SDPA path (`packed_decode=False` forces it).
+
+On CUDA the same call runs the Triton kernel `smartkv/triton_kernels/packed_attention.py` (same
+inputs and outputs, tested against `reference_decode_attention` under Triton's interpreter here and
+on CUDA by `scripts/gpu_check.sh`); the CPU extension is never built then.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv import kernels
+from smartkv import kernels, triton_kernels
 from smartkv.quantize import QuantizedRows
 
 
@@ -74,7 +78,10 @@ class PackedHistory:
 
 
 def kernel_can_take(query: torch.Tensor, history: PackedHistory) -> bool:
-    """Whether the C++ kernel handles this geometry (else the reference path is used)."""
+    """Whether a kernel handles this geometry (else the reference path is used): the C++ kernel for
+    CPU tensors, the Triton kernel (`smartkv.triton_kernels`) for CUDA tensors when triton imports."""
+    if query.device.type == "cuda":
+        return triton_kernels.can_take(query, history)
     d = query.shape[-1]
     if query.device.type != "cpu" or query.dim() != 4 or query.shape[2] != 1 or d % 8:
         return False
@@ -97,10 +104,16 @@ def packed_decode_attention(
     T = history.length) or None. Returns (out [B, Hq, 1, D] in the query's dtype, probs [B, Hq, T]
     float32), as SDPA and softmax(q.k * scaling) over the de-quantized history would; a row with
     nothing allowed gets zeros. CPU tensors go through the C++ kernel (a failed build raises
-    KernelBuildError unless SMARTKV_NO_KERNEL=1); anything else takes `reference_decode_attention`.
+    KernelBuildError unless SMARTKV_NO_KERNEL=1), CUDA tensors through the Triton kernel when triton
+    imports (`smartkv.triton_kernels`; never a CPU build); anything else takes `reference_decode_attention`.
     """
     _check(query, history, allowed)
-    module = kernels.kernel_module() if kernel_can_take(query, history) else None
+    takes = kernel_can_take(query, history)
+    if takes and query.device.type == "cuda":
+        from smartkv.triton_kernels.packed_attention import triton_decode_attention
+
+        return triton_decode_attention(query, history, scaling, allowed)
+    module = kernels.kernel_module() if takes else None
     if module is None:
         return reference_decode_attention(query, history, scaling, allowed)
     b, hq, _, d = query.shape
@@ -149,6 +162,14 @@ def _check(query: torch.Tensor, history: PackedHistory, allowed: torch.Tensor | 
         raise ValueError(f"query {tuple(query.shape)} does not fit a history of [B={b}, Hkv={hkv}, D={d}]")
     if allowed is not None and tuple(allowed.shape) != (b, history.length):
         raise ValueError(f"allowed must be [B, T] = [{b}, {history.length}], got shape {tuple(allowed.shape)}")
+
+
+def decode_kernel_ready(device: torch.device) -> bool:
+    """Whether a packed-code kernel serves tensors on `device`: the C++ extension on CPU (built on
+    first call; a failed build raises KernelBuildError unless SMARTKV_NO_KERNEL=1), Triton on CUDA."""
+    if device.type == "cuda":
+        return triton_kernels.available()
+    return device.type == "cpu" and kernels.kernel_module() is not None
 
 
 def dequantized_history(history: PackedHistory, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,8 +83,26 @@ def test_default_set_and_parsed_runs():
     (["bench", "--new-tokens", "0"], "--new-tokens 0"),
     (["bench", "--run", "oops"], "LABEL=METHOD"),
     (["bench", "--run", "x=smartkv:budget=7"], "budget"),
+    (["bench", "--device", "tpu"], "--device 'tpu'"),
 ])
 def test_bench_bad_input_exits_2(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")
+def test_bench_on_cuda_without_a_gpu_exits_2(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--context", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the GPU check would run")
+def test_gpu_check_without_a_gpu_exits_2_and_writes_nothing(tmp_path, capsys):
+    from smartkv import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "gpu")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "gpu").exists()
