@@ -22,6 +22,11 @@ from smartkv.methods.common import n_layers
 from smartkv.methods.registry import build_cache, make_config
 
 
+# Teacher-forced scoring feeds a long target in forwards of this many tokens, the default
+# `realloc_freq` (`forced_logits`).
+FORCED_CHUNK = 16
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One method with its params, under a label used in results (e.g. "kivi-2", "smartkv-b0.30")."""
@@ -180,23 +185,31 @@ def decode(model, pre: Prefill, cache, max_new_tokens: int, do_sample: bool = Fa
 
 
 @torch.no_grad()
-def forced_logits(model, pre: Prefill, cache, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+def forced_logits(model, pre: Prefill, cache, target: torch.Tensor,
+                  chunk: int = FORCED_CHUNK) -> tuple[torch.Tensor, float]:
     """Logits [n, vocab] (float32) predicting each token of `target` [1, n], teacher-forced through `cache`.
 
-    Two forwards, whatever n is: the prompt's last token alone, as `generate`'s first step
-    (a cache quantizes its prefilled tokens on its first single-token update), then the gold
-    target minus its last token in one forward. Decoding token by token would cost n
-    forwards for the same logits, up to floating-point order.
+    The prompt's last token goes alone, as `generate`'s first step (a cache quantizes its
+    prefilled tokens on its first single-token update). Then the gold target minus its last
+    token goes in forwards of `chunk` tokens. A needle's answer (~8 tokens) is one forward.
+    A 512-token perplexity continuation is 32 forwards: a cache that adapts while decoding
+    (SmartKV re-allocates every `realloc_freq` tokens, KIVI flushes its residual every 128)
+    then adapts within the continuation, as it would while generating it. A single
+    511-token forward would freeze every cache in its state after the prompt. Token by token
+    would be exact, at 16x the forwards.
     """
     if pre.input_ids.shape[0] != 1:
         raise ValueError(f"forced_logits scores one prompt at a time, got a batch of {pre.input_ids.shape[0]}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     mask = pre.attention_mask
     start = time.perf_counter()
     first = model(input_ids=pre.input_ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
     out = [first[0, -1:].float()]
-    if target.shape[1] > 1:
-        rest = target[:, :-1]
-        mask = torch.cat([mask, torch.ones_like(rest, dtype=mask.dtype)], dim=1)
-        out.append(model(input_ids=rest, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0].float())
+    rest = target[:, :-1]
+    for i in range(0, rest.shape[1], chunk):
+        piece = rest[:, i:i + chunk]
+        mask = torch.cat([mask, torch.ones_like(piece, dtype=mask.dtype)], dim=1)
+        out.append(model(input_ids=piece, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0].float())
     clear_active_update()
     return torch.cat(out, dim=0), time.perf_counter() - start

@@ -135,3 +135,29 @@ def test_target_ids_follow_the_prompt():
     assert target_ids(tok, "xa", "bc") == [ord("b"), ord("c")]
     with pytest.raises(ValueError, match="target is empty"):
         target_ids(tok, "x", "")
+
+
+def test_a_long_target_goes_in_chunks_and_a_cache_adapts_within_it(model):
+    """A 40-token target is the last prompt token plus ceil(39 / 16) = 3 forwards; FP16's logits
+    equal token-by-token decoding's, and SmartKV re-allocates inside the target, as while decoding."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 250, (1, SMARTKV_LEN), generator=g)
+    target = torch.randint(3, 250, (1, 40), generator=g)
+    pre = prefill(model, ids, torch.ones_like(ids))
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        fast, _ = forced_logits(model, pre, fork(pre, RunSpec("fp16", "fp16"), model)[0], target)
+    finally:
+        hook.remove()
+    assert calls == [1, 16, 16, 7]
+    slow = _stepwise_logits(model, pre, fork(pre, RunSpec("fp16", "fp16"), model)[0], target)
+    torch.testing.assert_close(fast, slow, atol=2e-4, rtol=1e-4)
+    run = RunSpec("s", "smartkv", {"budget": 0.3, "realloc_freq": 16})
+    chunked, frozen = fork(pre, run, model)[0], fork(pre, run, model)[0]
+    forced_logits(model, pre, chunked, target)
+    forced_logits(model, pre, frozen, target, chunk=64)
+    assert chunked.memory_report()["reallocations"] > frozen.memory_report()["reallocations"]
+    with pytest.raises(ValueError, match="chunk"):
+        forced_logits(model, pre, frozen, target, chunk=0)

@@ -8,9 +8,9 @@ to old cached tokens shows up as a worse perplexity.
 
 The prompt is the first ~`length` tokens of the text; `target` (and meta["continuation"])
 holds the next `continuation_tokens` (default 512) tokens or a sentence more, starting with the separating
-space, so prompt + continuation is the whole text. The continuation is scored in one
-teacher-forced forward through each method's cache (`smartkv.runner.forced_logits`), so its
-NLL is paired over prompts and costs one forward, not one per token.
+space, so prompt + continuation is the whole text. The continuation is teacher-forced through
+each method's cache in forwards of 16 tokens (`smartkv.runner.forced_logits`), so a cache that
+adapts while decoding adapts within it, and its NLL is paired over prompts.
 """
 
 from __future__ import annotations
