@@ -316,7 +316,8 @@ class ImportanceTracker:
         li._add("cumulative", mass)
         li._add("ema", mass * (1.0 - self.decay), self.decay)
         li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)
-        li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
+        if "count" in li.keep:  # (built only when kept: this runs every step and layer)
+            li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
         li.queries += 1
 
 

@@ -94,6 +94,12 @@ class MixedPrecisionLayer(KVLayer):
         self.drop: torch.Tensor | None = None  # [B, H, T] evicted positions of the last read, for the attention mask
         # The packed history of the last decode step when `update` returned placeholders (else None)
         self.history: PackedHistory | None = None
+        # What a decode step derives from the quantized region's layout, kept until the store changes
+        # (`PackedStore.serial` and `.version`): whether the kernel takes it, which quantized tokens are evicted.
+        self._layout_key: tuple | None = None
+        self._kernel_ok = False
+        self._gone_key: tuple | None = None
+        self._gone: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -234,9 +240,12 @@ class MixedPrecisionLayer(KVLayer):
         history = PackedHistory(self.sink_k, self.sink_v, levels, self.n_quant, self.unit_len,
                                 self.spec.granularity == "head", self.win_k, self.win_v, self.k_shift, self.k_scale,
                                 evicts=self.store.evicts)
-        # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
-        probe = torch.empty(self.batch, self.heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
-        return history if kernel_can_take(probe, history) else None
+        key = (self.store.serial, self.store.version, self.batch)
+        if self._layout_key != key:  # the layout changed (window release, re-allocation, beams, crop)
+            # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
+            probe = torch.empty(self.batch, self.heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
+            self._kernel_ok, self._layout_key = kernel_can_take(probe, history), key
+        return history if self._kernel_ok else None
 
     def _placeholders(self, history: PackedHistory) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-cost [B, H, T, D] stand-ins for the keys and values: SmartKV's attention function
@@ -547,15 +556,22 @@ class MixedPrecisionLayer(KVLayer):
 
     def _evicted_positions(self) -> torch.Tensor | None:
         """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
-        The attention function masks these positions out (smartkv/attention.py)."""
-        gone = self.store.unit_bits() == 0
-        if not bool(gone.any()):
+        The attention function masks these positions out (smartkv/attention.py). Which quantized
+        tokens are evicted changes only with the store, so that part is kept until it does."""
+        key = (self.store.serial, self.store.version, self.batch)
+        if self._gone_key != key:
+            gone = self.store.unit_bits() == 0
+            self._gone = None
+            if bool(gone.any()):
+                flags = gone.float()[:, None].expand(-1, self.unit_len)
+                k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
+                self._gone = k[..., 0] > 0.5
+            self._gone_key = key
+        if self._gone is None:
             return None
-        flags = gone.float()[:, None].expand(-1, self.unit_len)
-        k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
         s = self.sink_k.shape[-2]
         out = torch.zeros(self.batch, self.heads, self.seq_len, dtype=torch.bool, device=self.device)
-        out[:, :, s : s + self.n_quant] = k[..., 0] > 0.5
+        out[:, :, s : s + self.n_quant] = self._gone
         return out
 
     # --- memory -----------------------------------------------------------------------
