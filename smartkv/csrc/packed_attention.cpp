@@ -376,10 +376,13 @@ struct Piece {
 };
 constexpr int64_t kPieceRows = 256;
 
-void check_float(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t D) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
+// The sinks and the window as contiguous float32 (a cache keeps them in FP16): converted here, in
+// one C++ call, rather than by four more tensor ops in Python every layer and step.
+at::Tensor as_float(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t D) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
                   t.size(3) == D,
-              name, " must be a contiguous float32 [B, Hkv, n, D] tensor");
+              name, " must be a floating-point [B, Hkv, n, D] tensor");
+  return t.to(at::kFloat).contiguous();
 }
 
 }  // namespace
@@ -390,8 +393,9 @@ std::vector<at::Tensor> packed_decode_attention(
     std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
     bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
     c10::optional<at::Tensor> allowed, double scaling, bool evicted_masked) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous() && query.dim() == 3,
-              "query must be a contiguous float32 [B, Hq, D] tensor");
+  TORCH_CHECK(at::isFloatingType(query.scalar_type()) && (query.dim() == 3 || (query.dim() == 4 && query.size(2) == 1)),
+              "query must be a floating-point [B, Hq, D] or [B, Hq, 1, D] tensor");
+  query = query.to(at::kFloat).reshape({query.size(0), query.size(1), query.size(-1)}).contiguous();
   Ctx C;
   C.B = query.size(0);
   C.Hq = query.size(1);
@@ -399,10 +403,10 @@ std::vector<at::Tensor> packed_decode_attention(
   C.Hkv = sink_k.size(1);
   TORCH_CHECK(C.Hkv >= 1 && C.Hq % C.Hkv == 0, "query heads ", C.Hq, " are not a multiple of KV heads ", C.Hkv);
   C.g = C.Hq / C.Hkv;
-  check_float(sink_k, "sink_k", C.B, C.Hkv, C.D);
-  check_float(sink_v, "sink_v", C.B, C.Hkv, C.D);
-  check_float(win_k, "win_k", C.B, C.Hkv, C.D);
-  check_float(win_v, "win_v", C.B, C.Hkv, C.D);
+  sink_k = as_float(sink_k, "sink_k", C.B, C.Hkv, C.D);
+  sink_v = as_float(sink_v, "sink_v", C.B, C.Hkv, C.D);
+  win_k = as_float(win_k, "win_k", C.B, C.Hkv, C.D);
+  win_v = as_float(win_v, "win_v", C.B, C.Hkv, C.D);
   C.S = sink_k.size(2);
   C.W = win_k.size(2);
   TORCH_CHECK(sink_v.size(2) == C.S && win_v.size(2) == C.W, "keys and values disagree in length");
@@ -485,11 +489,11 @@ std::vector<at::Tensor> packed_decode_attention(
   C.k_shift = C.k_scale = nullptr;
   TORCH_CHECK(k_shift.has_value() == k_scale.has_value(), "k_shift and k_scale come together");
   if (k_shift.has_value()) {
-    shift_t = *k_shift;
-    scale_t = *k_scale;
-    for (const at::Tensor* t : {&shift_t, &scale_t})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C.B * C.Hkv * C.D,
-                  "k_shift and k_scale must be contiguous float32 [B, Hkv, D]");
+    for (const at::Tensor* t : {&*k_shift, &*k_scale})
+      TORCH_CHECK(at::isFloatingType(t->scalar_type()) && t->numel() == C.B * C.Hkv * C.D,
+                  "k_shift and k_scale must be floating-point [B, Hkv, D] (or [B, Hkv, 1, D])");
+    shift_t = k_shift->to(at::kFloat).contiguous();
+    scale_t = k_scale->to(at::kFloat).contiguous();
     C.k_shift = shift_t.data_ptr<float>();
     C.k_scale = scale_t.data_ptr<float>();
   }
