@@ -100,6 +100,7 @@ class MixedPrecisionLayer(KVLayer):
         self._kernel_ok = False
         self._gone_key: tuple | None = None
         self._gone: torch.Tensor | None = None
+        self._zero: torch.Tensor | None = None  # the 0-dim zero the placeholders expand
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -253,7 +254,9 @@ class MixedPrecisionLayer(KVLayer):
         self.history = history
         self.drop = self._evicted_positions() if self.store.evicts and self.n_quant else None
         shape = (self.batch, self.heads, self.seq_len, self.head_dim)
-        stand_in = torch.zeros((), dtype=self.dtype, device=self.device).expand(shape)
+        if self._zero is None or self._zero.dtype != self.dtype or self._zero.device != self.device:
+            self._zero = torch.zeros((), dtype=self.dtype, device=self.device)  # one scalar, made once
+        stand_in = self._zero.expand(shape)
         return stand_in, stand_in.expand(shape)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
