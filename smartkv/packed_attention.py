@@ -8,7 +8,8 @@ are folded into the query (q.k per group on the integer codes); values accumulat
 weighted codes and the weighted zero-points per group separately. This is the "fold the
 de-quantization into the matmul" idea of KIVI's decode kernels (Liu et al., 2024, "KIVI: A
 Tuning-Free Asymmetric 2bit Quantization for KV Cache") and QServe/Atom-style group-wise
-kernels, here for rows of mixed bit widths on CPU with OpenMP over (batch row, KV head).
+kernels, here for rows of mixed bit widths on CPU with OpenMP over pieces of 256 stored rows per
+(batch row, KV head).
 
 `reference_decode_attention` is the PyTorch path (de-quantize, assemble, SDPA, explicit
 softmax for the weights): the kernel is tested against it, and it serves CUDA tensors,
