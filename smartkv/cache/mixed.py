@@ -144,6 +144,8 @@ class MixedPrecisionLayer(KVLayer):
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major (keys smoothed, rotated)."""
+        if self.rot is None:
+            return self._to_units_direct(k, v)
         if self.k_scale is not None:
             k = (k.float() - self.k_shift.float()) / self.k_scale.float()
         if self.rot is not None:
@@ -151,6 +153,23 @@ class MixedPrecisionLayer(KVLayer):
         if k.dtype != v.dtype:
             k, v = k.float(), v.float()
         return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
+
+    def _to_units_direct(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`_to_units` without key rotation, written straight into the token-major layout: K and V
+        are copied once each and the keys smoothed in place, the same float32 operations as
+        `(k.float() - shift) / scale` then stack and reshape (bit-identical), with three fewer
+        full-size temporaries (the first allocation passes the whole prompt through here)."""
+        b, h, n, d = k.shape
+        smooth = self.k_scale is not None
+        dtype = torch.float32 if smooth or k.dtype != v.dtype else k.dtype
+        shape = (n, b, h, 2, d) if self.spec.granularity == "head" else (n, b, 2, h, d)
+        units = torch.empty(shape, dtype=dtype, device=k.device)
+        kv = units.permute([self.perm.index(i) for i in range(5)])  # [2, B, H, n, D] view of `units`
+        kv[0].copy_(k)
+        kv[1].copy_(v)
+        if smooth:
+            kv[0].sub_(self.k_shift.float()).div_(self.k_scale.float())
+        return units.view(-1, self.unit_len)
 
     def _from_units(self, units: torch.Tensor, n: int, restore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of `_to_units`; `restore=False` skips undoing the key rotation and smoothing
