@@ -177,7 +177,7 @@ class ImportanceTracker:
 
     def bytes_per_token(self, batch: int, heads: int) -> int:
         """Bytes one more cached token adds to one layer's statistics."""
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype.itemsize  # (no tensor: the budget check asks this every layer and step)
         heads = heads if self.per_head else 1
         return sum(batch * (heads if n in _PER_HEAD else 1) * size for n in self.keep)
 
@@ -325,8 +325,10 @@ class ImportanceTracker:
             mass = mass.sum(dim=1, keepdim=True)
         li._add("cumulative", mass)
         li._add("ema", mass * (1.0 - self.decay), self.decay)
-        li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)
-        li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
+        if "window" in li.keep:
+            li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)
+        if "count" in li.keep:  # (built only when kept: this runs every step and layer)
+            li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
         li.queries += 1
 
 

@@ -3,6 +3,8 @@
 The C++ sources are package data under `smartkv/csrc/`:
 - `dequant.cpp`: packed bit planes -> scaled values scattered into a buffer, bit-identical to
   `QuantizedRows.dequantize` (same operations in the same order, built with -ffp-contract=off);
+- `quantize.cpp`: rows -> FP16 scale/zero per group and packed bit planes in one pass,
+  bit-identical to the PyTorch path of `quantize_rows` (same reasoning as dequant.cpp);
 - `packed_attention.cpp`: one decode query's attention over a mixed-precision history read
   straight from the packed codes (see `smartkv.packed_attention`).
 
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 EXT_NAME = "smartkv_cpu"
 DISABLE_ENV = "SMARTKV_NO_KERNEL"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "dequant.cpp", "packed_attention.cpp")
+SOURCES = ("bindings.cpp", "dequant.cpp", "packed_attention.cpp", "quantize.cpp")
 
 
 class KernelBuildError(RuntimeError):

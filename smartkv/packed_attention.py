@@ -8,7 +8,8 @@ are folded into the query (q.k per group on the integer codes); values accumulat
 weighted codes and the weighted zero-points per group separately. This is the "fold the
 de-quantization into the matmul" idea of KIVI's decode kernels (Liu et al., 2024, "KIVI: A
 Tuning-Free Asymmetric 2bit Quantization for KV Cache") and QServe/Atom-style group-wise
-kernels, here for rows of mixed bit widths on CPU with OpenMP over (batch row, KV head).
+kernels, here for rows of mixed bit widths on CPU with OpenMP over pieces of 256 stored rows per
+(batch row, KV head).
 
 `reference_decode_attention` is the PyTorch path (de-quantize, assemble, SDPA, explicit
 softmax for the weights): the kernels are tested against it, and it serves CUDA tensors without triton,
@@ -129,29 +130,25 @@ def packed_decode_attention(
         scales.append(rows.scale if rows.scale.stride(-1) == 1 else rows.scale.contiguous())
         if not rows.symmetric:
             zeros.append(rows.zero if rows.zero.stride(-1) == 1 else rows.zero.contiguous())
-        indices.append(_EMPTY_INDEX if index is None else index.to(torch.int32).contiguous())
+        indices.append(_EMPTY_INDEX if index is None else
+                       index if index.dtype == torch.int32 and index.is_contiguous() else index.to(torch.int32).contiguous())
     group = history.levels[0][0].group_size if history.levels else d
     if any(rows.group_size != group for rows, _ in history.levels):
         raise ValueError("every level must share one group size")
-    shift = scale = None
-    if history.k_shift is not None:
-        shift = history.k_shift.float().reshape(b, -1, d).contiguous()
-        scale = history.k_scale.float().reshape(b, -1, d).contiguous()
+    if allowed is not None and not (allowed.dtype == torch.bool and allowed.is_contiguous()):
+        allowed = allowed.to(torch.bool).contiguous()
+    # the C++ side takes the cache's FP16 sinks, window and key statistics and any float query as they
+    # are, and converts them itself: a decode step runs this for every layer, and each op here costs
     out, probs = module.packed_decode_attention(
-        query.float().reshape(b, hq, d).contiguous(),
-        _f32(history.sink_k), _f32(history.sink_v), _f32(history.win_k), _f32(history.win_v),
+        query, history.sink_k, history.sink_v, history.win_k, history.win_v,
         planes, bits, scales, zeros, indices, history.n_quant, history.unit_len, history.head_major, group,
-        shift, scale, None if allowed is None else allowed.to(torch.bool).contiguous(), float(scaling),
-        history.evicts,
+        history.k_shift, history.k_scale, allowed, float(scaling), history.evicts,
     )
-    return out.view(b, hq, 1, d).to(query.dtype), probs
+    out = out.view(b, hq, 1, d)
+    return (out if out.dtype == query.dtype else out.to(query.dtype)), probs
 
 
 _EMPTY_INDEX = torch.empty(0, dtype=torch.int32)
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.float().contiguous()
 
 
 def _check(query: torch.Tensor, history: PackedHistory, allowed: torch.Tensor | None) -> None:

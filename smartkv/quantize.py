@@ -278,6 +278,10 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool =
     every value comes back within half a step. The FP16 zero-point is rounded down and the
     scale up, so that FP16 storage of the metadata never pushes a code out of range.
     Symmetric: code = round(x / scale) + 2**(bits-1) - 1, scale = absmax / (2**(bits-1) - 1).
+
+    CPU tensors go through one fused C++ pass (`smartkv/csrc/quantize.cpp`, bit-identical for finite
+    values; a failed build raises KernelBuildError unless SMARTKV_NO_KERNEL=1); the PyTorch code
+    below serves other devices and SMARTKV_NO_KERNEL=1, and is what the kernel is tested against.
     """
     plane_widths(bits)  # validates
     if x.dim() != 2:
@@ -287,6 +291,12 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool =
     if symmetric and bits < 2:
         raise ValueError("symmetric quantization needs at least 2 bits")
     n, length = x.shape
+    module = kernels.kernel_module() if x.device.type == "cpu" and x.is_floating_point() else None
+    if module is not None:  # the fused C++ pass (smartkv/csrc/quantize.cpp), bit-identical to the code below
+        parts = module.quantize_rows(x.float().contiguous(), bits, group_size, symmetric)  # planes, scale[, zero]
+        zero = None if symmetric else parts.pop()
+        scale = parts.pop()
+        return QuantizedRows(tuple(parts), scale, zero, bits, length, group_size)
     groups = n_groups(length, group_size)
     xf = x.float()
     pad = groups * group_size - length

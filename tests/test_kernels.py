@@ -189,12 +189,14 @@ def test_failed_build_raises_a_clear_error(monkeypatch):
         calls.append(1)
         broken_build()
 
+    rows = make_rows(3, False, 50, 16)  # (quantizing builds the kernel too: rows made before the break)
     reset_loader(monkeypatch, counting_broken_build)
     monkeypatch.delenv("SMARTKV_NO_KERNEL", raising=False)
-    rows = make_rows(3, False, 50, 16)
     for _ in range(2):
         with pytest.raises(kernels.KernelBuildError, match="no compiler.*SMARTKV_NO_KERNEL=1"):
             rows.dequantize_into(torch.zeros(40, 50))
+    with pytest.raises(kernels.KernelBuildError, match="no compiler"):
+        quantize_rows(torch.randn(4, 32), 3, 16)
     with pytest.raises(kernels.KernelBuildError):
         kernels.kernel_available()
     assert len(calls) == 1  # the failure is remembered, not rebuilt on every call
@@ -204,9 +206,9 @@ def test_failed_build_raises_a_clear_error(monkeypatch):
 def test_tensors_the_kernel_cannot_take_never_build_it(monkeypatch):
     # float64 stands in for any tensor the kernel does not take (CUDA tensors included): the
     # device and dtype are checked before anything is built.
+    rows = make_rows(3, False, 64, 32)  # (quantizing float32 CPU rows builds the kernel: made before the break)
     reset_loader(monkeypatch, broken_build)
     monkeypatch.delenv("SMARTKV_NO_KERNEL", raising=False)
-    rows = make_rows(3, False, 64, 32)
     out = torch.zeros(40, 64, dtype=torch.float64)
     index = torch.randperm(40)[: rows.n_rows].to(torch.int32)
     want = reference(rows, torch.zeros(40, 64, dtype=torch.float64), index)
@@ -229,3 +231,44 @@ def test_sources_ship_as_package_data():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"csrc/*.cpp"' in pyproject and '"csrc/*.h"' in pyproject
     assert re.search(r'^\s*"ninja', pyproject.split("[project.optional-dependencies]")[0], re.M)
+
+
+def _pytorch_quantize(monkeypatch, x, bits, group_size, symmetric):
+    with monkeypatch.context() as m:
+        m.setenv(kernels.DISABLE_ENV, "1")
+        return quantize_rows(x, bits, group_size, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("length,group_size", [(64, 64), (384, 64), (96, 32), (37, 16), (20, 64), (5, 2)])
+def test_quantize_kernel_equals_pytorch_path_bit_for_bit(kernel, monkeypatch, bits, symmetric, length, group_size):
+    if symmetric and bits == 1:
+        pytest.skip("quantize_rows refuses symmetric 1-bit rows")
+    gen = torch.Generator().manual_seed(bits * 100 + length + group_size + int(symmetric))
+    x = torch.randn(53, length, generator=gen) * 3 + 1
+    x[3] = 2.5  # a constant row: scale falls back to 1
+    x[5] *= 1000  # large magnitudes
+    x[7] *= 1e5  # beyond FP16's range: scale and zero-point clamp
+    x[9] *= 1e-6  # subnormal FP16 metadata
+    x[11] = 0.0
+    x[13] = torch.round(x[13] * 2) / 2  # ties for round-half-to-even
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xi = x.to(dtype) if dtype != torch.float16 else x.clamp(-6e4, 6e4).to(dtype)
+        got = quantize_rows(xi, bits, group_size, symmetric=symmetric)
+        want = _pytorch_quantize(monkeypatch, xi, bits, group_size, symmetric)
+        assert len(got.planes) == len(want.planes)
+        for a, b in zip(got.planes, want.planes):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert got.scale.dtype == torch.float16 and torch.equal(got.scale, want.scale)
+        assert (got.zero is None) == (want.zero is None)
+        if want.zero is not None:
+            assert torch.equal(got.zero, want.zero)
+
+
+def test_quantize_kernel_takes_views_and_empty_input(kernel, monkeypatch):
+    x = torch.randn(40, 200)[::2, 8:136]  # a strided view
+    got, want = quantize_rows(x, 3, 32), _pytorch_quantize(monkeypatch, x, 3, 32, False)
+    assert all(torch.equal(a, b) for a, b in zip(got.planes, want.planes)) and torch.equal(got.scale, want.scale)
+    empty = quantize_rows(torch.empty(0, 64), 4, 32)
+    assert empty.n_rows == 0 and empty.planes[0].shape == (0, 32) and empty.scale.shape == (0, 2)

@@ -198,3 +198,21 @@ def test_threads_split_heads_without_changing_results(kernel):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_long_histories_cut_into_pieces_agree_at_any_thread_count(kernel, head_major):
+    # more than one 256-row piece per level and head, so that the partial sums of several pieces meet
+    history = make_history(1, 3, 64, 4, 1500, 9, head_major=head_major, group=32, seed=5)
+    query = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(packed_decode_attention(query, history, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    for out, probs in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(probs, runs[0][1])
+    agree(query, history, 0.125)

@@ -94,6 +94,13 @@ class MixedPrecisionLayer(KVLayer):
         self.drop: torch.Tensor | None = None  # [B, H, T] evicted positions of the last read, for the attention mask
         # The packed history of the last decode step when `update` returned placeholders (else None)
         self.history: PackedHistory | None = None
+        # What a decode step derives from the quantized region's layout, kept until the store changes
+        # (`PackedStore.serial` and `.version`): whether the kernel takes it, which quantized tokens are evicted.
+        self._layout_key: tuple | None = None
+        self._kernel_ok = False
+        self._gone_key: tuple | None = None
+        self._gone: torch.Tensor | None = None
+        self._zero: torch.Tensor | None = None  # the 0-dim zero the placeholders expand
         self.generator = torch.Generator().manual_seed(spec.seed)
 
     def attach(self, cache, layer_idx: int) -> None:
@@ -137,6 +144,8 @@ class MixedPrecisionLayer(KVLayer):
 
     def _to_units(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] K and V -> [n * units_per_row, unit_len], token-major (keys smoothed, rotated)."""
+        if self.rot is None:
+            return self._to_units_direct(k, v)
         if self.k_scale is not None:
             k = (k.float() - self.k_shift.float()) / self.k_scale.float()
         if self.rot is not None:
@@ -144,6 +153,23 @@ class MixedPrecisionLayer(KVLayer):
         if k.dtype != v.dtype:
             k, v = k.float(), v.float()
         return torch.stack([k, v]).permute(self.perm).reshape(-1, self.unit_len)
+
+    def _to_units_direct(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`_to_units` without key rotation, written straight into the token-major layout: K and V
+        are copied once each and the keys smoothed in place, the same float32 operations as
+        `(k.float() - shift) / scale` then stack and reshape (bit-identical), with three fewer
+        full-size temporaries (the first allocation passes the whole prompt through here)."""
+        b, h, n, d = k.shape
+        smooth = self.k_scale is not None
+        dtype = torch.float32 if smooth or k.dtype != v.dtype else k.dtype
+        shape = (n, b, h, 2, d) if self.spec.granularity == "head" else (n, b, 2, h, d)
+        units = torch.empty(shape, dtype=dtype, device=k.device)
+        kv = units.permute([self.perm.index(i) for i in range(5)])  # [2, B, H, n, D] view of `units`
+        kv[0].copy_(k)
+        kv[1].copy_(v)
+        if smooth:
+            kv[0].sub_(self.k_shift.float()).div_(self.k_scale.float())
+        return units.view(-1, self.unit_len)
 
     def _from_units(self, units: torch.Tensor, n: int, restore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of `_to_units`; `restore=False` skips undoing the key rotation and smoothing
@@ -234,9 +260,12 @@ class MixedPrecisionLayer(KVLayer):
         history = PackedHistory(self.sink_k, self.sink_v, levels, self.n_quant, self.unit_len,
                                 self.spec.granularity == "head", self.win_k, self.win_v, self.k_shift, self.k_scale,
                                 evicts=self.store.evicts)
-        # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
-        probe = torch.empty(self.batch, self.heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
-        return history if kernel_can_take(probe, history) else None
+        key = (self.store.serial, self.store.version, self.batch)
+        if self._layout_key != key:  # the layout changed (window release, re-allocation, beams, crop)
+            # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
+            probe = torch.empty(self.batch, self.heads, 1, self.head_dim, dtype=self.dtype, device=self.device)
+            self._kernel_ok, self._layout_key = kernel_can_take(probe, history), key
+        return history if self._kernel_ok else None
 
     def _placeholders(self, history: PackedHistory) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-cost [B, H, T, D] stand-ins for the keys and values: SmartKV's attention function
@@ -244,7 +273,9 @@ class MixedPrecisionLayer(KVLayer):
         self.history = history
         self.drop = self._evicted_positions() if self.store.evicts and self.n_quant else None
         shape = (self.batch, self.heads, self.seq_len, self.head_dim)
-        stand_in = torch.zeros((), dtype=self.dtype, device=self.device).expand(shape)
+        if self._zero is None or self._zero.dtype != self.dtype or self._zero.device != self.device:
+            self._zero = torch.zeros((), dtype=self.dtype, device=self.device)  # one scalar, made once
+        stand_in = self._zero.expand(shape)
         return stand_in, stand_in.expand(shape)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,15 +578,22 @@ class MixedPrecisionLayer(KVLayer):
 
     def _evicted_positions(self) -> torch.Tensor | None:
         """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
-        The attention function masks these positions out (smartkv/attention.py)."""
-        gone = self.store.unit_bits() == 0
-        if not bool(gone.any()):
+        The attention function masks these positions out (smartkv/attention.py). Which quantized
+        tokens are evicted changes only with the store, so that part is kept until it does."""
+        key = (self.store.serial, self.store.version, self.batch)
+        if self._gone_key != key:
+            gone = self.store.unit_bits() == 0
+            self._gone = None
+            if bool(gone.any()):
+                flags = gone.float()[:, None].expand(-1, self.unit_len)
+                k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
+                self._gone = k[..., 0] > 0.5
+            self._gone_key = key
+        if self._gone is None:
             return None
-        flags = gone.float()[:, None].expand(-1, self.unit_len)
-        k, _ = self._from_units(flags, self.n_quant, restore=False)  # [B, H, n, D]
         s = self.sink_k.shape[-2]
         out = torch.zeros(self.batch, self.heads, self.seq_len, dtype=torch.bool, device=self.device)
-        out[:, :, s : s + self.n_quant] = k[..., 0] > 0.5
+        out[:, :, s : s + self.n_quant] = self._gone
         return out
 
     # --- memory -----------------------------------------------------------------------

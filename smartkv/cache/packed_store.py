@@ -15,11 +15,14 @@ Every tensor held is counted by `nbytes`, index included.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
 
 INDEX_BYTES = 4  # int32 unit index
+_SERIALS = itertools.count()
 
 
 class PackedStore:
@@ -33,12 +36,17 @@ class PackedStore:
         self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric) + (0 if self.single else INDEX_BYTES)
                       for b in bit_set]
         self.evicts = bit_set[0] == 0
+        # (serial, version) names the units held: `version` is bumped by every change and each store
+        # gets its own serial, so readers can cache what they derive from the layout without holding the store
+        self.serial = next(_SERIALS)
+        self.version = 0
 
     # --- write --------------------------------------------------------------------------
     def append(self, units: torch.Tensor, levels: torch.Tensor) -> None:
         """Quantize new units [n, unit_len] (numbered after the ones held) at `levels` [n]."""
         if units.shape[0] == 0:
             return
+        self.version += 1
         ids = torch.arange(self.n_units, self.n_units + units.shape[0])
         for lvl in levels.unique().tolist():
             sel = levels == lvl
@@ -61,6 +69,7 @@ class PackedStore:
 
         A demoted unit is re-quantized from its de-quantized values.
         """
+        self.version += 1
         for lvl in sorted(self.rows):
             idx = self.ids(lvl)
             target = new_levels[idx]

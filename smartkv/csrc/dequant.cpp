@@ -15,44 +15,22 @@
 #include <vector>
 
 #include "kernels.h"
+#include "half.h"
 #include "unpack.h"
 
 namespace {
 
 using smartkv::unpack_any;
 
-// float32 -> bfloat16 / float16 bits, round to nearest even: the arithmetic of c10's
-// round_to_nearest_even and fp16_ieee_from_fp32_value (software path), written with selects
-// and masks instead of branches so that the store loop vectorizes.
+// float32 -> bfloat16 bits, round to nearest even: the arithmetic of c10's round_to_nearest_even,
+// written with selects and masks instead of branches so that the store loop vectorizes
+// (float16: smartkv::to_fp16_bits in half.h).
 inline uint16_t to_bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   const uint32_t r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
   const uint32_t nan_mask = 0u - static_cast<uint32_t>(f != f);
   return static_cast<uint16_t>((0x7FC0u & nan_mask) | (r & ~nan_mask));
-}
-
-inline uint16_t to_fp16_bits(float f) {
-  const uint32_t inf_bits = 239u << 23, zero_bits = 17u << 23;
-  float scale_to_inf, scale_to_zero;
-  std::memcpy(&scale_to_inf, &inf_bits, 4);
-  std::memcpy(&scale_to_zero, &zero_bits, 4);
-  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
-  uint32_t w;
-  std::memcpy(&w, &f, 4);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  bias = std::max(bias, 0x71000000u);
-  const uint32_t bb = (bias >> 1) + 0x07800000u;
-  float bf;
-  std::memcpy(&bf, &bb, 4);
-  base = bf + base;
-  uint32_t bits;
-  std::memcpy(&bits, &base, 4);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  const uint32_t nan_mask = 0u - static_cast<uint32_t>(shl1_w > 0xFF000000u);
-  return static_cast<uint16_t>((sign >> 16) | (0x7E00u & nan_mask) | (nonsign & ~nan_mask));
 }
 
 template <typename out_t> struct Store;
@@ -66,7 +44,7 @@ template <> struct Store<at::BFloat16> {
 };
 template <> struct Store<at::Half> {
   using raw = uint16_t;
-  static inline uint16_t cvt(float v) { return to_fp16_bits(v); }
+  static inline uint16_t cvt(float v) { return smartkv::to_fp16_bits(v); }
 };
 
 template <typename out_t, bool SYM>

@@ -10,6 +10,10 @@ void dequantize_into(std::vector<at::Tensor> planes, std::vector<int64_t> widths
                      c10::optional<at::Tensor> zero, int64_t bits, int64_t length, int64_t group_size,
                      at::Tensor out, c10::optional<at::Tensor> index);
 
+// Rows of float32 values -> {planes..., scale, zero (asymmetric only)}, bit-identical to
+// smartkv.quantize.quantize_rows' PyTorch path; see quantize.cpp.
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t bits, int64_t group_size, bool symmetric);
+
 // One decode query's attention over a mixed-precision history read from its packed codes;
 // returns {out [B, Hq, D], probs [B, Hq, T]} in float32. See packed_attention.cpp.
 std::vector<at::Tensor> packed_decode_attention(

@@ -21,10 +21,14 @@
 // Symmetric rows (value = (code - offset) * s) fold the same way with z = -offset * s.
 //
 // Grouped-query attention: the g query heads of a KV head share one unpack per token. Work is
-// split over (batch row, KV head) pairs with at::parallel_for (OpenMP). The softmax weights are
-// written to `probs`, so the importance tracker needs no second q.k.
+// split over pieces of 256 stored rows per (batch row, KV head) in one OpenMP region (scores, then
+// softmax per query head, then values into per-piece partial sums, reduced in piece order): a model
+// with fewer KV heads than threads, or not a multiple (3 on 2 threads), still keeps every thread
+// busy, and the results do not depend on the thread count. The softmax weights are written to
+// `probs`, so the importance tracker needs no second q.k.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -212,16 +216,34 @@ SKV_INLINE float exp_nonpositive(float x) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+#define SKV_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SKV_CLONES
 #endif
-void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch, std::vector<uint8_t>& codes) {
+
+// The query side of one (batch row, KV head), computed once per call: per query head j of the group,
+// the scaled query qs, the query folded with the key scale qk, qk's group sums and q . shift.
+struct Prep {
+  const float* qs;    // [g, D]
+  const float* qk;    // [g, D]
+  const float* qsum;  // [g, ng]
+  const float* cst;   // [g]
+};
+
+int64_t prep_floats(const Ctx& C) { return C.g * (2 * C.D + C.ng + 1); }
+
+Prep prep_at(const Ctx& C, const float* buf) {
+  return {buf, buf + C.g * C.D, buf + 2 * C.g * C.D, buf + 2 * C.g * C.D + C.g * C.ng};
+}
+
+// Query folding, then the scores of the sinks and the window (full precision), and -inf for every
+// quantized token when evictions are masked (rows that hold a token overwrite it later).
+void prep_head(const Ctx& C, int64_t b, int64_t h, float* buf) {
   const int64_t D = C.D, g = C.g, ng = C.ng, T = C.T, G = C.group;
-  float* qs = scratch.data();      // [g, D] scaled query
-  float* qk = qs + g * D;          // [g, D] query folded with the key scale
-  float* qsum = qk + g * D;        // [g, ng] group sums of qk
-  float* cst = qsum + g * ng;      // [g] q . shift
-  float* zacc = cst + g;           // [g, ng] weighted zero-points
-  float* cf = zacc + g * ng;       // [D] codes as floats
+  float* qs = buf;
+  float* qk = qs + g * D;
+  float* qsum = qk + g * D;
+  float* cst = qsum + g * ng;
   const int64_t kv_off = (b * C.Hkv + h) * D;
   for (int64_t j = 0; j < g; ++j) {
     const float* qj = C.q + (b * C.Hq + h * g + j) * D;
@@ -232,89 +254,93 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
       float s = 0.0f;
       for (int64_t d = 0; d < G; ++d) s += qk[j * D + gi * G + d];
       qsum[j * ng + gi] = s;
-      zacc[j * ng + gi] = 0.0f;
     }
   }
   float* P = C.probs + (b * C.Hq + h * g) * T;  // row j at P + j * T
-  const at::Half* sc;
-  const at::Half* zc;
-  // --- scores
   for (int64_t t = 0; t < C.S; ++t) {
     const float* k = C.sink_k + ((b * C.Hkv + h) * C.S + t) * D;
     for (int64_t j = 0; j < g; ++j) P[j * T + t] = dot(qs + j * D, k, D);
   }
-  // Quantized tokens level by level, rows in storage order: sequential reads, and the plane
-  // widths stay the same through each level's loop (no mispredicted branch per token).
-  const SliceWalk kwalk(C, b, h, 0), vwalk(C, b, h, 1);
   if (C.evicted_masked)  // a token no level's row names was evicted: it keeps this -inf score
     for (int64_t j = 0; j < g; ++j) std::fill(P + j * T + C.S, P + j * T + C.S + C.n, -std::numeric_limits<float>::infinity());
-  for (int64_t l = 0; l < C.n_levels; ++l) {
-    const Level& L = C.levels[l];
-    for (int64_t r = 0; r < L.rows; ++r) {
-      const int64_t t = kwalk.token_of(L.index ? L.index[r] : r, C.n);
-      if (t < 0) continue;  // a row of another batch row or head
-      load_codes(L, r, kwalk.off, D, G, codes.data(), cf, &sc, &zc);
-      for (int64_t j = 0; j < g; ++j) {
-        float s = cst[j];
-        for (int64_t gi = 0; gi < ng; ++gi) {
-          const float dc = dot(qk + j * D + gi * G, cf + gi * G, G);
-          const float scale = half_to_float(sc[gi]);
-          const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
-          s += scale * dc + zero * qsum[j * ng + gi];
-        }
-        P[j * T + C.S + t] = s;
-      }
-    }
-  }
   for (int64_t t = 0; t < C.W; ++t) {
     const float* k = C.win_k + ((b * C.Hkv + h) * C.W + t) * D;
     for (int64_t j = 0; j < g; ++j) P[j * T + C.S + C.n + t] = dot(qs + j * D, k, D);
   }
-  // --- softmax (masked tokens get exactly 0; a row with nothing to attend is all 0)
+}
+
+// Scores of the quantized tokens held in rows [r0, r1) of level L, for one (batch row, KV head).
+SKV_CLONES void score_rows(const Ctx& C, int64_t b, int64_t h, const Prep& Q, const Level& L, int64_t r0, int64_t r1,
+                           uint8_t* codes, float* cf) {
+  const int64_t D = C.D, g = C.g, ng = C.ng, T = C.T, G = C.group;
+  float* P = C.probs + (b * C.Hq + h * g) * T;
+  const SliceWalk kwalk(C, b, h, 0);
+  const at::Half* sc;
+  const at::Half* zc;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = kwalk.token_of(L.index ? L.index[r] : r, C.n);
+    if (t < 0) continue;  // a row of another batch row or head
+    load_codes(L, r, kwalk.off, D, G, codes, cf, &sc, &zc);
+    for (int64_t j = 0; j < g; ++j) {
+      float s = Q.cst[j];
+      for (int64_t gi = 0; gi < ng; ++gi) {
+        const float dc = dot(Q.qk + j * D + gi * G, cf + gi * G, G);
+        const float scale = half_to_float(sc[gi]);
+        const float zero = zc ? half_to_float(zc[gi]) : -L.offset * scale;
+        s += scale * dc + zero * Q.qsum[j * ng + gi];
+      }
+      P[j * T + C.S + t] = s;
+    }
+  }
+}
+
+// Softmax of one query head's scores in place (masked tokens get exactly 0; nothing to attend: all 0).
+SKV_CLONES void softmax_row(const Ctx& C, int64_t b, float* row) {
+  const int64_t T = C.T;
   const bool* allowed = C.allowed ? C.allowed + b * T : nullptr;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < g; ++j) {
-    float* row = P + j * T;
-    if (allowed)
-      for (int64_t t = 0; t < T; ++t)
-        if (!allowed[t]) row[t] = neg_inf;
-    float m = neg_inf;
-    for (int64_t t = 0; t < T; ++t) m = std::max(m, row[t]);
-    if (m == neg_inf) {
-      std::fill(row, row + T, 0.0f);
-      continue;
-    }
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t t = 0;
-    for (; t + 8 <= T; t += 8)
-      for (int k = 0; k < 8; ++k) {
-        row[t + k] = exp_nonpositive(row[t + k] - m);
-        part[k] += row[t + k];
-      }
-    double total = 0.0;
-    for (; t < T; ++t) {
-      row[t] = exp_nonpositive(row[t] - m);
-      total += row[t];
-    }
-    for (int k = 0; k < 8; ++k) total += part[k];
-    const float inv = static_cast<float>(1.0 / total);
-    for (int64_t t = 0; t < T; ++t) row[t] *= inv;
+  if (allowed)
+    for (int64_t t = 0; t < T; ++t)
+      if (!allowed[t]) row[t] = neg_inf;
+  float m = neg_inf;
+  for (int64_t t = 0; t < T; ++t) m = std::max(m, row[t]);
+  if (m == neg_inf) {
+    std::fill(row, row + T, 0.0f);
+    return;
   }
-  // --- values
-  float* acc = C.out + (b * C.Hq + h * g) * D;  // [g, D], zeroed by the caller
-  for (int64_t t = 0; t < C.S; ++t) {
-    const float* v = C.sink_v + ((b * C.Hkv + h) * C.S + t) * D;
-    for (int64_t j = 0; j < g; ++j) axpy(P[j * T + t], v, acc + j * D, D);
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8)
+    for (int k = 0; k < 8; ++k) {
+      row[t + k] = exp_nonpositive(row[t + k] - m);
+      part[k] += row[t + k];
+    }
+  double total = 0.0;
+  for (; t < T; ++t) {
+    row[t] = exp_nonpositive(row[t] - m);
+    total += row[t];
   }
-  for (int64_t l = 0; l < C.n_levels; ++l) {
-    const Level& L = C.levels[l];
-    for (int64_t r = 0; r < L.rows; ++r) {
+  for (int k = 0; k < 8; ++k) total += part[k];
+  const float inv = static_cast<float>(1.0 / total);
+  for (int64_t t2 = 0; t2 < T; ++t2) row[t2] *= inv;
+}
+
+// Weighted values of the quantized tokens in rows [r0, r1) of level L into acc [g, D] (weighted codes
+// times scale) and zacc [g, ng] (weighted zero-points), for one (batch row, KV head).
+SKV_CLONES void value_rows(const Ctx& C, int64_t b, int64_t h, const Level& L, int64_t r0, int64_t r1, float* acc,
+                           float* zacc, uint8_t* codes, float* cf) {
+  const int64_t D = C.D, g = C.g, ng = C.ng, T = C.T, G = C.group;
+  const float* P = C.probs + (b * C.Hq + h * g) * T;
+  const SliceWalk vwalk(C, b, h, 1);
+  const at::Half* sc;
+  const at::Half* zc;
+  for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = vwalk.token_of(L.index ? L.index[r] : r, C.n);
     if (t < 0) continue;
     bool any = false;
     for (int64_t j = 0; j < g; ++j) any = any || P[j * T + C.S + t] != 0.0f;
     if (!any) continue;  // masked (or underflowed) for every query head: skip the unpack
-    load_codes(L, r, vwalk.off, D, G, codes.data(), cf, &sc, &zc);
+    load_codes(L, r, vwalk.off, D, G, codes, cf, &sc, &zc);
     for (int64_t j = 0; j < g; ++j) {
       const float p = P[j * T + C.S + t];
       for (int64_t gi = 0; gi < ng; ++gi) {
@@ -323,20 +349,40 @@ void attend_head(const Ctx& C, int64_t b, int64_t h, std::vector<float>& scratch
         zacc[j * ng + gi] += zc ? p * half_to_float(zc[gi]) : -a * L.offset;
       }
     }
-    }
+  }
+}
+
+// Weighted values of the sinks and the window (full precision) into acc [g, D].
+SKV_CLONES void value_dense(const Ctx& C, int64_t b, int64_t h, float* acc) {
+  const int64_t D = C.D, g = C.g, T = C.T;
+  const float* P = C.probs + (b * C.Hq + h * g) * T;
+  for (int64_t t = 0; t < C.S; ++t) {
+    const float* v = C.sink_v + ((b * C.Hkv + h) * C.S + t) * D;
+    for (int64_t j = 0; j < g; ++j) axpy(P[j * T + t], v, acc + j * D, D);
   }
   for (int64_t t = 0; t < C.W; ++t) {
     const float* v = C.win_v + ((b * C.Hkv + h) * C.W + t) * D;
     for (int64_t j = 0; j < g; ++j) axpy(P[j * T + C.S + C.n + t], v, acc + j * D, D);
   }
-  for (int64_t j = 0; j < g; ++j)
-    for (int64_t d = 0; d < D; ++d) acc[j * D + d] += zacc[j * ng + d / G];
 }
 
-void check_float(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t D) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
+// A piece of work: rows [r0, r1) of level `level` for one (batch row, KV head), or (level -1) its
+// sinks and window. Pieces are cut at fixed row counts, never by thread count, so that the sums, and
+// so the results, do not depend on how many threads run.
+struct Piece {
+  int64_t bh;
+  int64_t level;
+  int64_t r0, r1;
+};
+constexpr int64_t kPieceRows = 256;
+
+// The sinks and the window as contiguous float32 (a cache keeps them in FP16): converted here, in
+// one C++ call, rather than by four more tensor ops in Python every layer and step.
+at::Tensor as_float(const at::Tensor& t, const char* name, int64_t B, int64_t H, int64_t D) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
                   t.size(3) == D,
-              name, " must be a contiguous float32 [B, Hkv, n, D] tensor");
+              name, " must be a floating-point [B, Hkv, n, D] tensor");
+  return t.to(at::kFloat).contiguous();
 }
 
 }  // namespace
@@ -347,8 +393,9 @@ std::vector<at::Tensor> packed_decode_attention(
     std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
     bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
     c10::optional<at::Tensor> allowed, double scaling, bool evicted_masked) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous() && query.dim() == 3,
-              "query must be a contiguous float32 [B, Hq, D] tensor");
+  TORCH_CHECK(at::isFloatingType(query.scalar_type()) && (query.dim() == 3 || (query.dim() == 4 && query.size(2) == 1)),
+              "query must be a floating-point [B, Hq, D] or [B, Hq, 1, D] tensor");
+  query = query.to(at::kFloat).reshape({query.size(0), query.size(1), query.size(-1)}).contiguous();
   Ctx C;
   C.B = query.size(0);
   C.Hq = query.size(1);
@@ -356,10 +403,10 @@ std::vector<at::Tensor> packed_decode_attention(
   C.Hkv = sink_k.size(1);
   TORCH_CHECK(C.Hkv >= 1 && C.Hq % C.Hkv == 0, "query heads ", C.Hq, " are not a multiple of KV heads ", C.Hkv);
   C.g = C.Hq / C.Hkv;
-  check_float(sink_k, "sink_k", C.B, C.Hkv, C.D);
-  check_float(sink_v, "sink_v", C.B, C.Hkv, C.D);
-  check_float(win_k, "win_k", C.B, C.Hkv, C.D);
-  check_float(win_v, "win_v", C.B, C.Hkv, C.D);
+  sink_k = as_float(sink_k, "sink_k", C.B, C.Hkv, C.D);
+  sink_v = as_float(sink_v, "sink_v", C.B, C.Hkv, C.D);
+  win_k = as_float(win_k, "win_k", C.B, C.Hkv, C.D);
+  win_v = as_float(win_v, "win_v", C.B, C.Hkv, C.D);
   C.S = sink_k.size(2);
   C.W = win_k.size(2);
   TORCH_CHECK(sink_v.size(2) == C.S && win_v.size(2) == C.W, "keys and values disagree in length");
@@ -442,11 +489,11 @@ std::vector<at::Tensor> packed_decode_attention(
   C.k_shift = C.k_scale = nullptr;
   TORCH_CHECK(k_shift.has_value() == k_scale.has_value(), "k_shift and k_scale come together");
   if (k_shift.has_value()) {
-    shift_t = *k_shift;
-    scale_t = *k_scale;
-    for (const at::Tensor* t : {&shift_t, &scale_t})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C.B * C.Hkv * C.D,
-                  "k_shift and k_scale must be contiguous float32 [B, Hkv, D]");
+    for (const at::Tensor* t : {&*k_shift, &*k_scale})
+      TORCH_CHECK(at::isFloatingType(t->scalar_type()) && t->numel() == C.B * C.Hkv * C.D,
+                  "k_shift and k_scale must be floating-point [B, Hkv, D] (or [B, Hkv, 1, D])");
+    shift_t = k_shift->to(at::kFloat).contiguous();
+    scale_t = k_scale->to(at::kFloat).contiguous();
     C.k_shift = shift_t.data_ptr<float>();
     C.k_scale = scale_t.data_ptr<float>();
   }
@@ -469,10 +516,60 @@ std::vector<at::Tensor> packed_decode_attention(
   C.out = out.data_ptr<float>();
   C.probs = probs.data_ptr<float>();
   if (C.T == 0) return {out, probs};
-  at::parallel_for(0, C.B * C.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * C.g * C.D + 2 * C.g * C.ng + C.g + C.D);
+  // Work is cut into pieces of rows so that the threads share it evenly even when there are fewer
+  // (batch row, KV head) pairs than threads, or not a multiple of them (SmolLM2: 3 KV heads).
+  // Scores, softmax and values run one after the other inside one parallel region (two barriers).
+  const int64_t BH = C.B * C.Hkv;
+  std::vector<Piece> pieces;
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    pieces.push_back({bh, -1, 0, 0});
+    for (int64_t l = 0; l < C.n_levels; ++l)
+      for (int64_t r0 = 0; r0 < levels[l].rows; r0 += kPieceRows)
+        pieces.push_back({bh, l, r0, std::min(levels[l].rows, r0 + kPieceRows)});
+  }
+  const int64_t n_pieces = static_cast<int64_t>(pieces.size());
+  const int64_t pf = prep_floats(C);
+  std::vector<float> prep(BH * pf);
+  for (int64_t bh = 0; bh < BH; ++bh) prep_head(C, bh / C.Hkv, bh % C.Hkv, prep.data() + bh * pf);
+  const int64_t acc_floats = C.g * (C.D + C.ng);  // [g, D] weighted values, then [g, ng] weighted zero-points
+  std::vector<float> partial(n_pieces * acc_floats, 0.0f);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_pieces)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
     std::vector<uint8_t> codes(C.D + 16);
-    for (int64_t task = begin; task < end; ++task) attend_head(C, task / C.Hkv, task % C.Hkv, scratch, codes);
-  });
+    std::vector<float> cf(C.D);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n_pieces; ++i) {
+      const Piece& pc = pieces[i];
+      if (pc.level < 0) continue;  // sinks and window were scored with the query folding
+      score_rows(C, pc.bh / C.Hkv, pc.bh % C.Hkv, prep_at(C, prep.data() + pc.bh * pf), levels[pc.level], pc.r0,
+                 pc.r1, codes.data(), cf.data());
+    }
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < C.B * C.Hq; ++row) softmax_row(C, row / C.Hq, C.probs + row * C.T);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n_pieces; ++i) {
+      const Piece& pc = pieces[i];
+      float* acc = partial.data() + i * acc_floats;
+      if (pc.level < 0)
+        value_dense(C, pc.bh / C.Hkv, pc.bh % C.Hkv, acc);
+      else
+        value_rows(C, pc.bh / C.Hkv, pc.bh % C.Hkv, levels[pc.level], pc.r0, pc.r1, acc, acc + C.g * C.D,
+                   codes.data(), cf.data());
+    }
+  }
+  // Each head's pieces summed in piece order, then its weighted zero-points added per group.
+  std::vector<float> zsum(C.g * C.ng);
+  for (int64_t i = 0; i < n_pieces; ++i) {
+    const int64_t bh = pieces[i].bh;
+    if (i == 0 || pieces[i - 1].bh != bh) std::fill(zsum.begin(), zsum.end(), 0.0f);
+    float* o = C.out + (bh / C.Hkv * C.Hq + bh % C.Hkv * C.g) * C.D;
+    const float* a = partial.data() + i * acc_floats;
+    for (int64_t k = 0; k < C.g * C.D; ++k) o[k] += a[k];
+    for (int64_t k = 0; k < C.g * C.ng; ++k) zsum[k] += a[C.g * C.D + k];
+    if (i + 1 == n_pieces || pieces[i + 1].bh != bh)
+      for (int64_t j = 0; j < C.g; ++j)
+        for (int64_t d = 0; d < C.D; ++d) o[j * C.D + d] += zsum[j * C.ng + d / C.group];
+  }
   return {out, probs};
 }
