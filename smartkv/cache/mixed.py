@@ -37,11 +37,10 @@ import warnings
 import torch
 
 from smartkv import allocate as alloc
-from smartkv import kernels
 from smartkv.cache.base import KVLayer
 from smartkv.cache.fp16 import crop_length
 from smartkv.cache.packed_store import PackedStore
-from smartkv.packed_attention import PackedHistory, kernel_can_take, packed_decode_attention
+from smartkv.packed_attention import PackedHistory, decode_kernel_ready, kernel_can_take, packed_decode_attention
 from smartkv.rotation import rotation
 
 
@@ -250,11 +249,11 @@ class MixedPrecisionLayer(KVLayer):
 
     def _packed_history(self) -> PackedHistory | None:
         """This layer's history as the kernel reads it, or None where the de-quantize + SDPA path must run:
-        no kernel (SMARTKV_NO_KERNEL=1, not a CPU tensor), a geometry it does not take, or attention
+        no kernel for this device (SMARTKV_NO_KERNEL=1; C++ on CPU, Triton on CUDA), a geometry it does not take, or attention
         not routed through SmartKV's function (placeholders would then be attended as they are)."""
-        if not self.attends_packed or self.device.type != "cpu" or self.cache is None:
+        if not self.attends_packed or self.cache is None:
             return None
-        if not self.cache.attention_routed or kernels.kernel_module() is None:
+        if not self.cache.attention_routed or not decode_kernel_ready(self.device):
             return None
         levels = [(rows, self.store.index[lvl]) for lvl, rows in sorted(self.store.rows.items()) if rows.n_rows]
         history = PackedHistory(self.sink_k, self.sink_v, levels, self.n_quant, self.unit_len,
