@@ -7,22 +7,10 @@ import sys, time, torch
 torch.set_grad_enabled(False)
 torch.set_num_threads(1)
 from smartkv import runner
-from smartkv.runner import RunSpec, encode, prefill, fork, memory_of
-from smartkv.cache.base import clear_active_update
+from smartkv.runner import RunSpec, encode, forced_logits, fork, memory_of, prefill
 from smartkv.models import load_model
 from smartkv.tasks import generate_task
 from smartkv.evaluate import _target
-
-def forced(model, pre, cache, target, chunk):
-    mask = pre.attention_mask
-    out = [model(input_ids=pre.input_ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[0, -1:].float()]
-    rest = target[:, :-1]
-    for i in range(0, rest.shape[1], chunk):
-        piece = rest[:, i:i+chunk]
-        mask = torch.cat([mask, torch.ones_like(piece, dtype=mask.dtype)], dim=1)
-        out.append(model(input_ids=piece, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0].float())
-    clear_active_update()
-    return torch.cat(out)
 
 model, tok = load_model("default")
 HEAD = {"bits": [0, 2, 3, 4, 8], "group_size": 64, "window": 32, "window_share": 0.1, "sink_tokens": 4,
@@ -39,7 +27,7 @@ for seed in [101, 102, 103]:
         for r in runs:
             cache, _ = fork(pre, r, model)
             t = time.time()
-            lg = forced(model, pre, cache, target, chunk)
+            lg, _ = forced_logits(model, pre, cache, target, chunk=chunk)
             nll = float(-torch.log_softmax(lg, -1)[torch.arange(target.shape[1]), target[0]].mean())
             m = memory_of(cache)
             res.setdefault((r.label, chunk), []).append((nll, m["ratio"], time.time() - t))
