@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from smartkv.cache.base import active_update
+from smartkv.importance import may_attend
 
 ATTN_IMPLEMENTATION = "smartkv"
 
@@ -78,9 +79,7 @@ def allowed_keys(attention_mask, batch: int, t: int) -> torch.Tensor | None:
     """The keys [B, T] (bool, True = may attend) of the last query row of the model's mask; None: all."""
     if attention_mask is None:
         return None
-    m = attention_mask[:, 0, -1, -t:]
-    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-    return allowed.expand(batch, t).contiguous()
+    return may_attend(attention_mask[:, 0, -1, -t:]).expand(batch, t).contiguous()
 
 
 def mask_evicted(attention_mask, drop: torch.Tensor, query_heads: int, q_len: int) -> torch.Tensor:
@@ -90,10 +89,8 @@ def mask_evicted(attention_mask, drop: torch.Tensor, query_heads: int, q_len: in
     keep = ~drop.repeat_interleave(query_heads // hkv, dim=1)[:, :, None, :]  # [B, H_q, 1, T]
     if attention_mask is None:
         allowed = torch.ones(q_len, t, dtype=torch.bool, device=drop.device).tril(diagonal=t - q_len)[None, None]
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[..., -t:]
     else:
-        allowed = attention_mask[..., -t:] > torch.finfo(attention_mask.dtype).min / 2
+        allowed = may_attend(attention_mask[..., -t:])
     return allowed & keep
 
 

@@ -338,11 +338,13 @@ def _allowed(mask, b: int, q: int, t: int, r0: int, r1: int, device) -> torch.Te
         allowed = torch.arange(t, device=device)[None, :] <= pos[:, None]
         return allowed.view(1, 1, r1 - r0, t).expand(b, 1, r1 - r0, t)
     m = mask[:, :, r0:r1, -t:] if mask.shape[-2] > 1 else mask[..., -t:]
-    if m.dtype == torch.bool:
-        allowed = m
-    else:
-        allowed = m > torch.finfo(m.dtype).min / 2
-    return allowed[:, :1].expand(b, 1, r1 - r0, t)
+    return may_attend(m)[:, :1].expand(b, 1, r1 - r0, t)
+
+
+def may_attend(mask: torch.Tensor) -> torch.Tensor:
+    """A model's attention mask as booleans (True = may attend): bool masks as they are, additive
+    float masks where they are above half the dtype's minimum (transformers writes the minimum)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def layer_entropies(tracker: ImportanceTracker, n_layers: int) -> list[float]:

@@ -14,10 +14,17 @@ The peers (kvpress presses, cited in their own docstrings):
   expected to pay, from the statistics of the prompt's queries, scaled by value norms.
 
 Protocol: the same as SmartKV's (`smartkv.runner`). The prompt minus its last token is
-prefilled inside `with press(model):` so the press compresses a prompt that already holds the
+prefilled and compressed by the press, so the press sees a prompt that already holds the
 question (question-aware); then the last prompt token and every new token are fed greedily
 through that cache, at their true positions (the cache is shorter than the position after
 eviction, as in kvpress's own pipeline). Memory is measured from the tensors the cache holds.
+
+One prefill serves every press. kvpress compresses in a forward hook that runs after each
+attention layer, and a prefill's attention reads the uncompressed keys, so the hook's inputs
+(the layer's hidden states, RoPE, cache positions, the full keys and values) do not depend on
+the press. `record_prefill` runs the prompt once and keeps each layer's hook inputs;
+`compress_with` then calls the press's own `forward_hook` on them, layer by layer, on a copy of
+the cache, exactly as `with press(model):` would during that prefill (a test pins the two equal).
 """
 
 from __future__ import annotations
@@ -103,6 +110,63 @@ def fp16_bytes(cache, n_positions: int) -> int:
     return total
 
 
+def _hooked_layers(model) -> list:
+    """The attention modules kvpress's `press(model)` hooks (its own rule: every layer, but
+    Gemma 3's sliding-window layers), each given the model's rotary embedding as kvpress does."""
+    language_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    try:
+        from transformers import Gemma3ForConditionalGeneration
+    except ImportError:  # pragma: no cover - every transformers kvpress supports has it
+        Gemma3ForConditionalGeneration = ()
+    out = []
+    for layer in language_model.layers:
+        if isinstance(model, Gemma3ForConditionalGeneration) and layer.self_attn.is_sliding:
+            continue
+        layer.self_attn.rotary_emb = language_model.rotary_emb
+        out.append(layer.self_attn)
+    return out
+
+
+def record_prefill(model, ids):
+    """Prefill `ids` once without a press: the full cache, and each hooked layer's
+    (module, kwargs, output) as kvpress's forward hook would receive them."""
+    import torch
+    from transformers import DynamicCache
+
+    records, hooks = [], []
+
+    def keep(module, args, kwargs, output):
+        records.append((module, dict(kwargs), output))
+
+    cache = DynamicCache()
+    try:
+        for module in _hooked_layers(model):
+            hooks.append(module.register_forward_hook(keep, with_kwargs=True))
+        with torch.no_grad():
+            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return cache, records
+
+
+def compress_with(press, model, cache, records):
+    """A copy of the prefilled `cache`, compressed by `press` (None: the copy, uncompressed),
+    through the press's own `forward_hook` on each recorded layer."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(cache)
+    if press is None:
+        return out
+    press.post_init_from_model(model)
+    with torch.no_grad():
+        for module, kwargs, output in records:
+            press.forward_hook(module, [], {**kwargs, "past_key_values": out}, output)
+    return out
+
+
 def _walk(model, cache, token: int, start: int, limit: int, next_token) -> int:
     """Feed `token` at position `start`, then each token `next_token(step, logits)` returns at the
     following positions, for at most `limit` steps (None stops early); returns the steps fed.
@@ -127,25 +191,30 @@ def _eos_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def run_sample(model, tokenizer, sample: Sample, spec: PeerSpec, max_new_tokens: int) -> dict:
-    """One sample under one press: prediction and score (or NLL), memory, timings."""
-    import torch
-    from transformers import DynamicCache
-
+def prompt_ids(model, tokenizer, sample: Sample):
     ids = tokenizer([sample.prompt], return_tensors="pt", add_special_tokens=True)["input_ids"].to(model.device)
+    if ids.shape[1] < 3:
+        raise ValueError(f"prompt too short to prefill: {ids.shape[1]} tokens (need at least 3)")
+    return ids
+
+
+def run_sample(model, tokenizer, sample: Sample, spec: PeerSpec, max_new_tokens: int, prefilled=None) -> dict:
+    """One sample under one press: prediction and score (or NLL), memory, timings.
+
+    `prefilled` = (cache, records, seconds) from `record_prefill` of this sample's prompt minus
+    its last token, shared by the presses of one sample; None prefills here."""
+    import torch
+
+    ids = prompt_ids(model, tokenizer, sample)
     n = ids.shape[1]
-    if n < 3:
-        raise ValueError(f"prompt too short to prefill: {n} tokens (need at least 3)")
-    press = make_press(spec)
-    cache = DynamicCache()
+    if prefilled is None:
+        start = time.perf_counter()
+        base, records = record_prefill(model, ids[:, :-1])
+        prefilled = (base, records, time.perf_counter() - start)
+    base, records, prefill_s = prefilled
     start = time.perf_counter()
-    with torch.no_grad():
-        if press is None:
-            model.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
-        else:
-            with press(model):
-                model.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
-    prefill_s = time.perf_counter() - start
+    cache = compress_with(make_press(spec), model, base, records)
+    fork_s = time.perf_counter() - start
     prefill_ratio = cache_bytes(cache) / fp16_bytes(cache, n - 1)
 
     row: dict = {}
@@ -195,7 +264,7 @@ def run_sample(model, tokenizer, sample: Sample, spec: PeerSpec, max_new_tokens:
                        score=scoring.score(sample.metric, pred, sample.answers, sample.meta))
     decode_s = time.perf_counter() - start
     held, full = cache_bytes(cache), fp16_bytes(cache, n - 1 + fed)
-    row.update(n_tokens=n, prefill_s=prefill_s, decode_s=decode_s, kv_bytes=held, fp16_kv_bytes=full,
+    row.update(n_tokens=n, prefill_s=prefill_s, fork_s=fork_s, decode_s=decode_s, kv_bytes=held, fp16_kv_bytes=full,
                kv_ratio=held / full, prefill_kv_ratio=prefill_ratio, mean_bits=16.0 * held / full,
                tokens_per_s=row["new_tokens"] / decode_s if decode_s > 0 else math.nan)
     return row
@@ -223,13 +292,15 @@ def evaluate_peers(model, tokenizer, samples_by_seed: dict[int, list[Sample]], s
     for seed, samples in sorted(samples_by_seed.items()):
         for sample in samples:
             limit = int(sample.meta.get("max_new_tokens", max_new_tokens))
+            start = time.perf_counter()  # one prefill, every press compresses a copy of it
+            base, records = record_prefill(model, prompt_ids(model, tokenizer, sample)[:, :-1])
+            prefilled = (base, records, time.perf_counter() - start)
             for spec in specs:
-                row = {**_run_fields(spec), **_sample_fields(sample, seed), "error": "", "fork_s": math.nan,
-                       "tracker_bytes": 0}
-                row.update(run_sample(model, tokenizer, sample, spec, limit))
+                row = {**_run_fields(spec), **_sample_fields(sample, seed), "error": "", "tracker_bytes": 0}
+                row.update(run_sample(model, tokenizer, sample, spec, limit, prefilled))
                 rows.append(row)
                 if log is not None:
                     log.info("%d/%d seed %d %s %s: score %s kv_ratio %.3f (%.1f s)", len(rows), total, seed,
                              sample.sample_id, spec.label, row["score"], row["kv_ratio"],
-                             row["prefill_s"] + row["decode_s"])
+                             row["fork_s"] + row["decode_s"])
     return pd.DataFrame(rows)

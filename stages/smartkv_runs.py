@@ -1,9 +1,18 @@
-"""Stage `smartkv`: the headline run at `budget`, SmartKV at each matched baseline's measured
-memory (`smartkv@<baseline>`), and the Pareto sweep over `budgets`, on the `split` seeds.
+"""Stage `smartkv`: every SmartKV run of the study, one tracked prefill per prompt shared by all.
 
--> data/smartkv.parquet, data/timings/smartkv.parquet, metrics/smartkv.json (per-run
-means, read by `dvc exp show` and the sweeps stage). A budget below a context's floor gives
-rows with `error` set.
+- the headline run at `budget`, SmartKV at each matched baseline's measured memory
+  (`smartkv@<baseline>`) and the Pareto sweep over `budgets`, on the `split` seeds;
+- the ablations: the headline config with one component changed per run (random allocation,
+  static cumulative importance, the window signal, the oracle importance of the whole FP16
+  generation), on `ablations_seeds` of the split (null: all of them).
+
+The ablations share this stage because they share its prefill: each prompt's tracked prefill
+(the statistics every run reads, and the oracle's FP16 generation) is paid once, not once per
+stage. Their params (`budget`, `decay`, `realloc_freq`, `smartkv`) are the headline's anyway.
+
+-> data/smartkv.parquet and data/ablations.parquet (+ data/timings/ of each), and
+metrics/smartkv.json (per-run means, read by `dvc exp show` and the sweeps stage). A budget
+below a context's floor gives rows with `error` set.
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ import json
 from smartkv.study import get
 from smartkv.study.driver import evaluate_runs, run_metrics
 from smartkv.study.match import budgets
-from smartkv.study.params import ParamError, model_settings, study_split
-from smartkv.study.runs import smartkv_runs
+from smartkv.study.params import ParamError, model_settings, seed_subset, study_split
+from smartkv.study.runs import ablation_runs, smartkv_runs
 from stages.common import MATCHED_BUDGETS, METRICS, TASKS_FILE, stage_main, write_results
 
 
@@ -27,11 +36,20 @@ def main(params: dict) -> None:
     if not MATCHED_BUDGETS.is_file():
         raise ParamError(f"{MATCHED_BUDGETS} not found: run the match stage first (`dvc repro match`)")
     runs = smartkv_runs(params, budgets(json.loads(MATCHED_BUDGETS.read_text()), split))
-    df = evaluate_runs(params, runs, TASKS_FILE, split=split, desc="smartkv")
-    config = {k: get(params, k) for k in ("model", "dtype", "split", "budget", "budgets", "smartkv", "decay",
-                                          "realloc_freq")}
-    write_results(df, "smartkv", config)
-    atomic_write_json(METRICS / "smartkv.json", run_metrics(df))
+    ablations = ablation_runs(params)
+    clash = sorted({r.label for r in runs} & {r.label for r in ablations})
+    if clash:
+        raise ParamError(f"ablations: label(s) {', '.join(clash)} already name a SmartKV run (headline, "
+                         "matched or `budgets`); give each ablation its own label")
+    only = seed_subset(params, "ablations_seeds")
+    df = evaluate_runs(params, runs + ablations, TASKS_FILE, split=split, desc="smartkv",
+                       run_seeds=None if only is None else {r.label: only for r in ablations})
+    is_ablation = df["run"].isin({r.label for r in ablations})
+    shared = {k: get(params, k, None) for k in ("model", "dtype", "split", "budget", "smartkv", "decay", "realloc_freq")}
+    write_results(df[~is_ablation].reset_index(drop=True), "smartkv", shared | {"budgets": get(params, "budgets")})
+    write_results(df[is_ablation].reset_index(drop=True), "ablations",
+                  shared | {k: get(params, k, None) for k in ("ablations", "ablations_seeds")})
+    atomic_write_json(METRICS / "smartkv.json", run_metrics(df[~is_ablation]))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ PACKAGES = ("smartkv", "stages")
 DATA_DEPS = {"smartkv/kernels.py": ("smartkv/csrc",)}
 # What the study's model stages must not depend on: code that only reads their results.
 NOT_MODEL_DEPS = ("smartkv/report", "smartkv/stats")
-MODEL_STAGES = ("baselines", "smartkv", "ablations", "peers")
+MODEL_STAGES = ("baselines", "smartkv", "peers")
 _MODULE_STRING = re.compile(r"^(smartkv|stages)(\.\w+)+$")
 
 

@@ -189,3 +189,51 @@ def test_stage_in_kvpress_venv_matches_our_protocol(kvpress_run):
         if row.metric != "perplexity":  # scored as SmartKV's rows are: the gold answer teacher-forced
             assert row.score == row.forced_exact and row.score in (0.0, 1.0)
             assert row.answer_logprob < 0
+
+
+# Run in .venv-kvpress: kvpress's own `with press(model):` prefill against one recorded prefill
+# replayed through the press's forward hook (the stage's shared prefill), on a tiny Llama.
+_PARITY = r"""
+import sys, torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from smartkv.kvpress_peers import PRESSES, PeerSpec, compress_with, make_press, record_prefill
+
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+model = LlamaForCausalLM(cfg).eval()
+with torch.no_grad():
+    for layer in model.model.layers:  # sharpen attention so that the presses' scores differ
+        layer.self_attn.q_proj.weight.mul_(10)
+ids = torch.randint(0, 300, (1, 200))
+base, records = record_prefill(model, ids)
+checked = 0
+for press_name in PRESSES:
+    if PRESSES[press_name] is None:
+        continue
+    for kept in (0.5, 0.15):
+        spec = PeerSpec("x", press_name, kept)
+        ref = DynamicCache()
+        with torch.no_grad(), make_press(spec)(model):
+            model.model(input_ids=ids, past_key_values=ref, use_cache=True)
+        got = compress_with(make_press(spec), model, base, records)
+        assert len(got.layers) == len(ref.layers)
+        for a, b in zip(ref.layers, got.layers):
+            assert a.keys.shape == b.keys.shape and a.keys.shape[2] < ids.shape[1], (press_name, a.keys.shape)
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), press_name
+        checked += 1
+# the recorded prefill itself stays uncompressed (every press got a copy)
+assert all(layer.keys.shape[2] == ids.shape[1] for layer in base.layers)
+print("checked", checked)
+"""
+
+
+@pytest.mark.slow
+def test_shared_prefill_equals_kvpress_own_prefill():
+    if not KVPRESS_PYTHON.exists():
+        pytest.skip(".venv-kvpress is absent: `make venv-kvpress` builds it (kvpress pins transformers<5.3)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([str(KVPRESS_PYTHON), "-c", _PARITY], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["checked", str(2 * sum(c is not None for c in PRESSES.values()))]

@@ -34,7 +34,7 @@ CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory
         "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests"]
-STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "ablations", "stats",
+STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
           "figures", "latency", "errors", "profile", "report", "slides", "sweeps"]
 
 
@@ -180,7 +180,7 @@ def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path:
     # The headline budget: only what reads it re-runs (not prepare, baselines or match).
     out = run([DVC, "exp", "run", "-S", "budget=0.3"], clone)
     # `profile` times the headline run, so the budget is its param too
-    assert ran_stages(out) == {"smartkv", "ablations", "stats", "figures", "latency", "errors", "profile", "report",
+    assert ran_stages(out) == {"smartkv", "stats", "figures", "latency", "errors", "profile", "report",
                                 "slides"}, out[-2000:]
     main = json.loads((clone / "metrics/main.json").read_text())["runs"]
     assert main["smartkv"]["kv_ratio"] <= 0.3 + 1e-6

@@ -55,9 +55,10 @@ def split_of_seeds(path: str | Path) -> dict[int, str]:
 
 
 def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, split: str | None,
-                  desc: str, seeds: list[int] | None = None) -> pd.DataFrame:
+                  desc: str, seeds: list[int] | None = None,
+                  run_seeds: dict[str, list[int]] | None = None) -> pd.DataFrame:
     """Every run on every prepared sample of `split` (None: every seed), seed by seed; only
-    `seeds` of them when given.
+    `seeds` of them when given, and a run named in `run_seeds` only on its seeds there.
 
     One row per (run, sample, seed), in a stable order (seed, task, sample, run order);
     with the timing columns, which `split_timings` takes apart before writing.
@@ -82,7 +83,7 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     groups = []
     for seed, samples in sorted(tasks.items()):
         by_tracking: dict[tuple, list] = {}
-        for r in (with_seed(r, seed) for r in runs):
+        for r in (with_seed(r, seed) for r in runs if seed in (run_seeds or {}).get(r.label, [seed])):
             cfg = r.config()
             key = (float(getattr(cfg, "decay", BASELINE_DECAY)), getattr(cfg, "obs_window", None))
             by_tracking.setdefault(key, []).append(r)

@@ -25,8 +25,10 @@ METRICS_FILE = "metrics/smartkv.json"
 
 
 def dvc_experiments(repo: str | Path = ".") -> list[dict]:
-    """`dvc exp show --json`, as parsed JSON (every baseline commit with its experiments)."""
-    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True)
+    """`dvc exp show --all-commits --json`, as parsed JSON (every baseline commit with its
+    experiments): a sweep stays in the summary after later commits move HEAD past its baseline."""
+    proc = subprocess.run(["dvc", "exp", "show", "--all-commits", "--json"], cwd=repo, capture_output=True, text=True,
+                          check=True)
     return json.loads(proc.stdout or "[]")
 
 
