@@ -16,18 +16,19 @@ softmax for the weights): the kernels are tested against it, and it serves CUDA 
 SMARTKV_NO_KERNEL=1 and geometries the kernel does not take.
 
 The history is described by `PackedHistory`, which mirrors how `smartkv.cache.mixed` lays a
-layer out (sinks, quantized units token-major, recent window); see its docstring.
+layer out (sinks, quantized units token-major as in smartkv/cache/units.py, recent window); see its docstring.
 
-Wiring, for a decode step (one query token): `MixedPrecisionLayer.update` (smartkv/cache/mixed.py)
-returns zero-cost placeholders (`torch.zeros(()).expand(B, H, T, D)`) and publishes its
-`PackedHistory` on the active update (smartkv/cache/base.py); `smartkv_attention`
-(smartkv/attention.py) sees it, calls `packed_decode_attention(query, history, scaling, allowed)`
-with `allowed` = the model mask's last query row (None when transformers passes no mask), returns
-`out.transpose(1, 2)`, and hands the weights to `ImportanceTracker.observe_weights` instead of
-`observe` (which would redo q.k). Evicted (0-bit) units are held at no level and masked inside the
-kernel (`history.evicts`). Prefill, multi-token chunks, SMARTKV_NO_KERNEL=1, key
-rotation, and soft-capped, sliding-window (shorter than the history), position-bias or dropout
-attention keep the de-quantize + SDPA path (`packed_decode=False` forces it).
+Wiring, for a decode step (one query token): `MixedPrecisionLayer.update` (smartkv/cache/mixed.py,
+its reads in smartkv/cache/mixed_reads.py) returns zero-cost placeholders
+(`torch.zeros(()).expand(B, H, T, D)`) and publishes its `PackedHistory` on the active update
+(smartkv/cache/base.py); `smartkv_attention` (smartkv/attention.py) sees it, calls
+`packed_decode_attention(query, history, scaling, allowed)` with `allowed` = the model mask's last
+query row (None when transformers passes no mask), returns `out.transpose(1, 2)`, and hands the
+weights to `ImportanceTracker.observe_weights` instead of `observe` (which would redo q.k). Evicted
+(0-bit) units are held at no level and masked inside the kernel (`history.evicts`). Prefill,
+multi-token chunks, SMARTKV_NO_KERNEL=1, key rotation, and soft-capped, sliding-window (shorter than
+the history), position-bias or dropout attention keep the de-quantize + SDPA path
+(`packed_decode=False` forces it).
 
 On CUDA the same call runs the Triton kernel `smartkv/triton_kernels/packed_attention.py` (same
 inputs and outputs, tested against `reference_decode_attention` under Triton's interpreter here and

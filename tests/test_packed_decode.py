@@ -14,7 +14,7 @@ import torch
 
 from smartkv import packed_attention
 from smartkv.attention import use_smartkv_attention
-from smartkv.cache import mixed
+from smartkv.cache import mixed, mixed_reads
 from smartkv.methods import build_cache
 from smartkv.models import tiny_model
 
@@ -58,10 +58,10 @@ def _pair(model, method, params, ids, mask, fed, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mixed, "packed_decode_attention", counted)
+    monkeypatch.setattr(mixed_reads, "packed_decode_attention", counted)
     wired = build_cache(method, model.config, **params)
     wired_logits = _decode(model, wired, ids, mask, fed)
-    monkeypatch.setattr(mixed, "packed_decode_attention", real)
+    monkeypatch.setattr(mixed_reads, "packed_decode_attention", real)
     reference = build_cache(method, model.config, **params)
     for layer in reference.layers:
         layer.spec = dataclasses.replace(layer.spec, packed_decode=False)
@@ -154,7 +154,7 @@ def test_multi_token_chunks_and_other_attention_keep_the_reference_path(kernel, 
     model = _model("llama")
     ids, mask, fed = _batch((120,), 6)
     calls = []
-    monkeypatch.setattr(mixed, "packed_decode_attention", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(mixed_reads, "packed_decode_attention", lambda *a, **k: calls.append(1))
     cache = build_cache("smartkv", model.config, budget=0.3)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)

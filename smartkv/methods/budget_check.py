@@ -2,7 +2,7 @@
 
 A SmartKV cache holds its floor (sinks in FP16, every other token at the lowest width) while
 the context is too short for its budget, and meets the budget from `budget_holds_from`
-tokens on (see smartkv/cache/mixed.py). When even the longest context a request can reach
+tokens on (see smartkv/cache/layer_budget.py). When even the longest context a request can reach
 (prompt + max_new_tokens) stays below that length, the budget is never met: that is the
 user's to fix (raise the budget, lower `sink_tokens` or the lowest width, or ask for more),
 so the CLI and the pipeline raise `BudgetError` here instead of generating.
