@@ -75,6 +75,8 @@ class MixedSpec:
     # Decode steps attend straight from the packed codes (smartkv/packed_attention.py) where
     # the C++ kernel can: no full-precision copy of the history, the tracker's weights from the same pass.
     packed_decode: bool = True
+    # How scales and zero-points are stored: "fp16" | "bf16" | "int8" (smartkv/scale_format.py).
+    scale_format: str = "fp16"
 
 
 class MixedPrecisionLayer(KVLayer):
@@ -125,7 +127,7 @@ class MixedPrecisionLayer(KVLayer):
             self.unit_len = self.heads * self.head_dim * per_head
         # token-major permutation of a stacked [2, B, H, n, D] block of K and V
         self.perm = (3, 1, 2, 0, 4) if s.granularity == "head" else (3, 1, 0, 2, 4)
-        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric)
+        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric, s.scale_format)
         if s.key_rotation:
             self.rot = rotation(self.head_dim, torch.float32, self.device)
         self.costs = self.store.costs
