@@ -30,6 +30,12 @@ multi-token chunks, SMARTKV_NO_KERNEL=1, key rotation, and soft-capped, sliding-
 the history), position-bias or dropout attention keep the de-quantize + SDPA path
 (`packed_decode=False` forces it).
 
+Scale formats (smartkv/scale_format.py): the kernels read FP16 scales and zero-points. Rows with
+"int8" metadata are decoded per call into a transient FP16 copy (`QuantizedRows.as_fp16`, exact:
+the decoded values are FP16 by construction; the copy is dropped after the call, so it is no
+storage the cache keeps); rows with "bf16" metadata, whose values need not fit FP16, take
+`reference_decode_attention`.
+
 On CUDA the same call runs the Triton kernel `smartkv/triton_kernels/packed_attention.py` (same
 inputs and outputs, tested against `reference_decode_attention` under Triton's interpreter here and
 on CUDA by `scripts/gpu_check.sh`); the CPU extension is never built then.
@@ -37,12 +43,15 @@ on CUDA by `scripts/gpu_check.sh`); the CPU extension is never built then.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from smartkv import kernels, triton_kernels
 from smartkv.quantize import QuantizedRows
+
+_KERNEL_FORMATS = ("fp16", "int8")  # scale formats the kernels read (int8 through `_fp16_metadata`)
 
 
 @dataclass
@@ -81,7 +90,8 @@ class PackedHistory:
 
 def kernel_can_take(query: torch.Tensor, history: PackedHistory) -> bool:
     """Whether a kernel handles this geometry (else the reference path is used): the C++ kernel for
-    CPU tensors, the Triton kernel (`smartkv.triton_kernels`) for CUDA tensors when triton imports."""
+    CPU tensors, the Triton kernel (`smartkv.triton_kernels`) for CUDA tensors when triton imports.
+    Rows with BF16 metadata take the reference path; int8 rows are read through their FP16 copy."""
     if query.device.type == "cuda":
         return triton_kernels.can_take(query, history)
     d = query.shape[-1]
@@ -90,7 +100,7 @@ def kernel_can_take(query: torch.Tensor, history: PackedHistory) -> bool:
     if query.shape[1] % history.sink_k.shape[1]:
         return False
     for rows, _ in history.levels:
-        if rows.scale.dtype != torch.float16 or rows.scale.device.type != "cpu" or d % rows.group_size:
+        if rows.scale_format not in _KERNEL_FORMATS or rows.scale.device.type != "cpu" or d % rows.group_size:
             return False
         if rows.length != history.unit_len:
             return False
@@ -111,6 +121,8 @@ def packed_decode_attention(
     """
     _check(query, history, allowed)
     takes = kernel_can_take(query, history)
+    if takes:
+        history = _fp16_metadata(history)  # int8 metadata: a transient FP16 copy, dropped after this call
     if takes and query.device.type == "cuda":
         from smartkv.triton_kernels.packed_attention import triton_decode_attention
 
@@ -150,6 +162,13 @@ def packed_decode_attention(
 
 
 _EMPTY_INDEX = torch.empty(0, dtype=torch.int32)
+
+
+def _fp16_metadata(history: PackedHistory) -> PackedHistory:
+    """`history` with every int8-metadata level as its exact FP16 copy (itself when there is none)."""
+    if all(rows.scale_format == "fp16" for rows, _ in history.levels):
+        return history
+    return dataclasses.replace(history, levels=[(rows.as_fp16(), index) for rows, index in history.levels])
 
 
 def _check(query: torch.Tensor, history: PackedHistory, allowed: torch.Tensor | None) -> None:

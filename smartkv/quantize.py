@@ -4,14 +4,16 @@ One quantizer serves every method (docs/DESIGN.md decision 4): uniform INTk, KIV
 differ only in how they lay a KV tensor out as rows, never in how a row is quantized.
 
 A row of `length` values is cut into groups of `group_size` along the row (the last group
-may be shorter). Each group gets an FP16 scale and, when asymmetric, an FP16 zero-point
-(the group minimum, as in KIVI). Codes are packed as *bit planes*: a b-bit code is split
+may be shorter). Each group gets a scale and, when asymmetric, a zero-point (the group
+minimum, as in KIVI), stored as FP16 by default, or BF16, or 8-bit codes with a few FP16
+constants shared by the row (`scale_format`; smartkv/scale_format.py). Codes are packed as *bit planes*: a b-bit code is split
 into planes of 8, 4, 2 and 1 bits (3 = 2 + 1, 5 = 4 + 1, ...), and every plane is packed
 densely into uint8. So a 3-bit code costs exactly 3 bits (not 4), and unpacking is a few
 shift-and-mask passes over uint8, with no cross-byte arithmetic.
 
 Shapes: `quantize_rows(x[N, L])` -> `QuantizedRows` holding `planes[i]: uint8[N, ceil(L*w_i/8)]`,
-`scale: fp16[N, n_groups]`, `zero: fp16[N, n_groups] | None`.
+`scale: fp16[N, n_groups]`, `zero: fp16[N, n_groups] | None` (bf16 for "bf16"; uint8 codes plus
+`shared: fp16[N, 1 or 3]` for "int8").
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from smartkv import kernels
+from smartkv import scale_format as meta
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-METADATA_DTYPE = torch.float16
-_FP16_MAX = 65504.0
+SCALE_FORMATS = meta.SCALE_FORMATS
 _KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -49,10 +51,11 @@ def n_groups(length: int, group_size: int) -> int:
     return -(-length // group_size)
 
 
-def row_nbytes(length: int, bits: int, group_size: int, symmetric: bool = False) -> int:
-    """Total bytes one quantized row holds: packed codes + FP16 scale (+ zero-point) per group."""
-    meta = 2 * n_groups(length, group_size) * (1 if symmetric else 2)
-    return packed_row_bytes(length, bits) + meta
+def row_nbytes(length: int, bits: int, group_size: int, symmetric: bool = False, scale_format: str = "fp16") -> int:
+    """Total bytes one quantized row holds: packed codes + scale (+ zero-point) per group in
+    `scale_format` (+ int8's shared per-row constants)."""
+    groups = n_groups(length, group_size)
+    return packed_row_bytes(length, bits) + meta.row_metadata_bytes(groups, symmetric, scale_format)
 
 
 def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -91,7 +94,12 @@ def _code_table(width: int, shift: int, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class QuantizedRows:
-    """Rows of `length` values quantized at `bits` bits in groups of `group_size`."""
+    """Rows of `length` values quantized at `bits` bits in groups of `group_size`.
+
+    `scale`/`zero` hold the metadata as stored in `scale_format` (FP16/BF16 values, or uint8
+    codes for "int8", with the row's shared FP16 constants in `shared`); `scale_values()` and
+    `zero_values()` give the values the codes were computed against.
+    """
 
     planes: tuple[torch.Tensor, ...]
     scale: torch.Tensor
@@ -99,6 +107,8 @@ class QuantizedRows:
     bits: int
     length: int
     group_size: int
+    scale_format: str = "fp16"
+    shared: torch.Tensor | None = None  # int8: per row [top] (symmetric) or [top, z0, dz], FP16
 
     @property
     def n_rows(self) -> int:
@@ -109,10 +119,34 @@ class QuantizedRows:
         return self.zero is None
 
     @property
+    def metadata_nbytes(self) -> int:
+        """Bytes of scales, zero-points and shared constants."""
+        total = self.scale.nbytes + (self.zero.nbytes if self.zero is not None else 0)
+        return total + (self.shared.nbytes if self.shared is not None else 0)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of every tensor held: packed planes, scales, zero-points."""
-        total = sum(p.nbytes for p in self.planes) + self.scale.nbytes
-        return total + (self.zero.nbytes if self.zero is not None else 0)
+        """Bytes of every tensor held: packed planes, scales, zero-points, shared constants."""
+        return sum(p.nbytes for p in self.planes) + self.metadata_nbytes
+
+    def scale_values(self) -> torch.Tensor:
+        """The scales the codes use, [N, n_groups] (FP16, or BF16 for "bf16")."""
+        return meta.decode_scale(self.scale, self.shared, self.scale_format)
+
+    def zero_values(self) -> torch.Tensor | None:
+        """The zero-points the codes use, [N, n_groups], or None (symmetric)."""
+        return meta.decode_zero(self.zero, self.shared, self.scale_format)
+
+    def as_fp16(self) -> "QuantizedRows":
+        """The same rows with FP16 metadata, exactly (same codes, same de-quantized values): what the
+        kernels read for "int8" rows, whose decoded scales and zero-points are FP16 values by
+        construction. A transient copy: nothing keeps it."""
+        if self.scale_format == "fp16":
+            return self
+        if self.scale_format != "int8":
+            raise ValueError(f"{self.scale_format} metadata does not convert to FP16 exactly")
+        return QuantizedRows(self.planes, self.scale_values(), self.zero_values(), self.bits, self.length,
+                             self.group_size)
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes, uint8 [N, length]."""
@@ -148,11 +182,12 @@ class QuantizedRows:
         if padded != length:
             c = torch.nn.functional.pad(c, (0, padded - length))
         c = c.view(n, groups, g)
+        scale = self.scale_values()
         if self.zero is None:
             offset = float(2 ** (self.bits - 1) - 1) if self.bits > 1 else 0.0
-            c.sub_(offset).mul_(self.scale.to(work).unsqueeze(-1))
+            c.sub_(offset).mul_(scale.to(work).unsqueeze(-1))
         else:
-            c.mul_(self.scale.to(work).unsqueeze(-1)).add_(self.zero.to(work).unsqueeze(-1))
+            c.mul_(scale.to(work).unsqueeze(-1)).add_(self.zero_values().to(work).unsqueeze(-1))
         out = c.view(n, padded)
         if padded != length:
             out = out[:, :length]
@@ -166,11 +201,14 @@ class QuantizedRows:
         exactly. A float32/bfloat16/float16 CPU `out` with contiguous rows goes through the fused
         C++ kernel (`smartkv.kernels`; a failed build raises KernelBuildError unless
         SMARTKV_NO_KERNEL=1); other devices and dtypes, or SMARTKV_NO_KERNEL=1, take the PyTorch path.
+        "int8" metadata is decoded to a transient FP16 copy for the kernel; "bf16" takes the PyTorch path.
         """
         if out.dim() != 2 or out.shape[1] != self.length:
             raise ValueError(f"out must be [M, {self.length}], got shape {tuple(out.shape)}")
         if index is not None and (index.dim() != 1 or index.shape[0] != self.n_rows):
             raise ValueError(f"index must hold {self.n_rows} row numbers, got shape {tuple(index.shape)}")
+        if self.scale_format == "int8":
+            return self.as_fp16().dequantize_into(out, index)
         # Device and dtype first: a CUDA run never builds the CPU extension.
         module = kernels.kernel_module() if self._kernel_can_write(out, index) else None
         if module is None:
@@ -211,6 +249,8 @@ class QuantizedRows:
             self.bits,
             self.length,
             self.group_size,
+            self.scale_format,
+            None if self.shared is None else self.shared[index],
         )
 
     def cat_rows(self, other: "QuantizedRows") -> "QuantizedRows":
@@ -223,6 +263,8 @@ class QuantizedRows:
             self.bits,
             self.length,
             self.group_size,
+            self.scale_format,
+            None if self.shared is None else torch.cat([self.shared, other.shared]),
         )
 
     def cat_length(self, other: "QuantizedRows") -> "QuantizedRows":
@@ -238,6 +280,8 @@ class QuantizedRows:
             )
         if other.bits != self.bits or other.group_size != self.group_size or other.symmetric != self.symmetric:
             raise ValueError("cannot extend rows with rows of another bit width or grouping")
+        if self.scale_format != "fp16" or other.scale_format != "fp16":
+            raise ValueError("only rows with FP16 metadata can be extended: int8 constants are shared by a whole row")
         return QuantizedRows(
             tuple(torch.cat([a, b], dim=1) for a, b in zip(self.planes, other.planes)),
             torch.cat([self.scale, other.scale], dim=1),
@@ -248,42 +292,33 @@ class QuantizedRows:
         )
 
     def _check_compatible(self, other: "QuantizedRows") -> None:
-        if (other.bits, other.length, other.group_size, other.symmetric) != (
+        if (other.bits, other.length, other.group_size, other.symmetric, other.scale_format) != (
             self.bits,
             self.length,
             self.group_size,
             self.symmetric,
+            self.scale_format,
         ):
-            raise ValueError("cannot concatenate rows of another bit width, length or grouping")
+            raise ValueError("cannot concatenate rows of another bit width, length, grouping or scale format")
 
 
-def _round_fp16(x: torch.Tensor, direction: str) -> torch.Tensor:
-    """Round float32 `x` to an FP16-representable value not above ("down") or below ("up") it."""
-    x = x.clamp(-_FP16_MAX, _FP16_MAX)
-    h = x.to(torch.float16)
-    hf = h.float()
-    if direction == "down":
-        bad = hf > x
-        h = torch.where(bad, torch.nextafter(h, torch.full_like(h, -float("inf"))), h)
-    else:
-        bad = hf < x
-        h = torch.where(bad, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
-    return h
-
-
-def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedRows:
+def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                  scale_format: str = "fp16") -> QuantizedRows:
     """Quantize each row of `x` [N, L] in groups of `group_size` values along the row.
 
     Asymmetric: code = round((x - min) / scale), scale = (max - min) / (2**bits - 1), so that
-    every value comes back within half a step. The FP16 zero-point is rounded down and the
-    scale up, so that FP16 storage of the metadata never pushes a code out of range.
+    every value comes back within half a step. The stored zero-point is rounded down and the
+    scale up, so that storing the metadata never pushes a code out of range; the codes are
+    computed against the metadata as stored (for "int8": as decoded, smartkv/scale_format.py).
     Symmetric: code = round(x / scale) + 2**(bits-1) - 1, scale = absmax / (2**(bits-1) - 1).
 
-    CPU tensors go through one fused C++ pass (`smartkv/csrc/quantize.cpp`, bit-identical for finite
-    values; a failed build raises KernelBuildError unless SMARTKV_NO_KERNEL=1); the PyTorch code
-    below serves other devices and SMARTKV_NO_KERNEL=1, and is what the kernel is tested against.
+    CPU tensors with FP16 metadata go through one fused C++ pass (`smartkv/csrc/quantize.cpp`,
+    bit-identical for finite values; a failed build raises KernelBuildError unless
+    SMARTKV_NO_KERNEL=1); the PyTorch code below serves other devices, the other scale formats and
+    SMARTKV_NO_KERNEL=1, and is what the kernel is tested against.
     """
     plane_widths(bits)  # validates
+    meta.check_format(scale_format)
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-D tensor [rows, length], got shape {tuple(x.shape)}")
     if group_size < 1:
@@ -291,7 +326,8 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool =
     if symmetric and bits < 2:
         raise ValueError("symmetric quantization needs at least 2 bits")
     n, length = x.shape
-    module = kernels.kernel_module() if x.device.type == "cpu" and x.is_floating_point() else None
+    fused = scale_format == "fp16" and x.device.type == "cpu" and x.is_floating_point()
+    module = kernels.kernel_module() if fused else None
     if module is not None:  # the fused C++ pass (smartkv/csrc/quantize.cpp), bit-identical to the code below
         parts = module.quantize_rows(x.float().contiguous(), bits, group_size, symmetric)  # planes, scale[, zero]
         zero = None if symmetric else parts.pop()
@@ -306,26 +342,20 @@ def quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool =
     xg = xf.view(n, groups, group_size)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        absmax = xg.abs().amax(dim=-1)
-        scale = _round_fp16(absmax / qmax, "up")
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(xg / scale.float().unsqueeze(-1)).clamp(-qmax, qmax) + qmax
+        scale, shared, step = meta.encode_symmetric(xg.abs().amax(dim=-1), qmax, scale_format)
+        codes = torch.round(xg / step.unsqueeze(-1)).clamp(-qmax, qmax) + qmax
         zero = None
     else:
         qmax = 2**bits - 1
-        lo = _round_fp16(xg.amin(dim=-1), "down")
-        hi = xg.amax(dim=-1)
-        scale = _round_fp16((hi - lo.float()) / qmax, "up")
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round((xg - lo.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, qmax)
-        zero = lo
+        scale, zero, shared, step, low = meta.encode_asymmetric(xg.amin(dim=-1), xg.amax(dim=-1), qmax, scale_format)
+        codes = torch.round((xg - low.unsqueeze(-1)) / step.unsqueeze(-1)).clamp(0, qmax)
     codes = codes.to(torch.uint8).view(n, groups * group_size)[:, :length]
     planes = []
     shift = bits
     for w in plane_widths(bits):
         shift -= w
         planes.append(_pack_plane(((codes >> shift) & ((1 << w) - 1)).contiguous(), w))
-    return QuantizedRows(tuple(planes), scale, zero, bits, length, group_size)
+    return QuantizedRows(tuple(planes), scale, zero, bits, length, group_size, scale_format, shared)
 
 
 @dataclass
@@ -346,7 +376,8 @@ class QuantizedTensor:
         return self.rows.dequantize(dtype).view(moved).movedim(-1, self.axis)
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False) -> QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False,
+             scale_format: str = "fp16") -> QuantizedTensor:
     """Quantize `x` in groups of `group_size` consecutive values along `axis`.
 
     axis=-1 on a [B, H, T, D] KV tensor is per-token grouping (over head_dim); axis=-2 is
@@ -354,5 +385,5 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmet
     """
     axis = axis % x.dim()
     moved = x.movedim(axis, -1).contiguous()
-    rows = quantize_rows(moved.view(-1, moved.shape[-1]), bits, group_size, symmetric)
+    rows = quantize_rows(moved.view(-1, moved.shape[-1]), bits, group_size, symmetric, scale_format)
     return QuantizedTensor(rows, tuple(x.shape), axis)

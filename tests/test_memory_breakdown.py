@@ -21,6 +21,8 @@ METHODS = [
     ("smartkv", {"budget": 0.3, "sink_tokens": 4, "window": 8, "key_smoothing": True},
      {"codes", "scales", "index", "sinks", "window", "key_stats", "tracker"}),
     ("smartkv", {"budget": 0.1, "bits": (0, 2, 4)}, {"codes", "scales", "index", "tracker"}),  # evicts
+    # 8-bit scales and zero-points with FP16 constants shared per unit, all under "scales"
+    ("smartkv", {"budget": 0.3, "scale_format": "int8", "group_size": 16}, {"codes", "scales", "index", "tracker"}),
 ]
 
 

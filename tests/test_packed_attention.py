@@ -13,6 +13,7 @@ from smartkv.importance import ImportanceTracker
 from smartkv.packed_attention import (
     PackedHistory,
     dequantized_history,
+    kernel_can_take,
     packed_decode_attention,
     reference_decode_attention,
     tracker_mass,
@@ -21,7 +22,7 @@ from smartkv.quantize import quantize_rows
 
 
 def make_history(b, hkv, d, s, n, w, *, head_major=False, kv_split=False, bit_set=(2, 3, 4, 8), group=32,
-                 symmetric=False, smoothing=True, dtype=torch.float16, seed=0, shuffle=True):
+                 symmetric=False, smoothing=True, dtype=torch.float16, seed=0, shuffle=True, scale_format="fp16"):
     gen = torch.Generator().manual_seed(seed)
     t = s + n + w
     k = torch.randn(b, hkv, t, d, generator=gen)
@@ -42,14 +43,14 @@ def make_history(b, hkv, d, s, n, w, *, head_major=False, kv_split=False, bit_se
     if n_units == 0:
         pass
     elif len(bit_set) == 1:
-        levels.append((quantize_rows(units, bit_set[0], group, symmetric), None))
+        levels.append((quantize_rows(units, bit_set[0], group, symmetric, scale_format), None))
     else:
         which = torch.randint(0, len(bit_set), (n_units,), generator=gen)
         for lvl, bits in enumerate(bit_set):
             ids = torch.nonzero(which == lvl).flatten()
             if shuffle:  # rows need not be in unit order
                 ids = ids[torch.randperm(ids.numel(), generator=gen)]
-            levels.append((quantize_rows(units[ids], bits, group, symmetric), ids.to(torch.int32)))
+            levels.append((quantize_rows(units[ids], bits, group, symmetric, scale_format), ids.to(torch.int32)))
     return PackedHistory(
         sink_k=k[:, :, :s].to(dtype), sink_v=v[:, :, :s].to(dtype), levels=levels, n_quant=n, unit_len=unit_len,
         head_major=head_major, win_k=k[:, :, s + n :].to(dtype), win_v=v[:, :, s + n :].to(dtype),
@@ -92,6 +93,20 @@ def test_matches_reference_for_widths_and_metadata(kernel, bit_set, symmetric, s
                            seed=sum(bit_set))
     query = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(1)) * 3
     agree(query, history, 0.125)
+
+
+@pytest.mark.parametrize("scale_format", ["int8", "bf16"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_scale_formats(kernel, scale_format, symmetric):
+    """int8 metadata: the kernel reads its exact FP16 copy; bf16: the reference path serves it."""
+    history = make_history(1, 3, 64, 4, 120, 6, symmetric=symmetric, group=32, seed=7, scale_format=scale_format)
+    assert all(rows.scale_format == scale_format for rows, _ in history.levels)
+    query = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(4)) * 2
+    assert kernel_can_take(query, history) == (scale_format == "int8")
+    agree(query, history, 0.125)
+    # the answer uses the metadata as stored: int8 differs from the FP16 history of the same values
+    fp16 = make_history(1, 3, 64, 4, 120, 6, symmetric=symmetric, group=32, seed=7)
+    assert not torch.equal(dequantized_history(history)[0], dequantized_history(fp16)[0])
 
 
 def test_batch_with_left_padding_mask(kernel):

@@ -90,6 +90,9 @@ CASES = {
     "qwen2-smartkv-evicting-batch2": ("qwen2", "smartkv", {"budget": 0.2, "bits": (0, 2, 4, 8),
                                                             "signal": "normalized"}, (170, 120)),
     "llama-uniform4": ("llama", "uniform", {"bits": 4}, (140, 100)),
+    # 8-bit scales and zero-points: the kernel reads a transient FP16 copy of them
+    "llama-smartkv-int8-scales": ("llama", "smartkv", {"budget": 0.3, "scale_format": "int8", "group_size": 16},
+                                  (150, 110)),
     # sliding-window layers (window 16 < history) de-quantize for SDPA; the full-attention layer takes the kernel
     "gemma3-smartkv-sliding-layers": ("gemma3", "smartkv", {"budget": 0.3}, (150, 130)),
 }
@@ -168,6 +171,18 @@ def test_multi_token_chunks_and_other_attention_keep_the_reference_path(kernel, 
     ids, mask, fed = _batch((120,), 3)
     _decode(plain, cache, ids, mask, fed)
     assert calls == [] and not cache.attention_routed and all(layer.history is None for layer in cache.layers)
+
+
+def test_bf16_scales_take_the_reference_path(monkeypatch):
+    """BF16 metadata need not fit FP16, so no kernel reads it: decode de-quantizes, and still decodes."""
+    model = _model("llama")
+    ids, mask, fed = _batch((130,), 4)
+    calls = []
+    monkeypatch.setattr(mixed, "packed_decode_attention", lambda *a, **k: calls.append(1))
+    cache = build_cache("smartkv", model.config, budget=0.3, scale_format="bf16")
+    logits = _decode(model, cache, ids, mask, fed)
+    assert calls == [] and bool(torch.isfinite(logits).all())
+    assert all(rows.scale.dtype == torch.bfloat16 for layer in cache.layers for rows in layer.store.rows.values())
 
 
 def test_config_switch():

@@ -45,7 +45,8 @@ def on_device(history):
         return None if x is None else x.to(DEVICE)
 
     levels = [(QuantizedRows(tuple(move(p) for p in rows.planes), move(rows.scale), move(rows.zero), rows.bits,
-                             rows.length, rows.group_size), move(index)) for rows, index in history.levels]
+                             rows.length, rows.group_size, rows.scale_format, move(rows.shared)), move(index))
+              for rows, index in history.levels]
     return packed_attention.PackedHistory(
         move(history.sink_k), move(history.sink_v), levels, history.n_quant, history.unit_len, history.head_major,
         move(history.win_k), move(history.win_v), move(history.k_shift), move(history.k_scale), history.evicts)
@@ -72,6 +73,19 @@ def test_every_width_alone_and_mixed_per_unit(bit_set, smoothing):
     history = make_history(1, 2, 32, 3, 45, 4, bit_set=bit_set, smoothing=smoothing, group=16, seed=sum(bit_set))
     query = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(1)) * 3
     agree(query, history, 0.2)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_metadata_through_its_fp16_copy(symmetric):
+    """`packed_decode_attention` hands the kernel an exact FP16 copy of int8 scales and zero-points."""
+    history = make_history(1, 2, 32, 3, 45, 4, symmetric=symmetric, group=16, seed=9, scale_format="int8")
+    query = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(9)) * 2
+    assert packed_attention.kernel_can_take(query.to(DEVICE), on_device(history))
+    copy = packed_attention._fp16_metadata(history)
+    assert all(rows.scale.dtype == torch.float16 for rows, _ in copy.levels)
+    for got, want in zip(packed_attention.dequantized_history(copy), packed_attention.dequantized_history(history)):
+        assert torch.equal(got, want)  # the copy is exact: same values as the int8 rows
+    agree(query, copy, 0.2)
 
 
 @pytest.mark.parametrize("bit_set", [(4,), (2, 3, 4, 8)])

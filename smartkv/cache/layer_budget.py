@@ -107,7 +107,7 @@ class LayerBudget:
         return (
             f"budget {self.spec.budget} cannot be met with {seq_len} tokens: the floor there is "
             f"{self.floor_ratio(seq_len):.4f} of FP16 ({min(self.spec.sink_tokens, seq_len)} sink tokens in FP16, every "
-            f"other token at {self.spec.bit_set[0]} bits + FP16 scale/zero per group of {self.group} + index, plus the "
+            f"other token at {self.spec.bit_set[0]} bits + {self.spec.scale_format} scale/zero per group of {self.group} + index, plus the "
             "per-channel key scale when key smoothing is on)"
         )
 

@@ -86,7 +86,7 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         super().lazy_initialization(key_states, value_states)
         s = self.spec
         self.layout = UnitLayout(s, self.heads, self.head_dim, self.device)
-        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric)
+        self.store = PackedStore(s.bit_set, self.unit_len, self.group, s.symmetric, s.scale_format)
         self.costs = self.store.costs
         empty = torch.empty(self.batch, self.heads, 0, self.head_dim, dtype=self.store_dtype, device=self.device)
         self.sink_k, self.sink_v, self.win_k, self.win_v = empty, empty.clone(), empty.clone(), empty.clone()

@@ -41,3 +41,5 @@ class MixedSpec:
     # Decode steps attend straight from the packed codes (smartkv/packed_attention.py) where
     # the C++ kernel can: no full-precision copy of the history, the tracker's weights from the same pass.
     packed_decode: bool = True
+    # How scales and zero-points are stored: "fp16" | "bf16" | "int8" (smartkv/scale_format.py).
+    scale_format: str = "fp16"

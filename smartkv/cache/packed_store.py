@@ -10,7 +10,11 @@ Width 0 is eviction: a unit at 0 bits keeps nothing at all (no codes, no scale, 
 it is the unit that no other width's index names). Readers get zeros for it, and the layer
 masks it out of attention.
 
-Every tensor held is counted by `nbytes`, index included.
+Scales and zero-points are stored in `scale_format` (FP16, BF16, or 8-bit codes with FP16
+constants shared per unit: smartkv/scale_format.py); `costs` prices each width with it, so
+the allocator spends what cheaper metadata saves.
+
+Every tensor held is counted by `nbytes`, index and shared constants included.
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ _SERIALS = itertools.count()
 
 
 class PackedStore:
-    def __init__(self, bit_set: tuple[int, ...], unit_len: int, group: int, symmetric: bool) -> None:
+    def __init__(self, bit_set: tuple[int, ...], unit_len: int, group: int, symmetric: bool,
+                 scale_format: str = "fp16") -> None:
         self.bit_set, self.unit_len, self.group, self.symmetric = bit_set, unit_len, group, symmetric
+        self.scale_format = scale_format
         self.single = len(bit_set) == 1
         self.rows: dict[int, QuantizedRows] = {}  # level -> rows at bit_set[level]
         self.index: dict[int, torch.Tensor | None] = {}  # level -> int32 unit ids (None: all units in order)
         self.n_units = 0
         # bytes one unit costs at each level, index included
-        self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric) + (0 if self.single else INDEX_BYTES)
-                      for b in bit_set]
+        self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric, scale_format)
+                      + (0 if self.single else INDEX_BYTES) for b in bit_set]
         self.evicts = bit_set[0] == 0
         # (serial, version) names the units held: `version` is bumped by every change and each store
         # gets its own serial, so readers can cache what they derive from the layout without holding the store
@@ -88,7 +94,7 @@ class PackedStore:
 
     def _quantize(self, units: torch.Tensor, lvl: int) -> QuantizedRows | None:
         bits = self.bit_set[lvl]
-        return None if bits == 0 else quantize_rows(units, bits, self.group, self.symmetric)
+        return None if bits == 0 else quantize_rows(units, bits, self.group, self.symmetric, self.scale_format)
 
     # --- read ---------------------------------------------------------------------------
     def ids(self, lvl: int) -> torch.Tensor:
@@ -117,7 +123,7 @@ class PackedStore:
         out = torch.zeros(self.n_units, dtype=torch.float64)
         for lvl, rows in self.rows.items():
             if rows.n_rows:
-                span = rows.scale.double() * (2 ** self.bit_set[lvl] - 1)
+                span = rows.scale_values().double() * (2 ** self.bit_set[lvl] - 1)
                 out[self.ids(lvl)] = (span**2).mean(dim=-1)
         return out
 
@@ -141,11 +147,11 @@ class PackedStore:
         return total + sum(i.nbytes for i in self.index.values() if i is not None)
 
     def memory_breakdown(self) -> dict[str, int]:
-        """`nbytes` split into packed codes, scales with zero-points, and the unit index."""
+        """`nbytes` split into packed codes, scales with zero-points (and int8's shared constants), and the unit index."""
         rows = list(self.rows.values())
         return {
             "codes": sum(p.nbytes for r in rows for p in r.planes),
-            "scales": sum(r.scale.nbytes + (r.zero.nbytes if r.zero is not None else 0) for r in rows),
+            "scales": sum(r.metadata_nbytes for r in rows),
             "index": sum(i.nbytes for i in self.index.values() if i is not None),
         }
 
@@ -169,7 +175,7 @@ class PackedStore:
             pos[self.ids(lvl)] = torch.arange(rows.n_rows)
         src = src.long().cpu()
         new_levels, new_pos = levels[src], pos[src]
-        out = PackedStore(self.bit_set, self.unit_len, self.group, self.symmetric)
+        out = PackedStore(self.bit_set, self.unit_len, self.group, self.symmetric, self.scale_format)
         for lvl in new_levels.unique().tolist():
             if lvl not in self.rows:  # evicted units (width 0): nothing to carry over
                 continue

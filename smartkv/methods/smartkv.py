@@ -15,6 +15,7 @@ from smartkv.cache.mixed import MixedPrecisionLayer, MixedSpec
 from smartkv.importance import SIGNALS, ImportanceTracker
 from smartkv.methods.common import check_bits, check_budget, check_choice, check_decay, check_int, n_layers
 from smartkv.methods.registry import ConfigError, register
+from smartkv.scale_format import SCALE_FORMATS
 
 ALLOCATIONS = ("greedy", "dp", "layer_aware", "random", "fixed")
 # Policies that read no importance: their caches skip attention tracking altogether.
@@ -53,6 +54,9 @@ class SmartKVConfig:
     # Decode steps attend straight from the packed codes (C++ kernel, CPU); False: de-quantize + SDPA.
     # The output agrees within float32 rounding (tests/test_packed_decode.py); it is a speed switch.
     packed_decode: bool = True
+    # How each group's scale and zero-point are stored: fp16 | bf16 | int8 (8-bit codes, FP16
+    # constants shared per unit: double quantization, smartkv/scale_format.py). Priced per width.
+    scale_format: str = "fp16"
 
     def __post_init__(self):
         m = "smartkv"
@@ -74,6 +78,7 @@ class SmartKVConfig:
         check_int(m, "obs_window", self.obs_window, 1)
         check_int(m, "pool", self.pool, 1)
         check_choice(m, "error_model", self.error_model, ("range", "bits"))
+        check_choice(m, "scale_format", self.scale_format, SCALE_FORMATS)
         check_choice(m, "allocation", self.allocation, ALLOCATIONS)
         check_choice(m, "signal", self.signal, SIGNALS)
         check_choice(m, "granularity", self.granularity, ("layer", "head"))
@@ -124,6 +129,7 @@ class SmartKVConfig:
             pool=self.pool,
             error_model=self.error_model,
             packed_decode=self.packed_decode,
+            scale_format=self.scale_format,
         )
 
 

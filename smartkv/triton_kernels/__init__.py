@@ -45,7 +45,8 @@ def can_take(query: torch.Tensor, history) -> bool:
         return False
     groups = set()
     for rows, _ in history.levels:
-        if rows.scale.dtype != torch.float16 or rows.scale.device != query.device or rows.length != history.unit_len:
+        # int8 metadata is handed over as its exact FP16 copy (smartkv.packed_attention._fp16_metadata)
+        if rows.scale_format not in ("fp16", "int8") or rows.scale.device != query.device or rows.length != history.unit_len:
             return False
         groups.add(rows.group_size)
     return len(groups) <= 1 and available()
