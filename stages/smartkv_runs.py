@@ -41,7 +41,9 @@ def main(params: dict) -> None:
     if clash:
         raise ParamError(f"ablations: label(s) {', '.join(clash)} already name a SmartKV run (headline, "
                          "matched or `budgets`); give each ablation its own label")
-    only = seed_subset(params, "ablations_seeds")
+    # `ablations_seeds` bounds the ablations on the test split; a dev sweep (one seed by
+    # default) runs them on every dev seed.
+    only = seed_subset(params, "ablations_seeds") if split == "test" else None
     df = evaluate_runs(params, runs + ablations, TASKS_FILE, split=split, desc="smartkv",
                        run_seeds=None if only is None else {r.label: only for r in ablations})
     is_ablation = df["run"].isin({r.label for r in ablations})

@@ -178,7 +178,7 @@ def test_bf16_scales_take_the_reference_path(monkeypatch):
     model = _model("llama")
     ids, mask, fed = _batch((130,), 4)
     calls = []
-    monkeypatch.setattr(mixed, "packed_decode_attention", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(mixed_reads, "packed_decode_attention", lambda *a, **k: calls.append(1))
     cache = build_cache("smartkv", model.config, budget=0.3, scale_format="bf16")
     logits = _decode(model, cache, ids, mask, fed)
     assert calls == [] and bool(torch.isfinite(logits).all())
