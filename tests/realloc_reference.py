@@ -1,4 +1,4 @@
-"""The re-allocation path as it was before it was made cheaper (commit 6d849f8), kept verbatim as
+"""The re-allocation path (and the tracker's per-step update) as it was before it was made cheaper (commit 6d849f8), kept verbatim as
 the reference that the faster one must match decision for decision (tests/test_realloc_identity.py),
 and that a same-process timing can switch back to (`reference_path`).
 
@@ -13,6 +13,7 @@ import torch
 from smartkv import allocate as alloc
 from smartkv.cache import packed_store
 from smartkv.cache.mixed import MixedPrecisionLayer
+from smartkv.importance import LayerImportance
 from smartkv.allocate import _check, _errors as _alloc_errors
 
 
@@ -95,12 +96,27 @@ def errors(self, held_range_sq, new_units):
     return alloc.range_errors(range_sq, self.spec.bit_set)
 
 
+def tracker_add(self, name, value, decay=None):
+    if name not in self.keep:
+        return
+    t = getattr(self, name)
+    n = value.shape[-1]
+    keep_share = 1.0 if decay is None else decay
+    merged = (t[..., :n].float() * keep_share + value).to(self.dtype)
+    if n == t.shape[-1]:
+        setattr(self, name, merged)
+    else:
+        rest = t[..., n:].float() * keep_share
+        setattr(self, name, torch.cat([merged, rest.to(self.dtype)], dim=-1))
+
+
 # (owner, attribute, reference body)
 REFERENCE = [
     (packed_store.PackedStore, "append", append),
     (packed_store.PackedStore, "demote", demote),
     (alloc, "greedy", greedy),
     (MixedPrecisionLayer, "_errors", errors),
+    (LayerImportance, "_add", tracker_add),
 ]
 
 

@@ -1,6 +1,8 @@
 """The cheaper re-allocation path decides exactly what the old one did: same levels, same bytes,
 same packed codes, same logits. The old bodies are kept verbatim in tests/realloc_reference.py."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -132,13 +134,44 @@ def test_decode_decides_what_the_reference_decided(case):
         _same_store(lf.store, lo.store)
         demoted += int((lf.store.levels() < len(params["bits"]) - 1).sum())
     assert demoted  # the budget bites: some units sit below the top width
+    _same_tracker(fast.tracker, old.tracker)
+
+
+def _same_tracker(a, b) -> None:
+    assert sorted(a.layers) == sorted(b.layers)
+    for idx, lb in b.layers.items():
+        la = a.layers[idx]
+        assert la.queries == lb.queries and la.n_tokens == lb.n_tokens
+        for name, t in lb.stats().items():
+            assert la.stats()[name].dtype == t.dtype and torch.equal(la.stats()[name], t), (idx, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tracker_statistics_match_the_reference(dtype):
+    """Every statistic (EMA, window, cumulative, count) over a prompt then decode steps, bit for bit."""
+    from smartkv.importance import ImportanceTracker
+
+    g = torch.Generator().manual_seed(2)
+    trackers = [ImportanceTracker(0.9, 8, dtype=dtype), ImportanceTracker(0.9, 8, dtype=dtype)]
+    for i, tracker in enumerate(trackers):
+        with ref.reference_path() if i else nullcontext():
+            q, k = torch.randn(1, 4, 20, 16, generator=g.manual_seed(3)), torch.randn(1, 2, 20, 16, generator=g)
+            tracker.observe(0, q, k, None, 0.25)
+            for step in range(12):
+                probs = torch.softmax(torch.randn(1, 4, 21 + step, generator=g), dim=-1)
+                tracker.observe_weights(0, probs, 2, None)
+    _same_tracker(*trackers)
+    assert trackers[0].layers[0].n_tokens == 32
 
 
 def test_reference_path_restores_the_current_bodies():
     before = (PackedStore.append, PackedStore.demote, alloc.greedy)
+    from smartkv.importance import LayerImportance
+
+    add = LayerImportance._add
     with ref.reference_path():
         assert PackedStore.append is ref.append and alloc.greedy is ref.greedy
-    assert (PackedStore.append, PackedStore.demote, alloc.greedy) == before
+    assert (PackedStore.append, PackedStore.demote, alloc.greedy) == before and LayerImportance._add is add
 
 
 @pytest.mark.slow
