@@ -12,7 +12,6 @@ import torch
 
 from smartkv import allocate as alloc
 from smartkv.cache import packed_store
-from smartkv.cache.mixed import MixedPrecisionLayer
 from smartkv.importance import LayerImportance
 from smartkv.allocate import _check, _errors as _alloc_errors
 
@@ -81,21 +80,6 @@ def greedy(importance, costs, caps, available, bit_set, errors=None):
     return level
 
 
-def errors(self, held_range_sq, new_units):
-    if self.spec.error_model == "bits":
-        return None
-    g = self.group
-    n, length = new_units.shape
-    groups = new_units.float().view(n, length // g, g) if length % g == 0 else None
-    if groups is None:
-        pad = (-length) % g
-        x = torch.cat([new_units.float(), new_units[:, -1:].float().expand(n, pad)], dim=1)
-        groups = x.view(n, -1, g)
-    new_sq = ((groups.amax(-1) - groups.amin(-1)).double() ** 2).mean(-1)
-    range_sq = new_sq if held_range_sq is None else torch.cat([held_range_sq, new_sq])
-    return alloc.range_errors(range_sq, self.spec.bit_set)
-
-
 def tracker_add(self, name, value, decay=None):
     if name not in self.keep:
         return
@@ -115,7 +99,6 @@ REFERENCE = [
     (packed_store.PackedStore, "append", append),
     (packed_store.PackedStore, "demote", demote),
     (alloc, "greedy", greedy),
-    (MixedPrecisionLayer, "_errors", errors),
     (LayerImportance, "_add", tracker_add),
 ]
 

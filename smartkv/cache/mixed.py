@@ -504,8 +504,7 @@ class MixedPrecisionLayer(KVLayer):
             pad = (-length) % g
             x = torch.cat([new_units.float(), new_units[:, -1:].float().expand(n, pad)], dim=1)
             groups = x.view(n, -1, g)
-        lo, hi = torch.aminmax(groups, dim=-1)  # one pass over the values, not two
-        new_sq = ((hi - lo).double() ** 2).mean(-1)
+        new_sq = ((groups.amax(-1) - groups.amin(-1)).double() ** 2).mean(-1)
         range_sq = new_sq if held_range_sq is None else torch.cat([held_range_sq, new_sq])
         return alloc.range_errors(range_sq, self.spec.bit_set)
 
