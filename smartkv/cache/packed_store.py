@@ -52,7 +52,7 @@ class PackedStore:
             if self.bit_set[lvl] == 0:  # evicted: nothing is kept, so nothing is copied out either
                 continue
             # one contiguous row gather per width (a boolean mask per width scans and gathers slower)
-            self._add(lvl, self._quantize(units.index_select(0, at), lvl), at + first)
+            self._add(lvl, self._quantize(units.index_select(0, at.to(units.device)), lvl), at + first)
         self.n_units += units.shape[0]
 
     def _add(self, lvl: int, rows: QuantizedRows | None, ids: torch.Tensor) -> None:
@@ -69,8 +69,7 @@ class PackedStore:
     def demote(self, new_levels: torch.Tensor) -> None:
         """Move units whose level dropped to their new width (never up).
 
-        A demoted unit is re-quantized from its de-quantized values. Widths with no unit moving
-        are left as they are (no copy).
+        A demoted unit is re-quantized from its de-quantized values.
         """
         self.version += 1
         for lvl in sorted(self.rows):
@@ -83,12 +82,13 @@ class PackedStore:
                 raise AssertionError("re-allocation raised a stored unit's precision")
             rows = self.rows[lvl]
             out, stay = moving.nonzero().squeeze(1), (~moving).nonzero().squeeze(1)
-            values = rows.select(out).dequantize(torch.float32)
-            self.rows[lvl] = rows.select(stay)
+            on = rows.scale.device  # (the index of ids is on the CPU; the rows may be on a GPU)
+            values = rows.select(out.to(on)).dequantize(torch.float32)
+            self.rows[lvl] = rows.select(stay.to(on))
             self.index[lvl] = idx[stay].to(torch.int32)
             moved_ids, moved_to = idx[out], target[out]
             for new, at in by_level(moved_to):
-                self._add(new, self._quantize(values.index_select(0, at), new), moved_ids[at])
+                self._add(new, self._quantize(values.index_select(0, at.to(values.device)), new), moved_ids[at])
 
     def _quantize(self, units: torch.Tensor, lvl: int) -> QuantizedRows | None:
         bits = self.bit_set[lvl]
