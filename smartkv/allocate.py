@@ -77,10 +77,11 @@ def greedy(importance: torch.Tensor, costs: list[int], caps: torch.Tensor, avail
     # A unit's later steps may not be worth more per byte than its earlier ones (chain order).
     ratio = torch.cummin(gain / dcost[:, None], dim=0).values
     valid = caps[None, :] > torch.arange(levels - 1)[:, None]
-    ratio = torch.where(valid, ratio, torch.full_like(ratio, -1.0))
-    # Stable sort over a level-major flattening: among equal ratios, lower steps come first.
-    order = torch.sort(ratio.flatten(), descending=True, stable=True).indices
-    order = order[valid.flatten()[order]]
+    # Stable sort over a level-major flattening: among equal ratios, lower steps come first. Only
+    # the steps under the caps are sorted (a stable sort keeps their order among themselves), so a
+    # re-allocation, where most held units are capped below the top, sorts far fewer.
+    steps = valid.flatten().nonzero().squeeze(1)
+    order = steps[torch.sort(ratio.flatten()[steps], descending=True, stable=True).indices]
     step_cost = dcost[order // n]
     spend = torch.cumsum(step_cost, 0)
     fits = spend <= (available - base)

@@ -95,7 +95,9 @@ class LayerImportance:
         t = getattr(self, name)
         n = value.shape[-1]
         keep_share = 1.0 if decay is None else decay
-        merged = (t[..., :n].float() * keep_share + value).to(self.dtype)
+        # The same float32 multiply and add as `(t.float() * keep_share + value)`, in place on one
+        # copy: this runs every decode step and layer, and each temporary is as long as the history.
+        merged = t[..., :n].to(torch.float32, copy=True).mul_(keep_share).add_(value).to(self.dtype)
         if n == t.shape[-1]:
             setattr(self, name, merged)
         else:  # an oracle tracker may already know tokens this cache has not seen yet

@@ -53,10 +53,12 @@ class PackedStore:
         if units.shape[0] == 0:
             return
         self.version += 1
-        ids = torch.arange(self.n_units, self.n_units + units.shape[0])
-        for lvl in levels.unique().tolist():
-            sel = levels == lvl
-            self._add(lvl, self._quantize(units[sel], lvl), ids[sel])
+        first = self.n_units
+        for lvl, at in by_level(levels):
+            if self.bit_set[lvl] == 0:  # evicted: nothing is kept, so nothing is copied out either
+                continue
+            # one contiguous row gather per width (a boolean mask per width scans and gathers slower)
+            self._add(lvl, self._quantize(units.index_select(0, at.to(units.device)), lvl), at + first)
         self.n_units += units.shape[0]
 
     def _add(self, lvl: int, rows: QuantizedRows | None, ids: torch.Tensor) -> None:
@@ -84,13 +86,15 @@ class PackedStore:
                 continue
             if bool((target > lvl).any()):
                 raise AssertionError("re-allocation raised a stored unit's precision")
-            values = self.rows[lvl].select(moving).dequantize(torch.float32)
-            keep = ~moving
-            self.rows[lvl] = self.rows[lvl].select(keep)
-            self.index[lvl] = idx[keep].to(torch.int32)
-            for new in target[moving].unique().tolist():
-                sel = target[moving] == new
-                self._add(new, self._quantize(values[sel], new), idx[moving][sel])
+            rows = self.rows[lvl]
+            out, stay = moving.nonzero().squeeze(1), (~moving).nonzero().squeeze(1)
+            on = rows.scale.device  # (the index of ids is on the CPU; the rows may be on a GPU)
+            values = rows.select(out.to(on)).dequantize(torch.float32)
+            self.rows[lvl] = rows.select(stay.to(on))
+            self.index[lvl] = idx[stay].to(torch.int32)
+            moved_ids, moved_to = idx[out], target[out]
+            for new, at in by_level(moved_to):
+                self._add(new, self._quantize(values.index_select(0, at.to(values.device)), new), moved_ids[at])
 
     def _quantize(self, units: torch.Tensor, lvl: int) -> QuantizedRows | None:
         bits = self.bit_set[lvl]
@@ -184,3 +188,11 @@ class PackedStore:
             out.index[lvl] = None if self.single else at.to(torch.int32)
         out.n_units = int(src.numel())
         return out
+
+
+def by_level(levels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(level, positions holding it) for each level present, levels ascending, positions ascending:
+    what `levels == lvl` masks select, from one stable sort instead of one scan per level."""
+    order = torch.sort(levels, stable=True)
+    counts = torch.unique_consecutive(order.values, return_counts=True)
+    return list(zip(counts[0].tolist(), order.indices.split(counts[1].tolist())))
