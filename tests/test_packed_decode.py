@@ -18,7 +18,7 @@ from smartkv.cache import mixed, mixed_reads
 from smartkv.methods import build_cache
 from smartkv.models import tiny_model
 
-from random_prompts import left_padded
+from random_prompts import decode_logits as _decode, left_padded
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 STEPS = 20  # past one re-allocation (every 16 decoded tokens)
@@ -35,18 +35,6 @@ def _batch(lengths, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids, mask = left_padded(lengths, g)
     return ids, mask, torch.randint(3, 250, (len(lengths), steps), generator=g)
-
-
-@torch.no_grad()
-def _decode(model, cache, ids, mask, fed):
-    """Prefill, then one token per forward pass; the logits of every decode step [B, steps, V]."""
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    logits = []
-    for step in range(fed.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=fed[:, step : step + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, dim=1)
 
 
 def _pair(model, method, params, ids, mask, fed, monkeypatch):

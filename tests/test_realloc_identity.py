@@ -13,7 +13,7 @@ from smartkv.methods import build_cache
 from smartkv.models import tiny_model
 
 import realloc_reference as ref
-from random_prompts import left_padded
+from random_prompts import decode_logits as _decode, left_padded
 
 BITS = (0, 2, 3, 4, 8)
 # the headline configuration (params.yaml `smartkv:`), at a budget that makes re-allocations demote
@@ -89,17 +89,6 @@ def test_append_and_demote_match_the_reference(symmetric):
         _same_store(new, old)
     with pytest.raises(AssertionError, match="raised"):
         new.demote(torch.full((new.n_units,), len(bit_set) - 1))
-
-
-@torch.no_grad()
-def _decode(model, cache, ids, mask, fed):
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    logits = []
-    for step in range(fed.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits.append(model(input_ids=fed[:, step: step + 1], attention_mask=mask, past_key_values=cache,
-                            use_cache=True).logits[:, -1])
-    return torch.stack(logits, dim=1)
 
 
 CASES = {
