@@ -17,14 +17,10 @@ import pandas as pd
 import torch
 
 import smartkv.evaluate as ev
-from smartkv.evaluate import evaluate
 from smartkv.models import load_model
 from smartkv.runner import RunSpec
-from smartkv.tasks import generate_task
+from variants_probe import HEAD, needle_frames  # the same headline config and needle grid
 
-HEAD = {"bits": [0, 2, 3, 4, 8], "group_size": 64, "window": 32, "window_share": 0.1, "sink_tokens": 4,
-        "allocation": "greedy", "signal": "ema", "key_smoothing": True, "prior": 0.5, "decay": 0.9,
-        "realloc_freq": 16, "budget": 0.25}
 VARIANTS = {
     "smartkv": {},  # fp16 metadata, groups of 64 (params.yaml)
     "int8-g64": {"scale_format": "int8"},
@@ -56,12 +52,7 @@ def main() -> None:
     runs += [RunSpec(v, "smartkv", {**HEAD, **VARIANTS[v]}, "smartkv") for v in args.variants]
     frames = []
     for seed in args.seeds:
-        for length in args.lengths:
-            samples = generate_task("niah", tok, n_per_cell=args.n, lengths=[length],
-                                    depths=[0.1, 0.3, 0.5, 0.7, 0.9], seed=seed, layout="block", block="classic")
-            for s in samples:
-                s.meta.setdefault("max_new_tokens", 8)
-            frames.append(evaluate(model, tok, samples, runs, seed=seed, decay=0.9, desc=f"seed {seed} {length}"))
+        frames += needle_frames(model, tok, runs, seed, args.lengths, args.n)
     df = pd.concat(frames, ignore_index=True)
     if len(hists) != len(df):
         raise RuntimeError(f"{len(hists)} histograms for {len(df)} rows: a run failed; see the log")

@@ -35,6 +35,18 @@ VARIANTS = {
 }
 
 
+def needle_frames(model, tok, runs, seed: int, lengths: list[int], n: int) -> list[pd.DataFrame]:
+    """`runs` on the study's needle task (block layout, five depths) of one dev seed, per length."""
+    frames = []
+    for length in lengths:
+        samples = generate_task("niah", tok, n_per_cell=n, lengths=[length],
+                                depths=[0.1, 0.3, 0.5, 0.7, 0.9], seed=seed, layout="block", block="classic")
+        for s in samples:
+            s.meta.setdefault("max_new_tokens", 8)
+        frames.append(evaluate(model, tok, samples, runs, seed=seed, decay=0.9, desc=f"seed {seed} {length}"))
+    return frames
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[101, 102])
@@ -50,12 +62,7 @@ def main() -> None:
     runs += [RunSpec(v, "smartkv", {**HEAD, **VARIANTS[v]}, "smartkv") for v in args.variants]
     frames = []
     for seed in args.seeds:
-        for length in args.lengths:
-            samples = generate_task("niah", tok, n_per_cell=args.n, lengths=[length],
-                                    depths=[0.1, 0.3, 0.5, 0.7, 0.9], seed=seed, layout="block", block="classic")
-            for s in samples:
-                s.meta.setdefault("max_new_tokens", 8)
-            frames.append(evaluate(model, tok, samples, runs, seed=seed, decay=0.9, desc=f"seed {seed} {length}"))
+        frames += needle_frames(model, tok, runs, seed, args.lengths, args.n)
         if args.ppl:
             samples = generate_task("perplexity", tok, n_per_cell=args.ppl, lengths=[1024], depths=[], seed=seed,
                                     continuation_tokens=512)
