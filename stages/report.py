@@ -1,10 +1,12 @@
 """Stage `report`: REPORT.md from the current results (never edited by hand).
 
 Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
-`errors`, `latency` and `profile` (a missing one is named in its section) and the PNG figures."""
+`errors`, `latency`, `profile` and `second_model` (a missing one is named in its section) and
+the PNG figures."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -70,8 +72,11 @@ def main(params: dict) -> None:
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
+    metrics = load_metrics(METRICS)
+    second = METRICS / "second_model.json"  # the second model's stage (not among the slides' metrics)
+    metrics["second_model"] = json.loads(second.read_text()) if second.is_file() else None
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
-                         report_dir=".", metrics=load_metrics(METRICS), ablation_tests=abl_tests, params=config)
+                         report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)
     log.info("wrote %s (%d lines)", REPORT, text.count("\n"))
 

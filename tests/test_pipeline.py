@@ -26,16 +26,16 @@ BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
-           "matched_budgets.json", "errors.json", "profile.json"]
+           "matched_budgets.json", "errors.json", "profile.json", "second_model.json"]
 DETERMINISTIC = [m for m in METRICS if m not in ("latency.json", "profile.json")]  # wall clock
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
            "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
         "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
-           "ablation_tests"]
+           "ablation_tests", "second_model", "second_model_tasks"]
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
-          "figures", "latency", "errors", "profile", "report", "slides", "sweeps"]
+          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "second_model"]
 
 
 def run(cmd: list, cwd: Path) -> str:
@@ -121,6 +121,14 @@ def test_pipeline_end_to_end(origin: Path):
     bl = pd.read_parquet(repo / "data/baselines.parquet")
     assert set(bl["split"]) == {"dev", "test"}  # baselines cover both, so no split change re-runs them
 
+    second = json.loads((repo / "metrics/second_model.json").read_text())
+    assert second["model"] == "default" and set(second["accuracy"]) == {"fp16", "int4", "smartkv@int4"}
+    assert second["accuracy"]["fp16"]["160"]["n"] == 2  # one prompt on each of two seeds
+    paired = [c for c in second["comparisons"] if c["measure"] == "score" and c["task"] == "all"]
+    assert len(paired) == 1 and paired[0]["n_pairs"] == 2 and 0 <= paired[0]["p_holm"] <= 1
+    assert paired[0]["target_kv_ratio"] <= paired[0]["baseline_kv_ratio"] + 1e-6  # matched: a cap
+    assert "| smartkv@int4 | int4 |" in (repo / "metrics/second_model_table.md").read_text()
+
     prof = json.loads((repo / "metrics/profile.json").read_text())
     assert [b["context"] for b in prof["contexts"]] == [96, 160]
     for b in prof["contexts"]:
@@ -197,6 +205,13 @@ def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path:
     assert [v["value"] for v in decay["values"]] == [0.85, 0.9] and decay["current"] == 0.9
     assert all(0 <= v["score_mean"] <= 1 and v["n_prompts"] == 1 for v in decay["values"])
     assert decay["best_on_dev"] in (0.85, 0.9)
+    # The experiment refs stay on this machine (a clone does not fetch them): the summary keeps
+    # what it recorded, so a re-run without them (another clone, `dvc exp remove`) loses nothing.
+    run([DVC, "exp", "remove", "--all-commits"], clone)
+    assert not run([DVC, "exp", "list", "--all-commits", "--name-only"], clone).strip()
+    run([DVC, "repro", "--force", "sweeps"], clone)
+    again = json.loads((clone / "metrics/sweeps.json").read_text())
+    assert again["experiments"] == sweeps["experiments"] and again["params"] == sweeps["params"]
 
     # `dvc plots show` on the clone: the data plots' libraries are inlined, nothing is fetched.
     html = run([DVC, "plots", "show", "-o", tmp_path / "html"], clone) and (tmp_path / "html/index.html").read_text()

@@ -73,6 +73,7 @@ def render_report(
     md += ["## Attention analysis", *sec.attention_section(metrics.get("attention")),
            "### The hypothesis test", *sec.sensitivity_section(metrics.get("sensitivity")),
            "## Error analysis", *sec.errors_section(metrics.get("errors")),
+           "## A second model family", *sec.second_model_section(metrics.get("second_model")),
            "## Cost", *sec.cost_section(metrics.get("latency")),
            "### Where time and memory go", *profile_section(metrics.get("profile")),
            "## Figures"]

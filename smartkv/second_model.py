@@ -1,0 +1,209 @@
+"""The headline comparisons on a second model family (params `second_model`, stage `second_model`).
+
+Part of the study layer (it drives `smartkv.study`), kept beside it rather than inside it so that
+the main study's model stages, which depend on `smartkv/study` as a whole, do not depend on it.
+
+One model can carry a result that is about that model: SmolLM2-135M has 3 KV heads of 64
+dimensions on 30 full-attention layers. Gemma-3-270M differs where a KV cache feels it: one KV
+head of 256 dimensions, 18 layers of which 5 in 6 attend over a 512-token sliding window, and
+a 32k context. This module runs, on that model and on test seeds, what the main study's
+headline rests on:
+
+1. its own needle prompts, generated with its own tokenizer (lengths are its tokens);
+2. FP16 and the matched baselines (`runs`, labels of `baselines`: FP16 must succeed for a
+   prompt to say anything about a cache, so FP16's accuracy per length is reported first);
+3. each `match` baseline's KV bytes measured per cell (task x length), then SmartKV at exactly
+   those budgets (`smartkv@int3`, `smartkv@kivi-2`), with the main study's SmartKV params;
+4. exact McNemar per comparison, pooled and per length, Holm within each family, as the stats
+   stage does for the main study.
+
+The stage is separate from the main study's stages so that the main study's outputs do not
+depend on the second model, and `dvc exp run -S second_model.model=...` re-runs only this.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from smartkv.study.params import ParamError, get, is_int
+
+FAMILY = "second model: baselines vs matched SmartKV"
+KEYS = ("model", "seeds", "tasks", "runs", "match")
+
+
+def settings(params: dict) -> dict:
+    """The validated `second_model` section: model, test seeds, task plan, baseline runs, match labels."""
+    from smartkv.study.grid import task_plan
+    from smartkv.study.params import seeds_by_split
+    from smartkv.study.runs import baseline_runs
+
+    sm = get(params, "second_model")
+    if not isinstance(sm, dict):
+        raise ParamError(f"second_model must be a mapping with {', '.join(KEYS)}")
+    unknown = sorted(set(sm) - set(KEYS))
+    if unknown:
+        raise ParamError(f"second_model: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS)}")
+    model = sm.get("model")
+    if not isinstance(model, str) or not model:
+        raise ParamError(f"second_model.model={model!r} must name a model (e.g. gemma3-270m)")
+    seeds = sm.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
+        raise ParamError(f"second_model.seeds={seeds!r} must be a non-empty list of integer seeds")
+    test = seeds_by_split(params)["test"]
+    stray = [s for s in seeds if s not in test]
+    if stray:  # dev seeds choose, test seeds report: this stage reports
+        raise ParamError(f"second_model.seeds: {stray} are not test seeds ({test}); it reports, it does not tune")
+    plan = task_plan({"tasks": sm.get("tasks"), "max_new_tokens": get(params, "max_new_tokens"),
+                      "longbench": {"enabled": False}})
+    by_label = {r.label: r for r in baseline_runs(params)}
+    labels = sm.get("runs")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ParamError(f"second_model.runs={labels!r} must list labels of `baselines` (e.g. [fp16, int3])")
+    missing = [x for x in labels if x not in by_label]
+    if missing:
+        raise ParamError(f"second_model.runs: {', '.join(missing)} not in baselines; known: {', '.join(by_label)}")
+    if "fp16" not in labels:
+        raise ParamError("second_model.runs must include fp16: FP16's accuracy is what calibrates the tasks")
+    match = sm.get("match")
+    if not isinstance(match, list) or not all(isinstance(x, str) for x in match):
+        raise ParamError(f"second_model.match={match!r} must list labels of second_model.runs")
+    outside = [x for x in match if x not in labels]
+    if outside:
+        raise ParamError(f"second_model.match: {', '.join(outside)} not in second_model.runs ({', '.join(labels)})")
+    return {"model": model, "seeds": [int(s) for s in seeds], "plan": plan,
+            "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match))}
+
+
+def prepare(s: dict, tokenizer) -> pd.DataFrame:
+    """The second model's needle prompts, one row per sample and seed (split `test`)."""
+    from smartkv.tasks import generate_task
+
+    rows = []
+    for seed in s["seeds"]:
+        for t in s["plan"]:
+            for length, n in zip(t["lengths"], t["n_per_cell"]):
+                for sample in generate_task(t["name"], tokenizer, n_per_cell=n, lengths=[length],
+                                            depths=t["depths"], seed=seed, **t["kwargs"]):
+                    sample.meta.setdefault("max_new_tokens", t["max_new_tokens"])
+                    rows.append({**sample.to_row(), "seed": seed, "split": "test"})
+    return pd.DataFrame(rows)
+
+
+def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
+    """The baselines, then SmartKV at each `match` baseline's measured bytes per cell; one frame."""
+    from smartkv.study.driver import evaluate_runs
+    from smartkv.study.match import budgets, measure
+    from smartkv.study.runs import matched_baseline, smartkv_runs
+
+    sub = {**params, "model": s["model"]}
+    base = evaluate_runs(sub, s["runs"], tasks_file, split="test", desc=f"{s['model']} baselines")
+    matched = budgets(measure(base, s["match"]), "test")
+    lost = [x for x in s["match"] if x not in matched]
+    if lost:
+        raise ParamError(f"second_model.match: no measured bytes for {', '.join(lost)} (see the log)")
+    # the matched runs alone (the headline and the Pareto sweep are the main study's)
+    runs = [r for r in smartkv_runs(sub, matched) if matched_baseline(r.label)]
+    if not runs:
+        return base
+    ours = evaluate_runs(sub, runs, tasks_file, split="test", desc=f"{s['model']} smartkv")
+    return pd.concat([base, ours], ignore_index=True)
+
+
+def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
+          margin: float = 0.05) -> pd.DataFrame:
+    """smartkv@<b> against b on every paired measure, pooled and per length; Holm per (family, measure)."""
+    from smartkv.stats import apply_holm, measures_in, paired_tests
+    from smartkv.stats.summary import length_strata
+    from smartkv.study.runs import matched_label
+
+    strata = length_strata(df[df["error"] == ""])
+    frames = []
+    for measure in measures_in(strata):
+        for b in match:
+            target = matched_label(b)
+            if target not in set(strata["run"]):
+                continue
+            t = paired_tests(strata, target, [b], measure=measure, per_task=True, seed=seed, alpha=alpha,
+                             margin=margin if measure == "score" else None)
+            t["family"] = [f"{FAMILY} [{measure}{'' if task == 'all' else ', per length'}]" for task in t["task"]]
+            frames.append(t)
+    if not frames:
+        return pd.DataFrame()
+    return apply_holm(pd.concat(frames, ignore_index=True), alpha)
+
+
+def accuracy(df: pd.DataFrame) -> dict:
+    """{run: {length: {n, correct, accuracy, ci95, kv_ratio}}} over the rows that have a score."""
+    from smartkv.plot_labels import wilson_interval
+
+    out: dict = {}
+    ok = df[(df["error"] == "") & df["score"].notna()]
+    for (run, length), g in ok.groupby(["run", "context_length"], sort=False):
+        k, n = int((g["score"] == 1).sum()), int(len(g))
+        lo, hi = wilson_interval(k, n)
+        out.setdefault(str(run), {})[str(int(length))] = {
+            "n": n, "correct": k, "accuracy": k / n, "ci95": [float(lo), float(hi)],
+            "kv_ratio": float(g["kv_ratio"].mean())}
+    return out
+
+
+def write(df: pd.DataFrame, results, timings, config: dict) -> None:
+    """Results and wall clock apart (as every model stage writes them: smartkv.study.driver)."""
+    from smartkv.io import atomic_write_parquet, provenance
+    from smartkv.study.driver import split_timings
+
+    res, tim = split_timings(df)
+    prov = provenance(config)
+    atomic_write_parquet(res, results, prov)
+    atomic_write_parquet(tim, timings, prov)
+
+
+def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
+    """metrics/second_model.json: the model, accuracy per run and length, every comparison row."""
+    keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "target_mean", "baseline_mean",
+            "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
+            "target_kv_ratio", "baseline_kv_ratio"]
+
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v.item() if hasattr(v, "item") else v
+
+    rows = [] if t.empty else [{k: clean(r[k]) for k in keep if k in r} for r in t.to_dict("records")]
+    return {"model": s["model"], "seeds": s["seeds"], "accuracy": accuracy(df), "comparisons": rows}
+
+
+def table(m: dict) -> str:
+    """metrics/second_model_table.md: FP16 per length, then each matched comparison (bold = Holm-significant)."""
+    acc = m["accuracy"]
+    lengths = sorted({int(n) for runs in acc.values() for n in runs})
+    head = "| run | " + " | ".join(f"{n} tokens" for n in lengths) + " | KV x FP16 |"
+    lines = [f"Model: `{m['model']}`, test seeds {m['seeds']}. Accuracy (correct / n) per prompt length.", "",
+             head, "|" + " --- |" * (len(lengths) + 2)]
+    for run, by in acc.items():
+        cells = [f"{by[str(n)]['correct']}/{by[str(n)]['n']}" if str(n) in by else "" for n in lengths]
+        kv = sum(v["kv_ratio"] * v["n"] for v in by.values()) / sum(v["n"] for v in by.values())
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {kv:.3f} |")
+    lines += ["", "| SmartKV | baseline | where | measure | t / b | discordant t / b | KV x FP16 t / b | Holm p | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in m["comparisons"]:
+        disc = "" if r.get("n_target_only") is None else f"{int(r['n_target_only'])} / {int(r['n_baseline_only'])}"
+        p = r.get("p_holm")
+        ptxt = "" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+        verdict = r.get("verdict", "")
+        if verdict and verdict != "inconclusive":
+            ptxt, verdict = f"**{ptxt}**", f"**{verdict}**"
+        lines.append(f"| {r['target']} | {r['baseline']} | {r['task']} | {r['measure']} | "
+                     f"{r['target_mean']:.3f} / {r['baseline_mean']:.3f} | {disc} | "
+                     f"{r['target_kv_ratio']:.3f} / {r['baseline_kv_ratio']:.3f} | {ptxt} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def n_prompts(s: dict) -> int:
+    """Prompts per seed the plan generates (depths x n_per_cell per length), for the log."""
+    return sum(len(t["depths"] or [None]) * n for t in s["plan"] for n in t["n_per_cell"])
+
+
+__all__ = ["settings", "prepare", "run", "tests", "accuracy", "write", "metrics", "table", "n_prompts"]

@@ -1,0 +1,103 @@
+"""The second-model stage's library half (smartkv/second_model.py): params, tests, table.
+
+The stage end to end (its prompts, the model, matched SmartKV) runs in tests/test_pipeline.py on
+the tiny profile; here the checks that need no model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+
+from smartkv.study import load_params
+from smartkv import second_model as sm
+from smartkv.study.params import ParamError
+
+PARAMS = load_params()
+
+
+def _with(**over) -> dict:
+    p = copy.deepcopy(PARAMS)
+    p["second_model"].update(over)
+    return p
+
+
+def test_settings_of_the_committed_params():
+    s = sm.settings(PARAMS)
+    assert s["model"] == "gemma3-270m" and set(s["seeds"]) <= set(PARAMS["seeds"]["test"])
+    assert [r.label for r in s["runs"]][0] == "fp16" and s["match"] == ["int3", "kivi-2"]
+    assert s["plan"][0]["name"] == "niah" and sm.n_prompts(s) > 0
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"seeds": [100]}, "not test seeds"),
+    ({"seeds": []}, "non-empty list"),
+    ({"runs": ["int3"], "match": ["int3"]}, "must include fp16"),
+    ({"runs": ["fp16", "int9"]}, "int9 not in baselines"),
+    ({"match": ["int4"]}, "int4 not in second_model.runs"),
+    ({"model": ""}, "must name a model"),
+    ({"tasks": {"niah": {"lengths": []}}}, "lengths"),
+    ({"extra": 1}, "unknown key(s) extra"),
+])
+def test_bad_settings_name_the_key(over, words):
+    with pytest.raises(ParamError, match=r"second_model|tasks") as err:
+        sm.settings(_with(**over))
+    assert words in str(err.value)
+
+
+def _frame(t_scores, b_scores, length=1024, t_kv=0.24, b_kv=0.25) -> pd.DataFrame:
+    rows = []
+    for i, (t, b) in enumerate(zip(t_scores, b_scores)):
+        for run, score, kv in (("smartkv@int3", t, t_kv), ("int3", b, b_kv), ("fp16", 1.0, 1.0)):
+            rows.append({"run": run, "task": "niah", "sample_id": f"s{i}", "seed": 0, "context_length": length,
+                         "score": float(score), "kv_ratio": kv, "error": ""})
+    return pd.DataFrame(rows)
+
+
+def test_tests_count_discordant_pairs_and_adjust():
+    # 12 prompts SmartKV alone gets, 1 int3 alone gets: exact McNemar p = 2 * P(X <= 1 | 13, 1/2)
+    t = [1] * 12 + [0] + [1] * 7
+    b = [0] * 12 + [1] + [1] * 7
+    df = pd.concat([_frame(t[:10], b[:10], 1024), _frame(t[10:], b[10:], 2048).assign(
+        sample_id=lambda d: d["sample_id"] + "x")], ignore_index=True)
+    out = sm.tests(df, ["int3"])
+    pooled = out[(out["task"] == "all") & (out["measure"] == "score")].iloc[0]
+    assert (pooled["n_target_only"], pooled["n_baseline_only"], pooled["n_pairs"]) == (12, 1, 20)
+    assert pooled["p"] == pytest.approx(2 * (1 + 13) / 2 ** 13)
+    assert pooled["verdict"] == "target better"
+    per_length = out[(out["task"] != "all") & (out["measure"] == "score")]
+    assert set(per_length["task"]) == {"niah@1k", "niah@2k"}
+    # Holm over the two lengths: each adjusted p is at least its raw p, and at most 1
+    assert (per_length["p_holm"] >= per_length["p"] - 1e-12).all() and (per_length["p_holm"] <= 1).all()
+
+
+def test_accuracy_and_table_bold_only_what_holm_keeps():
+    df = _frame([1] * 12 + [0] * 8, [0] * 12 + [0] * 8)
+    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "m", "seeds": [0]})
+    fp16 = m["accuracy"]["fp16"]["1024"]
+    assert (fp16["correct"], fp16["n"], fp16["accuracy"]) == (20, 20, 1.0)
+    lo, hi = fp16["ci95"]
+    assert 0.8 < lo < 1.0 and hi == pytest.approx(1.0)  # Wilson, not a degenerate [1, 1]
+    text = sm.table(m)
+    assert "| fp16 | 20/20 | 1.000 |" in text and "| smartkv@int3 | 12/20 | 0.240 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
+    assert "12 / 0" in row and "**target better**" in row
+
+    even = _frame([1, 0, 1, 0], [0, 1, 0, 1])
+    row = next(line for line in sm.table(sm.metrics(even, sm.tests(even, ["int3"]), {"model": "m", "seeds": [0]}))
+               .splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
+    assert "**" not in row and row.rstrip().endswith("| inconclusive |")
+
+
+def test_report_section_reads_the_metrics_and_names_a_missing_file():
+    from smartkv.report.sections import second_model_section
+
+    df = _frame([1] * 12 + [0] * 8, [0] * 20)
+    text = "\n".join(second_model_section(sm.metrics(df, sm.tests(df, ["int3"]), {"model": "gemma3-270m",
+                                                                                     "seeds": [0]})))
+    assert "`gemma3-270m`" in text and "| `fp16` | 20/20 (1.000 of FP16) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `smartkv@int3` | `int3` | all"))
+    assert "12 / 0" in row and "0.240 / 0.250" in row and "**target better**" in row
+    assert "second_model" in "\n".join(second_model_section(None))
