@@ -97,7 +97,7 @@ def test_report_section_reads_the_metrics_and_names_a_missing_file():
     df = _frame([1] * 12 + [0] * 8, [0] * 20)
     text = "\n".join(second_model_section(sm.metrics(df, sm.tests(df, ["int3"]), {"model": "gemma3-270m",
                                                                                      "seeds": [0]})))
-    assert "`gemma3-270m`" in text and "| `fp16` | 20/20 (1.000 of FP16) |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| `smartkv@int3` | `int3` | all"))
+    assert "`gemma3-270m`" in text and "| fp16 | 20/20 | 1.000 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
     assert "12 / 0" in row and "0.240 / 0.250" in row and "**target better**" in row
     assert "second_model" in "\n".join(second_model_section(None))

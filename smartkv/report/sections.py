@@ -194,35 +194,17 @@ def cost_section(lat: dict | None) -> list[str]:
 
 
 def second_model_section(m: dict | None) -> list[str]:
-    """The headline comparisons on the second model family (metrics/second_model.json)."""
+    """The headline comparisons on the second model family (metrics/second_model.json), as
+    `smartkv.second_model.table` renders them for metrics/second_model_table.md."""
+    from smartkv.second_model import table
+
     if not m:
         return [f.missing("second_model", "second_model"), ""]
-    acc = m.get("accuracy", {})
-    fp = acc.get("fp16", {})
-    lengths = sorted(fp, key=int)
-    lines = [f"`{m['model']}` on its own needle prompts (its tokenizer; test seeds {m['seeds']}), teacher-forced "
-             "as in the main study. FP16 first, since a length FP16 fails says nothing about a cache:", "",
-             "| run | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for run, by in acc.items():
-        cells = [f"{by[n]['correct']}/{by[n]['n']} ({by[n]['kv_ratio']:.3f} of FP16)" if n in by else "–"
-                 for n in lengths]
-        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
-    rows = [r for r in m.get("comparisons", []) if r.get("measure") == "score"]
-    if rows:
-        lines += ["", "SmartKV at each baseline's measured bytes (exact McNemar, Holm within the family; bold = "
-                  "significant after Holm):", "",
-                  "| SmartKV | baseline | where | acc t / b | discordant t / b | KV × FP16 t / b | Holm p | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            p, v = r.get("p_holm"), r.get("verdict", "")
-            ptxt = "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-            if v and v != "inconclusive":
-                ptxt, v = f"**{ptxt}**", f"**{v}**"
-            disc = "–" if r.get("n_target_only") is None else f"{int(r['n_target_only'])} / {int(r['n_baseline_only'])}"
-            lines.append(f"| `{r['target']}` | `{r['baseline']}` | {r['task']} | {r['target_mean']:.3f} / "
-                         f"{r['baseline_mean']:.3f} | {disc} | {r['target_kv_ratio']:.3f} / "
-                         f"{r['baseline_kv_ratio']:.3f} | {ptxt} | {v} |")
-    return lines + ["", "Answer log-probability and KL from FP16 for the same pairs: `metrics/second_model_table.md`.", ""]
+    return [f"`{m['model']}` on its own needle prompts (its tokenizer), teacher-forced as in the main study. "
+            "FP16 comes first, since a length FP16 fails says nothing about a cache; then SmartKV at each "
+            "baseline's measured bytes per length (exact McNemar on accuracy, paired t on answer "
+            "log-probability and KL from FP16; Holm within each family; bold = significant after Holm).", "",
+            table(m), ""]
 
 
 def conclusion(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
