@@ -282,12 +282,6 @@ def _sample_fields(sample: Sample, seed: int) -> dict:
             "answers": json.dumps(sample.answers), "metric": sample.metric}
 
 
-def peers_piece(model, tokenizer, piece: tuple):
-    """One piece of work for a worker process (smartkv.study.workers): (seed, samples, max_new_tokens, specs)."""
-    seed, samples, max_new_tokens, specs = piece
-    return evaluate_peers(model, tokenizer, {seed: samples}, specs, max_new_tokens=max_new_tokens)
-
-
 def evaluate_peers(model, tokenizer, samples_by_seed: dict[int, list[Sample]], specs: list[PeerSpec], *,
                    max_new_tokens: int = 16, log=None):
     """Every peer on every sample; one row per (sample, peer), in the results schema of `smartkv.evaluate`."""

@@ -106,12 +106,8 @@ def model_dir(model: str) -> str:
 
 def run(params: dict) -> None:
     from smartkv.io import atomic_write_parquet, provenance
-    import pandas as pd
-
-    from smartkv.kvpress_peers import evaluate_peers, load, peers_piece
+    from smartkv.kvpress_peers import evaluate_peers, load
     from smartkv.study.driver import read_tasks, split_timings
-    from smartkv.study.params import workers_setting
-    from smartkv.study.workers import effective_workers, run_pool
 
     specs = peer_specs(params)
     name, dtype = model_settings(params)
@@ -132,18 +128,8 @@ def run(params: dict) -> None:
     if not any(tasks.values()):
         raise ParamError(f"peers_tasks={wanted!r}, peers_seeds={seeds!r}: no prepared sample of the "
                          f"{peers_split(params)!r} split has these tasks and seeds")
-    n_workers = effective_workers(workers_setting(params), device)
-    if n_workers > 1:  # the samples spread over worker processes, as in the other model stages
-        from tqdm.auto import tqdm
-
-        groups = [(seed, samples, new_tokens, specs) for seed, samples in sorted(tasks.items()) if samples]
-        with tqdm(total=sum(len(g[1]) for g in groups) * len(specs), desc="peers", unit="run") as bar:
-            frames = run_pool(groups, n_workers, load, {"model_dir": folder, "dtype": dtype, "device": device},
-                              torch.get_num_threads(), on_done=bar.update, work=peers_piece)
-        df = pd.concat(frames, ignore_index=True)
-    else:
-        model, tokenizer = load(folder, dtype, device)
-        df = evaluate_peers(model, tokenizer, tasks, specs, max_new_tokens=new_tokens, log=log)
+    model, tokenizer = load(folder, dtype, device)
+    df = evaluate_peers(model, tokenizer, tasks, specs, max_new_tokens=new_tokens, log=log)
     order = {s.label: i for i, s in enumerate(specs)}
     df = df.sort_values(["seed", "task", "sample_id", "run"], key=lambda s: s.map(order) if s.name == "run" else s,
                         kind="stable").reset_index(drop=True)

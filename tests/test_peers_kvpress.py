@@ -140,8 +140,7 @@ def kvpress_run(tmp_path_factory):
     atomic_write_parquet(pd.DataFrame([{**s.to_row(), "seed": 100, "split": "test"} for s in samples]),
                          tmp / "data" / "tasks.parquet", {})
     params = {"model": str(tmp / "model"), "dtype": "float32", "device": "cpu", "max_new_tokens": 6, "peers": GOOD,
-              "split": "test", "peers_tasks": ["niah", "perplexity"], "peers_seeds": [100],
-              "workers": 2}  # the samples spread over two worker processes, as in the study
+              "split": "test", "peers_tasks": ["niah", "perplexity"], "peers_seeds": [100]}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([str(KVPRESS_PYTHON), "-m", "stages.peers"], cwd=tmp, capture_output=True, text=True,

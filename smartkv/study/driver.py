@@ -17,9 +17,8 @@ import pandas as pd
 if TYPE_CHECKING:  # the kvpress peers stage reads tasks with this module under another transformers
     from smartkv.runner import RunSpec
 
-from smartkv.study.params import ParamError, model_settings, placement, workers_setting
+from smartkv.study.params import ParamError, model_settings, placement
 from smartkv.study.runs import matched_baseline, with_seed
-from smartkv.study.workers import effective_workers, run_pool
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     `seeds` of them when given, and a run named in `run_seeds` only on its seeds there.
 
     One row per (run, sample, seed), in a stable order (seed, task, sample, run order);
-    with the timing columns, which `split_timings` takes apart before writing. With `workers`
-    above 1 (on a CPU) the samples are spread over that many processes (smartkv/study/workers.py).
+    with the timing columns, which `split_timings` takes apart before writing.
     """
     import torch
     from tqdm.auto import tqdm
@@ -78,8 +76,8 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     if not tasks:
         raise ParamError(f"{tasks_file} has no samples for split {split!r}: re-run the prepare stage")
     splits = split_of_seeds(tasks_file)
-    where = placement(params)
-    n_workers = effective_workers(workers_setting(params), where["device"])
+    torch.manual_seed(0)
+    model, tokenizer = load_model(model_name, dtype=dtype, **placement(params))
     # Runs that track attention must share the prefill's decay and observation window: one
     # evaluate (one prefill per sample) per (decay, obs_window).
     groups = []
@@ -104,17 +102,11 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
     # One bar over the whole stage (its ETA is the stage's); evaluate's own bar shows the group.
     total = tqdm(total=sum(len(s) * len(g) for _, s, _, g in groups), desc=f"{desc} (all seeds)", unit="run",
                  position=0)
-    if n_workers > 1:
-        frames = run_pool(groups, n_workers, load_model, {"name_or_path": model_name, "dtype": dtype, **where},
-                          torch.get_num_threads(), on_done=total.update)
-    else:
-        torch.manual_seed(0)
-        model, tokenizer = load_model(model_name, dtype=dtype, **where)
-        frames = []
-        for i, (seed, samples, decay, group) in enumerate(groups):
-            frames.append(evaluate(model, tokenizer, samples, group, seed=seed, decay=decay,
-                                   desc=f"{desc} seed {seed} [{i + 1}/{len(groups)}]"))
-            total.update(len(samples) * len(group))
+    frames = []
+    for i, (seed, samples, decay, group) in enumerate(groups):
+        frames.append(evaluate(model, tokenizer, samples, group, seed=seed, decay=decay,
+                               desc=f"{desc} seed {seed} [{i + 1}/{len(groups)}]"))
+        total.update(len(samples) * len(group))
     total.close()
     df = pd.concat(frames, ignore_index=True)
     df["split"] = df["seed"].map(splits)

@@ -141,14 +141,6 @@ def device_map_setting(params: dict) -> str | dict | None:
                      "of module names to devices (cpu, cuda:<n>, <n>, mps, disk)")
 
 
-def workers_setting(params: dict) -> int:
-    """`workers` (default 1): processes a model stage spreads its samples over on a CPU."""
-    n = get(params, "workers", 1)
-    if isinstance(n, bool) or not is_int(n) or n < 1:
-        raise ParamError(f"workers={n!r} must be a positive integer (processes per model stage; 1 = in-process)")
-    return int(n)
-
-
 def placement(params: dict) -> dict:
     """`load_model`'s placement kwargs from the `device` and `device_map` params."""
     return {"device": device_setting(params), "device_map": device_map_setting(params)}
