@@ -6,7 +6,6 @@ the PNG figures."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -60,7 +59,7 @@ def setup(params: dict, n_samples: int) -> dict:
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_text, provenance, read_parquet_with_meta
     from smartkv.report import render_report
-    from smartkv.report.findings import load_metrics
+    from smartkv.report.findings import METRIC_FILES, load_metrics
 
     summary, _ = read_parquet_with_meta(DATA / "summary.parquet")
     tests, _ = read_parquet_with_meta(DATA / "tests.parquet")
@@ -72,9 +71,8 @@ def main(params: dict) -> None:
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
-    metrics = load_metrics(METRICS)
-    second = METRICS / "second_model.json"  # the second model's stage (not among the slides' metrics)
-    metrics["second_model"] = json.loads(second.read_text()) if second.is_file() else None
+    # the slides' metrics, and the second model's (which the slides do not show)
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model",))
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)

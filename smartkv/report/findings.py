@@ -18,10 +18,10 @@ METRIC_FILES = ("main", "power", "attention", "sensitivity", "errors", "latency"
 WIN, LOSS, INCONCLUSIVE = "significantly better", "significantly worse", "inconclusive"
 
 
-def load_metrics(metrics_dir: str | Path = "metrics") -> dict:
-    """{name: the parsed metrics/<name>.json, or None when the stage has not written it}."""
+def load_metrics(metrics_dir: str | Path = "metrics", names: tuple[str, ...] = METRIC_FILES) -> dict:
+    """{name: the parsed metrics/<name>.json, or None when the stage has not written it}, for `names`."""
     out = {}
-    for name in METRIC_FILES:
+    for name in names:
         path = Path(metrics_dir) / f"{name}.json"
         out[name] = json.loads(path.read_text()) if path.is_file() else None
     return out
