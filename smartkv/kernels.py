@@ -9,9 +9,17 @@ The C++ sources are package data under `smartkv/csrc/`:
   straight from the packed codes (see `smartkv.packed_attention`).
 
 They are compiled on first use with `torch.utils.cpp_extension.load` (ninja, a base dependency)
-into `$SMARTKV_HOME/torch_extensions/<torch and python version>/` (default home
-`~/.cache/smartkv`); torch's file baton there keeps two processes from building at once, a
-thread lock does the same within one process, and ninja rebuilds only what changed.
+into `$SMARTKV_HOME/torch_extensions/<torch and python version>/<source hash>/` (default home
+`~/.cache/smartkv`); torch's file baton there keeps two processes from building at once, and a
+thread lock does the same within one process.
+
+The build is content-addressed: the sources are copied into that folder (named by a hash of
+every file under `csrc/` and the compiler flags) and compiled from there. Ninja keys each
+object on its command line, which names the source path, so compiling from the package's own
+folder made every checkout (a clone, a DVC experiment workspace, the test suite's copies of
+the repository) rebuild the whole extension, and checkouts that alternate rebuilt it again
+each time: about 3 minutes a build on two cores. With one folder per source content, every
+checkout with the same sources loads one build.
 
 A failed build is an error (`KernelBuildError`, naming the compiler's last line), not a silent
 slow path: the PyTorch path is used instead only when `SMARTKV_NO_KERNEL=1` is set on purpose,
@@ -21,8 +29,11 @@ from smartkv, so the quantizer can import it without a cycle.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import sys
 import threading
 import time
@@ -36,6 +47,8 @@ EXT_NAME = "smartkv_cpu"
 DISABLE_ENV = "SMARTKV_NO_KERNEL"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("bindings.cpp", "dequant.cpp", "packed_attention.cpp", "quantize.cpp")
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
 
 
 class KernelBuildError(RuntimeError):
@@ -58,10 +71,38 @@ def _home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "smartkv"
 
 
+def source_hash() -> str:
+    """A digest of every file under `csrc/` (names and bytes) and the compiler flags."""
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
+    return digest.hexdigest()[:16]
+
+
 def build_directory() -> Path:
-    """Where the extension is built and cached (one directory per torch and Python version)."""
+    """Where the extension is built and cached: one folder per torch and Python version and
+    per source content (see the module docstring for why the content is in the path)."""
     tag = f"{EXT_NAME}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
-    return _home() / "torch_extensions" / tag
+    return _home() / "torch_extensions" / tag / source_hash()
+
+
+def _stage_sources(directory: Path) -> Path:
+    """Copy `csrc/` into `directory/src` once (to a temporary name, then renamed, so that a
+    concurrent process never compiles a half-copied folder); return that folder."""
+    target = directory / "src"
+    if target.is_dir():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix="src-", dir=directory))
+    for path in SOURCE_DIR.iterdir():
+        if path.is_file():
+            shutil.copy2(path, staging / path.name)
+    try:
+        staging.rename(target)
+    except OSError:  # another process renamed its copy first: same bytes, keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _build():
@@ -69,13 +110,14 @@ def _build():
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    sources = _stage_sources(directory)
     start = time.perf_counter()
     module = load(
         name=EXT_NAME,
-        sources=[str(SOURCE_DIR / s) for s in SOURCES],
-        extra_include_paths=[str(SOURCE_DIR)],
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-        extra_ldflags=["-fopenmp"],
+        sources=[str(sources / s) for s in SOURCES],
+        extra_include_paths=[str(sources)],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
         verbose=False,
     )

@@ -8,6 +8,7 @@ is set on purpose, and the PyTorch-path tests below run either way.
 
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,34 @@ def test_sources_ship_as_package_data():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"csrc/*.cpp"' in pyproject and '"csrc/*.h"' in pyproject
     assert re.search(r'^\s*"ninja', pyproject.split("[project.optional-dependencies]")[0], re.M)
+
+
+def test_build_folder_follows_source_content_not_checkout_path(tmp_path, monkeypatch):
+    # Two checkouts at different paths with the same sources share one build (no rebuild per
+    # clone or experiment workspace); any changed byte under csrc/ gets its own folder.
+    monkeypatch.setenv("SMARTKV_HOME", str(tmp_path / "home"))
+    copies = []
+    for name in ("a", "b"):
+        folder = tmp_path / name / "csrc"
+        shutil.copytree(kernels.SOURCE_DIR, folder)
+        monkeypatch.setattr(kernels, "SOURCE_DIR", folder)
+        copies.append(kernels.build_directory())
+    assert copies[0] == copies[1]
+    header = tmp_path / "b" / "csrc" / "half.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert kernels.build_directory() != copies[0]
+
+
+def test_staged_sources_are_a_complete_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTKV_HOME", str(tmp_path / "home"))
+    directory = kernels.build_directory()
+    directory.mkdir(parents=True)
+    staged = kernels._stage_sources(directory)
+    names = sorted(p.name for p in kernels.SOURCE_DIR.iterdir() if p.is_file())
+    assert sorted(p.name for p in staged.iterdir()) == names
+    assert all((staged / n).read_bytes() == (kernels.SOURCE_DIR / n).read_bytes() for n in names)
+    assert kernels._stage_sources(directory) == staged  # a second call reuses it
+    assert [p.name for p in directory.iterdir()] == ["src"]  # no temporary folder left behind
 
 
 def _pytorch_quantize(monkeypatch, x, bits, group_size, symmetric):
