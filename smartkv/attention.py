@@ -12,6 +12,10 @@ straight from the packed codes (`smartkv.packed_attention`, one C++ call per lay
 softmax weights of that same pass to the tracker (no second q.k). The kernel is tested against
 the de-quantize + SDPA path. Attention it does not take (soft-capping, sliding window, position
 bias, dropout) gets the layer's de-quantized history and goes through SDPA as before.
+
+Left padding: the prompt's call hands its mask to the cache, which learns each row's pads
+from it; a layer that has reordered its prompt sink-first (smartkv/cache/padding.py) gets the
+mask's columns reordered the same way before anything reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from smartkv.cache.base import active_update
+from smartkv.cache.padding import permute_columns
 from smartkv.importance import may_attend
 
 ATTN_IMPLEMENTATION = "smartkv"
@@ -32,6 +37,12 @@ def smartkv_attention(module: torch.nn.Module, query, key, value, attention_mask
     mine = active is not None and active.keys is key
     if mine:
         active.cache.attention_routed = True
+        if not active.cache.padding_known:  # the prompt's call: learn its left padding (smartkv/cache/padding.py)
+            active.cache.note_padding(attention_mask, key.shape[2])
+        order = getattr(active.layer, "order", None)
+        if order is not None and attention_mask is not None:
+            # the layer holds its prompt in sink-first order: the mask's columns follow the tokens
+            attention_mask = permute_columns(attention_mask, order)
         if active.history is not None:
             if _kernel_takes(query, active.history.length, dropout, kwargs):
                 return _packed_attention(active, query, attention_mask, scaling)

@@ -80,6 +80,14 @@ class LayerImportance:
         for name, t in self.stats().items():
             setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
+    def reorder_tokens(self, order: torch.Tensor) -> None:
+        """Reorder the first order.shape[1] tokens of each row by `order` [B, t] (new j <- old order[b, j]):
+        the statistics follow a layer that reorders its prompt sink-first (smartkv/cache/padding.py)."""
+        from smartkv.cache.padding import permute_columns
+
+        for name, t in self.stats().items():
+            setattr(self, name, permute_columns(t, order))
+
     def crop(self, n_tokens: int) -> None:
         """Forget tokens from `n_tokens` on. What the dropped tokens' queries added to the kept
         tokens stays (an EMA cannot be unwound): assisted decoding's rejected drafts leave that trace."""

@@ -119,6 +119,8 @@ def fork(pre: Prefill, run: RunSpec, model, copy: bool = False) -> tuple[object,
     tensor it is given): a memory profile of the fork then sees the whole cache allocated."""
     start = time.perf_counter()
     cache = build_cache(run.method, model.config, **run.params)
+    if hasattr(cache, "padding_known"):  # the prompt's left padding, learnt by the prefill's attention
+        cache.pads, cache.padding_known = pre.cache.pads, pre.cache.padding_known
     for idx, layer in enumerate(pre.cache.layers):
         dtype = model.dtype
         cache.update(layer.keys.to(dtype, copy=copy), layer.values.to(dtype, copy=copy), idx)

@@ -183,6 +183,10 @@ class KVCache(Cache):
         self.pending_drop: int | None = None  # a layer whose evictions the attention function has yet to mask
         self.pending_packed: int | None = None  # a layer whose placeholders the attention function has yet to replace
         self.attention_routed = False  # SmartKV's attention function has attended over this cache's keys
+        # Left padding of the prompt (smartkv/cache/padding.py): pad tokens per row [B], learnt from
+        # the prompt's attention mask by SmartKV's attention function; None: none, or not known.
+        self.pads: torch.Tensor | None = None
+        self.padding_known = False
         for idx, layer in enumerate(layers):
             layer.attach(self, idx)
 
@@ -201,11 +205,23 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         drop = getattr(layer, "drop", None)
         history = getattr(layer, "history", None)
-        tracked = self.tracker is not None or drop is not None or getattr(layer, "attends_packed", False)
+        # the attention function must see this update: to track, mask evictions, attend packed codes,
+        # learn the prompt's padding, or reorder the mask's columns after a sink-first reorder
+        tracked = (self.tracker is not None or drop is not None or getattr(layer, "attends_packed", False)
+                   or not self.padding_known or getattr(layer, "order", None) is not None)
         _ACTIVE.set(ActiveUpdate(self, layer_idx, keys, drop, history, layer) if tracked else None)
         self.pending_drop = layer_idx if drop is not None else None
         self.pending_packed = layer_idx if history is not None else None
         return keys, values
+
+    def note_padding(self, attention_mask, t: int) -> None:
+        """Learn the prompt's left padding from the mask its attention was given (once per cache)."""
+        from smartkv.cache.padding import left_pads
+
+        self.padding_known = True
+        self.pads, why = left_pads(attention_mask, t)
+        if why:
+            self.warn_once("padding", f"{self.method}: {why}; pad tokens are kept and counted as context")
 
     def warn_once(self, key: str, message: str) -> None:
         """One warning per cache and kind (not one per layer and step)."""

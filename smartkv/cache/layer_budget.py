@@ -41,7 +41,11 @@ class LayerBudget:
         if self.spec.budget is None:
             return None
         tok = self._fp16_token_bytes()
-        return int(math.floor(self._fraction(fix) * (self.seq_len + ahead) * tok)) - ahead * tok
+        if not self.pad_tokens:
+            return int(math.floor(self._fraction(fix) * (self.seq_len + ahead) * tok)) - ahead * tok
+        # left padding: a fraction of the FP16 bytes of the real tokens (pads are no context)
+        real = (self.seq_len + ahead) * self.batch - self.pad_tokens
+        return int(math.floor(self._fraction(fix) * real * (tok // self.batch))) - ahead * tok
 
     def _held_quant_bytes(self) -> int:
         return self.store.held_bytes()

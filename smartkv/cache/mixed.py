@@ -14,7 +14,9 @@ and window, beam search / cropping and memory accounting. The concepts it compos
   rows and an int32 index of which units they are;
 - `LayerBudget` (smartkv/cache/layer_budget.py): the byte model: bytes allowed, held and the floor;
 - `PrecisionPolicy` (smartkv/cache/precision_policy.py): importance -> widths, re-allocation;
-- `LayerReads` (smartkv/cache/mixed_reads.py): the history for attention, de-quantized or packed.
+- `LayerReads` (smartkv/cache/mixed_reads.py): the history for attention, de-quantized or packed;
+- left padding (smartkv/cache/padding.py): a padded row's prompt is held sink-first, its pads at
+  the lowest width (0 bits where the bit set has it) and left out of the budget.
 
 The budget, policy and reads are mixins: each reads and rewrites this layer's live state (sinks,
 window, store, `seq_len`, `batch`), and the cache asks the layer itself (`budget_met`,
@@ -43,6 +45,7 @@ from smartkv.cache.layer_budget import LayerBudget
 from smartkv.cache.mixed_reads import LayerReads
 from smartkv.cache.mixed_spec import MixedSpec
 from smartkv.cache.packed_store import PackedStore
+from smartkv.cache.padding import pad_positions, permute_columns, sink_first_order
 from smartkv.cache.precision_policy import PrecisionPolicy
 from smartkv.cache.units import UnitLayout
 from smartkv.packed_attention import PackedHistory
@@ -76,6 +79,12 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         self._gone: torch.Tensor | None = None
         self._zero: torch.Tensor | None = None  # the 0-dim zero the placeholders expand
         self.generator = torch.Generator().manual_seed(spec.seed)
+        # Left padding (smartkv/cache/padding.py): the prompt's length, and once the layer has reordered
+        # its prompt sink-first, the order [B, T0], where the pads now sit [B, T0] and how many there are
+        self.prompt_len = 0
+        self.order: torch.Tensor | None = None
+        self.pad_at: torch.Tensor | None = None
+        self.pad_tokens = 0
 
     def attach(self, cache, layer_idx: int) -> None:
         self.cache, self.layer_idx = cache, layer_idx
@@ -130,6 +139,8 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         # The first update is the prompt; allocation happens at the next one, whatever its length
         # (one decode token, or a teacher-forced / assisted-decoding chunk of several).
         prefill = not self.allocated and self.seq_len == key_states.shape[-2]
+        if prefill:
+            self.prompt_len = self.seq_len
         if not prefill:
             if not self.allocated:
                 self._split_sinks()
@@ -153,17 +164,60 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
 
     # --- sinks and window -------------------------------------------------------------
     def _split_sinks(self) -> None:
+        pads = self.cache.pads if self.cache is not None else None
+        if pads is not None and pads.shape[0] == self.batch and bool(pads.any()):
+            self._reorder_sink_first(pads)
         if self.spec.key_smoothing:
             # Keys have outlier channels with large offsets (KIVI, KVQuant): per-token groups would
             # spend their range on them. Centering each channel on its prefill mid-range and dividing
             # by its half-range balances the channels before per-token quantization (undone on read).
             kf = self.win_k.float()
-            hi, lo = kf.amax(dim=-2, keepdim=True), kf.amin(dim=-2, keepdim=True)
+            if self.pad_at is None:
+                hi, lo = kf.amax(dim=-2, keepdim=True), kf.amin(dim=-2, keepdim=True)
+            else:  # the ranges of real tokens only: a pad's key is no part of the context
+                pad = self._pad_mask(kf.shape[-2])[:, None, :, None]
+                hi = kf.masked_fill(pad, float("-inf")).amax(dim=-2, keepdim=True)
+                lo = kf.masked_fill(pad, float("inf")).amin(dim=-2, keepdim=True)
             self.k_shift = ((hi + lo) / 2).to(self.store_dtype)
             self.k_scale = ((hi - lo) / 2).clamp_min(1e-4).to(self.store_dtype)
         s = min(self.spec.sink_tokens, self.win_k.shape[-2])
         self.sink_k, self.win_k = _own(self.win_k[:, :, :s]), _own(self.win_k[:, :, s:])
         self.sink_v, self.win_v = _own(self.win_v[:, :, :s]), _own(self.win_v[:, :, s:])
+
+    def _reorder_sink_first(self, pads: torch.Tensor) -> None:
+        """Hold each row's prompt sink-first (its first real tokens, then its pads, then the rest), with the
+        tracker's statistics, so that the sinks are real tokens and the pads open the quantized region."""
+        t0 = self.prompt_len
+        order = sink_first_order(pads, self.spec.sink_tokens, t0)
+        self.win_k, self.win_v = (permute_columns(t.transpose(-1, -2), order).transpose(-1, -2).contiguous()
+                                  for t in (self.win_k, self.win_v))
+        tracker = self.cache.tracker
+        if tracker is not None and self.layer_idx in tracker.layers:
+            tracker.layers[self.layer_idx].reorder_tokens(order)
+        self.order = order.to(self.device)
+        self.pad_at = pad_positions(pads, order)
+        self.pad_tokens = int(pads.sum())
+        if not self.store.evicts:
+            self.cache.warn_once("padding_held", (
+                f"{self.cache.method}: left padding: this cache has no 0-bit width, so its {self.pad_tokens} pad "
+                f"tokens are held at {self.spec.bit_set[0]} bits (masked out of attention, counted in kv_bytes)"))
+
+    def _pad_mask(self, n: int, start: int = 0) -> torch.Tensor:
+        """[B, n] bool: which of positions [start, start + n) of each row hold a pad."""
+        out = torch.zeros(self.batch, n, dtype=torch.bool)
+        t0 = self.pad_at.shape[1]
+        if start < t0:
+            stop = min(t0, start + n)
+            out[:, : stop - start] = self.pad_at[:, start:stop]
+        return out.to(self.device)
+
+    def _pad_units(self, first: int, n: int) -> torch.Tensor | None:
+        """[n * units_per_row] bool: the units of quantized-region tokens [first, first + n) that are pads
+        (None without padding); the allocator holds them at width 0."""
+        if self.pad_at is None:
+            return None
+        at = self._pad_mask(n, self.sink_k.shape[-2] + first).cpu().t()  # [n, B]
+        return at[:, :, None].expand(n, self.batch, self.units_per_token).reshape(-1)
 
     def awaiting_allocation(self) -> bool:
         return self.is_initialized and not self.allocated
@@ -192,6 +246,9 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
                                                             (self.sink_k, self.sink_v, self.win_k, self.win_v))
         if self.k_scale is not None:
             self.k_scale, self.k_shift = self.k_scale.index_select(0, on), self.k_shift.index_select(0, on)
+        if self.order is not None:
+            self.order, self.pad_at = self.order.index_select(0, on), self.pad_at.index_select(0, rows)
+            self.pad_tokens = int(self.pad_at.sum())
         self.batch = int(rows.numel())
         self._back_under_budget()
 
@@ -209,6 +266,9 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         n = crop_length(self.seq_len, tokens_to_remove)
         if not self.is_initialized or n >= self.seq_len:
             return
+        if self.order is not None and n < self.order.shape[1]:
+            raise ValueError(f"cannot crop a left-padded prompt of {self.order.shape[1]} tokens to {n}: "
+                             "its tokens are held sink-first, so only tokens after the prompt can be cropped")
         s, q = self.sink_k.shape[-2], self.n_quant
         self.win_k, self.win_v = self.win_k[:, :, : max(0, n - s - q)], self.win_v[:, :, : max(0, n - s - q)]
         if n < s + q:
@@ -222,6 +282,10 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         self._back_under_budget()
 
     # --- memory -----------------------------------------------------------------------
+    def fp16_nbytes(self) -> int:
+        """FP16 bytes of the real tokens held: pads are no context."""
+        return super().fp16_nbytes() - 2 * 2 * self.heads * self.head_dim * self.pad_tokens
+
     def nbytes(self) -> int:
         return sum(self.memory_breakdown().values())
 
@@ -258,6 +322,10 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
             k, v = self._from_units(expanded, self.n_quant, restore=False)  # [B, H, n, D] each
             out[:, :, s : s + self.n_quant, 0] = k[..., 0]
             out[:, :, s : s + self.n_quant, 1] = v[..., 0]
+        if self.order is not None:  # back to the model's positions (pads read 0 bits)
+            t0 = self.order.shape[1]
+            idx = self.order.cpu()[:, None, :, None].expand(self.batch, self.heads, t0, 2)
+            out[:, :, :t0] = torch.empty_like(out[:, :, :t0]).scatter_(2, idx, out[:, :, :t0])
         return out
 
 

@@ -85,6 +85,9 @@ class PrecisionPolicy:
             return
         imp = self._unit_importance(self.sink_k.shape[-2] + self.n_quant, n_out)
         caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
+        pads = self._pad_units(self.n_quant, n_out)
+        if pads is not None:
+            caps[pads] = 0  # left padding: no context, so the lowest width (0 bits where the bit set has it)
         available = budget - held - self._fixed_bytes(keep)
         units = self._leaving(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
@@ -117,6 +120,9 @@ class PrecisionPolicy:
         top = len(s.bit_set) - 1
         caps = torch.full((imp.shape[0],), top)
         caps[:n_old] = self.store.levels()
+        pads = self._pad_units(0, self.n_quant + n_out)
+        if pads is not None:
+            caps[pads] = 0  # left padding: no context, so the lowest width (0 bits where the bit set has it)
         available = budget - self._fixed_bytes(keep)
         units = self._leaving(keep)
         levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
