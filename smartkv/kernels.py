@@ -14,12 +14,13 @@ into `$SMARTKV_HOME/torch_extensions/<torch and python version>/<source hash>/` 
 thread lock does the same within one process.
 
 The build is content-addressed: the sources are copied into that folder (named by a hash of
-every file under `csrc/` and the compiler flags) and compiled from there. Ninja keys each
-object on its command line, which names the source path, so compiling from the package's own
-folder made every checkout (a clone, a DVC experiment workspace, the test suite's copies of
-the repository) rebuild the whole extension, and checkouts that alternate rebuilt it again
-each time: about 3 minutes a build on two cores. With one folder per source content, every
-checkout with the same sources loads one build.
+every file under `csrc/`, the compiler flags and torch's install path) and compiled from
+there. Ninja keys each object on its command line, which names the source path (and torch's
+headers), so compiling from the package's own folder made every checkout (a clone, a DVC
+experiment workspace, the test suite's copies of the repository) rebuild the whole extension,
+and checkouts that alternate rebuilt it again each time: about 3 minutes a build on two
+cores. With one folder per source content and environment, every checkout with the same
+sources loads one build.
 
 A failed build is an error (`KernelBuildError`, naming the compiler's last line), not a silent
 slow path: the PyTorch path is used instead only when `SMARTKV_NO_KERNEL=1` is set on purpose,
@@ -72,8 +73,10 @@ def _home() -> Path:
 
 
 def source_hash() -> str:
-    """A digest of every file under `csrc/` (names and bytes) and the compiler flags."""
-    digest = hashlib.sha256()
+    """A digest of every file under `csrc/` (names and bytes), the compiler flags, and where torch
+    is installed: its headers' path is on the compile line too, so two environments (a clone's
+    venv beside the work tree's) sharing one folder would rebuild it in turn."""
+    digest = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode())
     for path in sorted(SOURCE_DIR.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
