@@ -256,6 +256,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer alone (what preparing prompts needs), for the same names as `load_model`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",

@@ -78,16 +78,10 @@ def settings(params: dict) -> dict:
 
 def prepare(s: dict, tokenizer) -> pd.DataFrame:
     """The second model's needle prompts, one row per sample and seed (split `test`)."""
-    from smartkv.tasks import generate_task
+    from smartkv.study.grid import task_samples
 
-    rows = []
-    for seed in s["seeds"]:
-        for t in s["plan"]:
-            for length, n in zip(t["lengths"], t["n_per_cell"]):
-                for sample in generate_task(t["name"], tokenizer, n_per_cell=n, lengths=[length],
-                                            depths=t["depths"], seed=seed, **t["kwargs"]):
-                    sample.meta.setdefault("max_new_tokens", t["max_new_tokens"])
-                    rows.append({**sample.to_row(), "seed": seed, "split": "test"})
+    rows = [{**sample.to_row(), "seed": seed, "split": "test"}
+            for seed in s["seeds"] for t in s["plan"] for sample in task_samples(t, tokenizer, seed)]
     return pd.DataFrame(rows)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from smartkv.study.params import study_split
+from smartkv.study.params import stats_settings, study_split
 from smartkv.study.runs import HEADLINE
 from stages.common import DATA, METRICS, PLOTS, read_results, stage_main
 
@@ -26,7 +26,6 @@ def main(params: dict) -> None:
     from smartkv.analysis import errors as err
     from smartkv.analysis.errors_figure import errors_figure
     from smartkv.io import atomic_write_json, atomic_write_parquet, provenance
-    from stages.stats import stats_settings
 
     split = study_split(params)
     tolerance = stats_settings(params)["memory_tolerance"]

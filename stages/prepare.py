@@ -11,19 +11,12 @@ import logging
 import pandas as pd
 
 from smartkv.study import get
-from smartkv.study.grid import longbench_plan, task_plan
+from smartkv.models import load_tokenizer
+from smartkv.study.grid import longbench_plan, task_plan, task_samples
 from smartkv.study.params import model_settings, seeds_by_split
 from stages.common import TASKS_FILE, stage_main
 
 log = logging.getLogger("stages.prepare")
-
-
-def load_tokenizer(model_name: str):
-    from transformers import AutoTokenizer
-
-    from smartkv.models import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(model_name))
 
 
 @stage_main
@@ -45,11 +38,7 @@ def main(params: dict) -> None:
             samples = generate_task("longbench", tokenizer, n_per_cell=lb["n_per_task"], lengths=lb["lengths"],
                                     depths=[], seed=seed, source=lb["source"], tasks=lb["tasks"])
         else:
-            samples = [s for length, n in zip(t["lengths"], t["n_per_cell"])
-                       for s in generate_task(t["name"], tokenizer, n_per_cell=n, lengths=[length],
-                                              depths=t["depths"], seed=seed, **t["kwargs"])]
-            for s in samples:
-                s.meta.setdefault("max_new_tokens", t["max_new_tokens"])
+            samples = task_samples(t, tokenizer, seed)
         rows += [{**s.to_row(), "seed": seed, "split": split} for s in samples]
         log.debug("%s seed %d: %s -> %d samples", split, seed, "longbench" if t is lb else t["name"], len(samples))
     df = pd.DataFrame(rows)

@@ -13,7 +13,7 @@ import logging
 
 from smartkv import second_model as sm
 from smartkv.study import get
-from smartkv.study.params import model_settings
+from smartkv.study.params import model_settings, stats_settings
 from stages.common import DATA, METRICS, stage_main
 
 log = logging.getLogger("stages.second_model")
@@ -22,24 +22,22 @@ TASKS = DATA / "second_model_tasks.parquet"
 
 @stage_main
 def main(params: dict) -> None:
-    from transformers import AutoTokenizer
-
     from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance
-    from smartkv.models import resolve_model_path
+    from smartkv.models import load_tokenizer
 
     model_settings(params)
+    stats = stats_settings(params)  # a bad stats value fails before an hour of model work, not after
     s = sm.settings(params)
     config = {k: get(params, k, None) for k in ("second_model", "dtype", "baselines", "decay",
                                                 "realloc_freq", "smartkv")}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s["model"]))
+    tokenizer = load_tokenizer(s["model"])
     tasks = sm.prepare(s, tokenizer)
     atomic_write_parquet(tasks, TASKS, provenance(config))
     log.info("%s: %d prompts (%d per seed)", s["model"], len(tasks), sm.n_prompts(s))
     df = sm.run(params, s, TASKS)
     sm.write(df, DATA / "second_model.parquet", DATA / "timings" / "second_model.parquet", config)
-    stats = get(params, "stats")
-    t = sm.tests(df, s["match"], seed=stats.get("bootstrap_seed", 0), alpha=stats.get("alpha", 0.05),
-                 margin=stats.get("noninferiority_margin", 0.05))
+    t = sm.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
+                 margin=stats["noninferiority_margin"])
     m = sm.metrics(df, t, s)
     atomic_write_json(METRICS / "second_model.json", m)
     atomic_write_text(METRICS / "second_model_table.md", sm.table(m))

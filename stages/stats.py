@@ -16,7 +16,7 @@ import math
 
 import pandas as pd
 
-from smartkv.study.params import ParamError, section, study_split
+from smartkv.study.params import stats_settings, study_split
 from smartkv.study.runs import HEADLINE
 from stages.common import DATA, METRICS, read_results, stage_main
 
@@ -24,24 +24,6 @@ log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
 MATCHED = "baselines vs matched SmartKV"
 ABLATIONS = "ablations vs headline"
-
-
-def stats_settings(params: dict) -> dict:
-    s = section(params, "stats")
-    tol = s.get("memory_tolerance", 0.02)
-    if not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ParamError(f"stats.memory_tolerance={tol!r} must lie in [0, 1)")
-    seed = s.get("bootstrap_seed", 0)
-    if not isinstance(seed, int):
-        raise ParamError(f"stats.bootstrap_seed={seed!r} must be an integer")
-    out = {"memory_tolerance": float(tol), "bootstrap_seed": seed}
-    for key, default, lo, hi in (("alpha", 0.05, 0, 0.5), ("noninferiority_margin", 0.05, 0, 1),
-                                 ("power_effect", 0.10, 0, 1), ("power_target", 0.8, 0, 1)):
-        v = s.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
-            raise ParamError(f"stats.{key}={v!r} must lie in ({lo}, {hi})")
-        out[key] = float(v)
-    return out
 
 
 def _test_kwargs(settings: dict, measure: str) -> dict:

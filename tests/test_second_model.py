@@ -7,6 +7,7 @@ the tiny profile; here the checks that need no model.
 from __future__ import annotations
 
 import copy
+import json
 
 import pandas as pd
 import pytest
@@ -101,3 +102,31 @@ def test_report_section_reads_the_metrics_and_names_a_missing_file():
     row = next(line for line in text.splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
     assert "12 / 0" in row and "0.240 / 0.250" in row and "**target better**" in row
     assert "second_model" in "\n".join(second_model_section(None))
+
+
+def test_stage_refuses_a_bad_stats_value_before_any_model_work(monkeypatch, capsys):
+    from stages import second_model as stage
+
+    bad = copy.deepcopy(PARAMS)
+    bad["stats"]["alpha"] = 2
+    monkeypatch.setattr("stages.common.load_params", lambda: bad)
+    monkeypatch.setattr(sm, "prepare", lambda *a, **k: pytest.fail("prepared prompts despite a bad stats value"))
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    assert exit_.value.code == 2
+    assert "stats.alpha=2" in capsys.readouterr().err
+
+
+def test_prepare_is_the_main_studys_task_loop(monkeypatch):
+    # one sample loop for both stages (smartkv.study.grid.task_samples): same rows as calling it by hand
+    from smartkv.models import load_tokenizer
+    from smartkv.study.grid import task_samples
+
+    s = sm.settings(_with(seeds=[0]))
+    tok = load_tokenizer("default")
+    df = sm.prepare(s, tok)
+    by_hand = [x.to_row() for t in s["plan"] for x in task_samples(t, tok, 0)]
+    assert len(df) == len(by_hand) == sm.n_prompts(s)
+    assert df["prompt"].tolist() == [r["prompt"] for r in by_hand]
+    assert set(df["split"]) == {"test"} and set(df["seed"]) == {0}
+    assert all(json.loads(m)["max_new_tokens"] > 0 for m in df["meta"])

@@ -8,7 +8,7 @@ import pytest
 
 from smartkv import stats
 from stages import stats as stage
-from smartkv.study.params import ParamError
+from smartkv.study.params import ParamError, stats_settings
 from smartkv.study.runs import HEADLINE
 
 RUNS = {  # run -> (family, kv_ratio, p_correct)
@@ -37,7 +37,7 @@ def frame() -> pd.DataFrame:
 
 
 def test_matched_tests_pair_exact_labels_and_adjust_per_family(frame):
-    settings = stage.stats_settings({})
+    settings = stats_settings({})
     main = frame[frame["family"] != "ablation"]
     tests = stage.matched_tests(main, stats.overall(main), settings)
     pooled = tests[tests["task"] == "all"].set_index(["baseline", "measure"])
@@ -62,7 +62,7 @@ def test_matched_tests_pair_exact_labels_and_adjust_per_family(frame):
 
 
 def test_ablation_tests_against_headline(frame):
-    tests = stage.ablation_tests(frame, ["random-alloc"], stage.stats_settings({}))
+    tests = stage.ablation_tests(frame, ["random-alloc"], stats_settings({}))
     assert set(tests["measure"]) == {"score", "nll"}
     assert (tests["target"] == HEADLINE).all() and (tests["baseline"] == "random-alloc").all()
     assert set(tests["family"]) == {"ablations vs headline [score]", "ablations vs headline [nll]"}
@@ -72,4 +72,4 @@ def test_ablation_tests_against_headline(frame):
                                         ("power_effect", 1.5), ("power_target", True)])
 def test_stats_settings_reject_bad_values(key, value):
     with pytest.raises(ParamError, match=f"stats.{key}="):
-        stage.stats_settings({"stats": {key: value}})
+        stats_settings({"stats": {key: value}})

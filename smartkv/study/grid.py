@@ -90,3 +90,16 @@ def longbench_plan(params: dict) -> dict | None:
         raise ParamError(f"longbench.max_context_tokens={lengths!r} must be positive token counts")
     n = check_positive_int("longbench.n_per_task", lb.get("n_per_task", 1))
     return {"source": source, "tasks": names, "lengths": lengths, "n_per_task": n}
+
+
+def task_samples(t: dict, tokenizer, seed: int) -> list:
+    """The samples of one `task_plan` entry for one seed: each length with its own count per cell,
+    each sample told its task's `max_new_tokens` (unless the task set its own)."""
+    from smartkv.tasks import generate_task
+
+    samples = [s for length, n in zip(t["lengths"], t["n_per_cell"])
+               for s in generate_task(t["name"], tokenizer, n_per_cell=n, lengths=[length],
+                                      depths=t["depths"], seed=seed, **t["kwargs"])]
+    for s in samples:
+        s.meta.setdefault("max_new_tokens", t["max_new_tokens"])
+    return samples

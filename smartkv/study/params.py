@@ -110,6 +110,25 @@ def seed_subset(params: dict, key: str) -> list[int] | None:
     return list(value)
 
 
+def stats_settings(params: dict) -> dict:
+    """The `stats` section, validated, with its defaults (every stage that tests reads it here)."""
+    s = section(params, "stats")
+    tol = s.get("memory_tolerance", 0.02)
+    if not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ParamError(f"stats.memory_tolerance={tol!r} must lie in [0, 1)")
+    seed = s.get("bootstrap_seed", 0)
+    if not isinstance(seed, int):
+        raise ParamError(f"stats.bootstrap_seed={seed!r} must be an integer")
+    out = {"memory_tolerance": float(tol), "bootstrap_seed": seed}
+    for key, default, lo, hi in (("alpha", 0.05, 0, 0.5), ("noninferiority_margin", 0.05, 0, 1),
+                                 ("power_effect", 0.10, 0, 1), ("power_target", 0.8, 0, 1)):
+        v = s.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+            raise ParamError(f"stats.{key}={v!r} must lie in ({lo}, {hi})")
+        out[key] = float(v)
+    return out
+
+
 def model_settings(params: dict) -> tuple[str, str]:
     from smartkv.models import resolve_dtype
 
