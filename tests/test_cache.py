@@ -136,7 +136,7 @@ def test_batch_with_left_padding(model):
         out = generate(model, cache, ids, mask)
     assert out.shape == (2, NEW)
     rep = cache.memory_report()
-    assert 0.28 <= rep["ratio"] <= 0.3  # of the FP16 bytes of the real tokens (tests/test_left_padding.py)
+    assert 0.28 <= rep["ratio"] <= 0.3  # pads held (no 0-bit width) count as context (tests/test_left_padding.py)
     layer = cache.layers[0]
     imp = cache.tracker.layer(0).score(cache.config.signal)
     pads = layer.pad_at[1].nonzero().squeeze(1)  # where row 1 holds its pads after the sink-first reorder

@@ -120,7 +120,7 @@ def test_beam_search_keeps_the_pads_with_their_rows(model):
     out = run(model, cache, ids, mask, num_beams=2)
     assert out.sequences.shape == (2, LONG + NEW)
     layer = cache.layers[0]
-    assert layer.batch == 4 and layer.pad_tokens == 2 * PADS  # two beams of each row
+    assert layer.batch == 4 and layer.evicted_pads == 2 * PADS  # two beams of each row
     assert cache.memory_report()["budget_met"]
 
 

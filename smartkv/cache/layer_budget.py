@@ -41,10 +41,10 @@ class LayerBudget:
         if self.spec.budget is None:
             return None
         tok = self._fp16_token_bytes()
-        if not self.pad_tokens:
+        if not self.evicted_pads:
             return int(math.floor(self._fraction(fix) * (self.seq_len + ahead) * tok)) - ahead * tok
         # left padding: a fraction of the FP16 bytes of the real tokens (pads are no context)
-        real = (self.seq_len + ahead) * self.batch - self.pad_tokens
+        real = (self.seq_len + ahead) * self.batch - self.evicted_pads
         return int(math.floor(self._fraction(fix) * real * (tok // self.batch))) - ahead * tok
 
     def _held_quant_bytes(self) -> int:

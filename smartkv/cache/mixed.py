@@ -80,11 +80,11 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
         self._zero: torch.Tensor | None = None  # the 0-dim zero the placeholders expand
         self.generator = torch.Generator().manual_seed(spec.seed)
         # Left padding (smartkv/cache/padding.py): the prompt's length, and once the layer has reordered
-        # its prompt sink-first, the order [B, T0], where the pads now sit [B, T0] and how many there are
+        # its prompt sink-first, the order [B, T0], where the pads now sit [B, T0] and how many are evicted
         self.prompt_len = 0
         self.order: torch.Tensor | None = None
         self.pad_at: torch.Tensor | None = None
-        self.pad_tokens = 0
+        self.evicted_pads = 0
 
     def attach(self, cache, layer_idx: int) -> None:
         self.cache, self.layer_idx = cache, layer_idx
@@ -165,7 +165,8 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
     # --- sinks and window -------------------------------------------------------------
     def _split_sinks(self) -> None:
         pads = self.cache.pads if self.cache is not None else None
-        if pads is not None and pads.shape[0] == self.batch and bool(pads.any()):
+        compresses = self.spec.budget is None or self.spec.budget < 1.0  # budget 1.0: the prompt stays as given
+        if pads is not None and pads.shape[0] == self.batch and bool(pads.any()) and compresses:
             self._reorder_sink_first(pads)
         if self.spec.key_smoothing:
             # Keys have outlier channels with large offsets (KIVI, KVQuant): per-token groups would
@@ -196,11 +197,14 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
             tracker.layers[self.layer_idx].reorder_tokens(order)
         self.order = order.to(self.device)
         self.pad_at = pad_positions(pads, order)
-        self.pad_tokens = int(pads.sum())
+        # Evicted pads cost nothing and are no context. Pads a cache must hold (no 0-bit width) are
+        # counted as context too, so that the budget stays one the cache can meet.
+        self.evicted_pads = int(pads.sum()) if self.store.evicts else 0
         if not self.store.evicts:
             self.cache.warn_once("padding_held", (
-                f"{self.cache.method}: left padding: this cache has no 0-bit width, so its {self.pad_tokens} pad "
-                f"tokens are held at {self.spec.bit_set[0]} bits (masked out of attention, counted in kv_bytes)"))
+                f"{self.cache.method}: left padding: this cache has no 0-bit width, so its {int(pads.sum())} pad "
+                f"tokens are held at {self.spec.bit_set[0]} bits, masked out of attention and counted as "
+                "context (in kv_bytes and in the budget); put 0 in `bits` to evict them"))
 
     def _pad_mask(self, n: int, start: int = 0) -> torch.Tensor:
         """[B, n] bool: which of positions [start, start + n) of each row hold a pad."""
@@ -248,7 +252,7 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
             self.k_scale, self.k_shift = self.k_scale.index_select(0, on), self.k_shift.index_select(0, on)
         if self.order is not None:
             self.order, self.pad_at = self.order.index_select(0, on), self.pad_at.index_select(0, rows)
-            self.pad_tokens = int(self.pad_at.sum())
+            self.evicted_pads = int(self.pad_at.sum()) if self.store.evicts else 0
         self.batch = int(rows.numel())
         self._back_under_budget()
 
@@ -283,8 +287,8 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
 
     # --- memory -----------------------------------------------------------------------
     def fp16_nbytes(self) -> int:
-        """FP16 bytes of the real tokens held: pads are no context."""
-        return super().fp16_nbytes() - 2 * 2 * self.heads * self.head_dim * self.pad_tokens
+        """FP16 bytes of the tokens held as context: evicted pads are none."""
+        return super().fp16_nbytes() - 2 * 2 * self.heads * self.head_dim * self.evicted_pads
 
     def nbytes(self) -> int:
         return sum(self.memory_breakdown().values())
