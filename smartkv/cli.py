@@ -144,8 +144,8 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--context {c} must be >= 16 tokens")
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats} must be >= 1 (3 or more for a spread)")
-    if args.new_tokens < 1:
-        raise UsageError(f"--new-tokens {args.new_tokens} must be >= 1")
+    if args.new_tokens < 2:
+        raise UsageError(f"--new-tokens {args.new_tokens} must be >= 2 (a first step and at least one steady step)")
     from smartkv.models import resolve_model_path
 
     resolve_model_path(args.model)  # a missing model folder is one line, before any work
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode tokens/s of each method against context length, relative to fp16, one process")
     b.add_argument("--context", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                    help="prompt lengths in tokens (default: 1024 2048 4096 8192)")
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=33,
+                   help="timed tokens per run (>= 2): the first step, with the cache's one-off compression, then steady steps")
     b.add_argument("--repeats", type=int, default=3, help="timed round-robin repeats per method (median and spread reported)")
     b.add_argument("--run", action="append", help="LABEL=METHOD[:key=value,...], repeatable (default: the standard set)")
     b.add_argument("--no-phases", action="store_true",

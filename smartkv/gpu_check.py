@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="embedded name, model folder (no weights: random ones) or hub id")
     p.add_argument("--dtype", default="float16", help="model dtype for the decode bench (float16 | bfloat16 | float32)")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=33, help="timed tokens per run: a first step, then steady steps")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["tests", "kernel", "model"], choices=["tests", "kernel", "model"])
     args = p.parse_args(argv)

@@ -81,6 +81,7 @@ def test_default_set_and_parsed_runs():
     (["bench", "--context", "8"], "--context 8"),
     (["bench", "--repeats", "0"], "--repeats 0"),
     (["bench", "--new-tokens", "0"], "--new-tokens 0"),
+    (["bench", "--new-tokens", "1"], "--new-tokens 1 must be >= 2"),
     (["bench", "--run", "oops"], "LABEL=METHOD"),
     (["bench", "--run", "x=smartkv:budget=7"], "budget"),
     (["bench", "--device", "tpu"], "--device 'tpu'"),
@@ -106,3 +107,40 @@ def test_gpu_check_without_a_gpu_exits_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "gpu").exists()
+
+
+def test_a_timed_decode_splits_the_first_step_from_the_steady_ones():
+    """The first step holds the cache's one-off allocation; the steady steps hold the periodic re-allocations."""
+    import torch
+
+    from smartkv.bench import bench_context
+    from smartkv.models import tiny_model
+    from smartkv.runner import RunSpec, prefill
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", seed=0, hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4,
+                       num_key_value_heads=2)
+    ids = torch.randint(3, 250, (1, 96))
+    pre = prefill(model, ids, torch.ones_like(ids))
+    runs = [RunSpec("fp16", "fp16"),
+            RunSpec("smartkv", "smartkv", {"budget": 0.5, "group_size": 16, "window": 8, "realloc_freq": 2}, "smartkv")]
+    block = bench_context(model, None, runs, 96, new_tokens=5, repeats=3, warmup_tokens=2, profile=True, pre=pre)
+    layers = model.config.num_hidden_layers
+    for r in block["results"]:
+        assert len(r["tokens_per_s_all"]) == len(r["first_step_ms_all"]) == 3
+        assert r["tokens_per_s"]["median"] > 0 and r["first_step_ms"]["median"] > 0
+        # over 5 tokens with the first included vs over the 4 steady ones: the same timings, another split
+        assert r["tokens_per_s_with_first"]["median"] > 0 and r["ratio_vs_fp16_with_first"] > 0
+    p = block["phases"]["smartkv"]
+    assert p["steady_steps"] == 4 and p["first_step_s"] > 0
+    assert p["first_step_s"] + p["steady_s"] <= p["decode_s"] + 1e-9
+    # the first step allocates every layer once; steps 3 and 5 (decode steps 2 and 4) re-allocate
+    assert p["first_reallocation_s"] > 0 and p["reallocation_calls"] == 2 * layers
+    assert 0 < p["reallocation_share"] < 1 and p["first_reallocation_s"] <= p["first_step_s"]
+
+
+def test_bench_needs_two_new_tokens():
+    from smartkv.bench import bench_context
+
+    with pytest.raises(ValueError, match="at least 2"):
+        bench_context(None, None, [], 96, new_tokens=1, repeats=3, warmup_tokens=2, profile=False)

@@ -137,9 +137,15 @@ def test_report_section_words_follow_the_numbers(block):
               "provenance": {"git_revision": "abc"}}
     lat = {r["run"]: r for r in result["contexts"][0]["latency"]}
     lat["smartkv"]["ratio_vs_fp16"] = 0.5
+    lat["smartkv"]["ratio_vs_fp16_with_first"] = 0.25
+    lat["smartkv"]["first_step_ms"] = {**lat["smartkv"]["first_step_ms"], "median": 812.0}
+    lat["fp16"]["first_step_ms"] = {**lat["fp16"]["first_step_ms"], "median": 95.0}
     text = "\n".join(profile_section(result))
-    assert "decodes at 0.50 × FP16's tokens/s (slower than FP16)" in text
+    assert "decodes at 0.50 × FP16's tokens/s after the first step (slower than FP16)" in text
+    assert (f"takes 812 ms against FP16's 95 ms; over all {NEW} new tokens, the first step included, it runs at "
+            "0.25 × FP16 (slower than FP16)") in text
     assert "| `kivi-2` |" in text and "tracking" in text and "Top operators" in text
+    assert "first step ms [min–max]" in text
     lat["smartkv"]["ratio_vs_fp16"] = 1.25
-    assert "(at least as fast as FP16)" in "\n".join(profile_section(result))
+    assert "tokens/s after the first step (at least as fast as FP16)" in "\n".join(profile_section(result))
     assert "`metrics/profile.json` is missing" in profile_section(None)[0]

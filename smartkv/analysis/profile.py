@@ -5,10 +5,13 @@ precision; every method forks that prefill, as in `smartkv.bench`, so all of the
 same tokens in one process. Three measurements:
 
 - **Time**: `smartkv.bench.bench_context`: warm-up, then the runs timed round-robin `repeats`
-  times; per run the median, min, max and quartiles of the decode time per token, and the ratio
-  to fp16's median from the same run. Its phase timers (`smartkv.phase_timer`) give the share of
-  a SmartKV decode spent in importance tracking, re-allocation, window release and
-  de-quantization (whatever phases `PHASES` names today).
+  times; per run the median, min, max and quartiles of the steady decode time per token (every
+  step after the first) and of the first step (the prompt's last token through the cache, where
+  a compressing cache quantizes the prompt once), and the ratios to fp16's medians from the same
+  run, steady and with the first step included. Its phase timers (`smartkv.phase_timer`) give
+  the share of a steady SmartKV decode step spent in importance tracking, re-allocation, window
+  release and de-quantization (whatever phases `PHASES` names today), and each phase's time in
+  the first step.
 - **Memory**: what torch actually allocates, not only what the cache reports. On CUDA,
   `torch.cuda.max_memory_allocated` above the level at the start. On CPU torch keeps no
   allocator statistics, and `tracemalloc` sees none of torch's buffers (they are not Python
@@ -147,13 +150,15 @@ def top_ops(model, pre, run: RunSpec, new_tokens: int, k: int = TOP_OPS) -> dict
 
 
 def latency_rows(block: dict) -> list[dict]:
-    """Decode ms per token (median, min, max, quartiles) per run of one `bench_context` block."""
+    """Steady decode ms per token and first-step ms (median, min, max, quartiles) per run of one `bench_context` block."""
     rows = []
     for r in block["results"]:
         ms = [1000.0 / t for t in r["tokens_per_s_all"]]
         rows.append({"run": r["run"], "method": r["method"], "params": r["params"], "context": block["context"],
                      "context_tokens": block["context_tokens"], "ms_per_token": spread(ms), "ms_per_token_all": ms,
-                     "ratio_vs_fp16": r["ratio_vs_fp16"], "ratio_vs_fp16_by_round": r["ratio_vs_fp16_by_round"]})
+                     "ratio_vs_fp16": r["ratio_vs_fp16"], "ratio_vs_fp16_by_round": r["ratio_vs_fp16_by_round"],
+                     "first_step_ms": r["first_step_ms"], "first_step_ms_all": r["first_step_ms_all"],
+                     "ratio_vs_fp16_with_first": r["ratio_vs_fp16_with_first"]})
     return rows
 
 
@@ -193,13 +198,16 @@ def profile_methods(model, tok, runs: list[RunSpec], contexts: list[int], new_to
 
 
 def summarize(blocks: list[dict]) -> dict:
-    """Per run, across contexts: decode ms/token and × fp16, peak and cache MiB, SmartKV's phase shares."""
+    """Per run, across contexts: steady decode ms/token and × fp16, first-step ms and × fp16 with it, peak and
+    cache MiB, SmartKV's phase shares."""
     out: dict[str, dict] = {}
     for b in blocks:
         for row in b["latency"]:
             run = out.setdefault(row["run"], {"method": row["method"], "contexts": {}})
             mem = b["memory"][row["run"]]
             entry = {"ms_per_token": row["ms_per_token"]["median"], "ratio_vs_fp16": row["ratio_vs_fp16"],
+                     "first_step_ms": row["first_step_ms"]["median"],
+                     "ratio_vs_fp16_with_first": row["ratio_vs_fp16_with_first"],
                      "peak_allocated_mib": mem["peak_allocated_bytes"] / MIB, "cache_mib": mem["cache_bytes"] / MIB}
             phases = b["phases"].get(row["run"])
             if phases:
@@ -217,7 +225,9 @@ def plot_rows(result: dict) -> list[dict]:
             s = r["ms_per_token"]
             rows.append({"run": r["run"], "method": r["method"], "context": b["context"], "ms_per_token": s["median"],
                          "ms_min": s["min"], "ms_max": s["max"], "ms_q1": s["q1"], "ms_q3": s["q3"],
-                         "ratio_vs_fp16": r["ratio_vs_fp16"], "peak_allocated_mib": m["peak_allocated_bytes"] / MIB,
+                         "ratio_vs_fp16": r["ratio_vs_fp16"], "first_step_ms": r["first_step_ms"]["median"],
+                         "ratio_vs_fp16_with_first": r["ratio_vs_fp16_with_first"],
+                         "peak_allocated_mib": m["peak_allocated_bytes"] / MIB,
                          "cache_mib": m["cache_bytes"] / MIB, "n_repeats": len(r["ms_per_token_all"]),
                          "new_tokens": result["new_tokens"]})
     return rows

@@ -34,6 +34,24 @@ def _speed_table(prof: dict) -> list[str]:
     return lines
 
 
+def _first_step_table(prof: dict) -> list[str]:
+    blocks = prof["contexts"]
+    head = "| run | " + " | ".join(f"{b['context']} tok: first step ms [min–max] | × FP16 tok/s, first step included"
+                                  for b in blocks) + " |"
+    lines = [head, "|---|" + "---|---|" * len(blocks)]
+    for run in [r["run"] for r in blocks[0]["latency"]]:
+        cells = []
+        for b in blocks:
+            r = next((x for x in b["latency"] if x["run"] == run), None)
+            if r is None or "first_step_ms" not in r:
+                cells += ["–", "–"]
+                continue
+            s = r["first_step_ms"]
+            cells += [f"{s['median']:.0f} [{s['min']:.0f}–{s['max']:.0f}]", f"{r['ratio_vs_fp16_with_first']:.2f}"]
+        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _memory_table(prof: dict) -> list[str]:
     blocks = prof["contexts"]
     lines = ["| run | " + " | ".join(f"{b['context']} tok: peak / cache MiB" for b in blocks) + " |",
@@ -52,12 +70,15 @@ def _phase_lines(prof: dict, run: str) -> list[str]:
     if not rows:
         return []
     names = [k[:-len("_share")] for k in rows[0][1] if k.endswith("_share")]
-    lines = [f"Share of a `{run}` decode step spent in each cache phase (one extra timed decode per context):", "",
-             "| context | " + " | ".join(_phase_name(n) for n in names) + " | all phases |",
-             "|---|" + "---|" * (len(names) + 1)]
+    lines = [f"Share of a steady `{run}` decode step spent in each cache phase (one extra timed decode per context; "
+             "the first step's phases apart, in ms):", "",
+             "| context | " + " | ".join(_phase_name(n) for n in names) + " | all phases | first step: ms (of which phases) |",
+             "|---|" + "---|" * (len(names) + 2)]
     for ctx, p in rows:
         shares = [p[f"{n}_share"] for n in names]
-        lines.append(f"| {ctx} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + f" | {100 * sum(shares):.1f}% |")
+        first = (f"{1000 * p['first_step_s']:.0f} ({1000 * sum(p.get(f'first_{n}_s', 0.0) for n in names):.0f})"
+                 if "first_step_s" in p else "–")
+        lines.append(f"| {ctx} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + f" | {100 * sum(shares):.1f}% | {first} |")
     return lines + [""]
 
 
@@ -83,8 +104,14 @@ def _verdicts(prof: dict) -> list[str]:
     out = []
     if head in lat:
         r = lat[head]["ratio_vs_fp16"]
-        out.append(f"At {last['context']} tokens `{head}` decodes at {r:.2f} × FP16's tokens/s"
+        out.append(f"At {last['context']} tokens `{head}` decodes at {r:.2f} × FP16's tokens/s after the first step"
                    + (" (slower than FP16)." if r < 1 else " (at least as fast as FP16)."))
+        if "first_step_ms" in lat[head] and fp16 in lat:
+            w = lat[head]["ratio_vs_fp16_with_first"]
+            out.append(f"Its first step, which compresses the prompt once, takes {lat[head]['first_step_ms']['median']:.0f} ms "
+                       f"against FP16's {lat[fp16]['first_step_ms']['median']:.0f} ms; over all {prof['new_tokens']} new "
+                       f"tokens, the first step included, it runs at {w:.2f} × FP16"
+                       + (" (slower than FP16)." if w < 1 else " (at least as fast as FP16)."))
     if head in mem and fp16 in mem:
         h, b = mem[head], mem[fp16]
         word = "more than" if h["peak_allocated_bytes"] > b["peak_allocated_bytes"] else "less than"
@@ -103,10 +130,15 @@ def profile_section(prof: dict | None) -> list[str]:
     lines = [f"Measured by the `profile` stage in one process: every method forks one full-precision prefill of "
              f"the same prompt and decodes {prof['new_tokens']} tokens, timed round-robin over {prof['repeats']} "
              f"repeats after a warm-up (median and min–max; × FP16 is tokens/s over FP16's median from the same "
-             f"run), {m.get('torch_threads', '?')} torch threads on {m.get('cpus', '?')} CPUs "
+             f"run). A decode is timed in two parts: its first step feeds the prompt's last token through the cache, "
+             f"which is where a compressing cache quantizes the whole prompt, once per request; the steps after it "
+             f"are the steady decode, what every further token costs. Run with {m.get('torch_threads', '?')} torch "
+             f"threads on {m.get('cpus', '?')} CPUs "
              f"(load average {', '.join(f'{x:.1f}' for x in m.get('loadavg_at_end', []))} at the end: a shared "
              f"machine slows every run alike), git `{prov.get('git_revision', 'unknown')}`.", "",
-             *[f"- {x}" for x in _verdicts(prof)], "", *_speed_table(prof), "",
+             *[f"- {x}" for x in _verdicts(prof)], "", "Steady decode, every step after the first:", "",
+             *_speed_table(prof), "", "The first step, and the rate over all new tokens with it:", "",
+             *_first_step_table(prof), "",
              "Peak memory is what torch allocated over the cache's fork and the decode (CPU: the allocator's "
              "events from `torch.profiler`; CUDA: `max_memory_allocated`), above the weights and the shared "
              "prefill; the cache's own bytes are what it reports holding at the end.", "", *_memory_table(prof), ""]
