@@ -37,11 +37,14 @@ $(KVPRESS_STAMP): requirements-kvpress.txt
 
 venv-kvpress: $(KVPRESS_STAMP)
 
+# Two xdist workers, whole test files per worker (module fixtures are built once; tests/conftest.py
+# starts the pipeline file first). `make test PYTEST_ARGS=` runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: setup venv-kvpress
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
 # dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH
 repro: setup venv-kvpress

@@ -224,7 +224,8 @@ def format_table(result: dict) -> str:
                          f"{r['first_step_ms']['median']:8.1f} {r['ratio_vs_fp16_with_first']:8.3f} {r['kv_ratio']:8.3f}")
         for label, p in block["phases"].items():
             shares = ", ".join(f"{k[:-6]} {100 * v:.1f}%" for k, v in p.items() if k.endswith("_share"))
-            firsts = ", ".join(f"{k[6:-2]} {1000 * v:.0f} ms" for k, v in p.items() if k.startswith("first_") and v > 0)
+            firsts = ", ".join(f"{k[6:-2]} {1000 * v:.0f} ms" for k, v in p.items()
+                               if k.startswith("first_") and k != "first_step_s" and v > 0)
             lines.append(f"  {label} share of a steady decode step: {shares}")
             lines.append(f"  {label} first step {1000 * p['first_step_s']:.0f} ms, of which: {firsts or 'no phase'}")
     lines.append("\nvs fp16: steady tokens/s over fp16's; w/ 1st: the same over all new tokens, the first step included")
@@ -262,7 +263,7 @@ def run_bench(model_name: str, dtype: str, runs: list[RunSpec], contexts: list[i
         "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "processor": platform.processor(), "loadavg_at_end": list(os.getloadavg())},
-        "provenance": provenance({"model": model_name, "dtype": dtype, "device": device, "contexts": list(contexts),
+        "provenance": provenance(revision=True, config={"model": model_name, "dtype": dtype, "device": device, "contexts": list(contexts),
                                   "new_tokens": new_tokens, "repeats": repeats,
                                   "runs": [(r.label, r.method, r.params) for r in runs]}),
         "created_unix": time.time(),

@@ -12,6 +12,24 @@ import pytest  # noqa: E402
 
 from smartkv import kernels  # noqa: E402
 
+# `make test` runs the suite on two xdist workers, whole files per worker (`--dist loadfile`, so a
+# module's fixtures, a loaded model or the pipeline's reproduced study, are built once). Each worker
+# then gets one torch thread: two workers of two threads would oversubscribe two cores, and tiny-model
+# tests are bound by Python overhead, not by threads. Tests about threads set their own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+
+# Files that take longest run first, so that the other worker works through everything else meanwhile
+# instead of waiting at the end for the pipeline test (about half the suite's time on 2 cores).
+LONGEST_FIRST = ("test_pipeline.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="module")
 def kernel():

@@ -137,6 +137,12 @@ def test_a_timed_decode_splits_the_first_step_from_the_steady_ones():
     # the first step allocates every layer once; steps 3 and 5 (decode steps 2 and 4) re-allocate
     assert p["first_reallocation_s"] > 0 and p["reallocation_calls"] == 2 * layers
     assert 0 < p["reallocation_share"] < 1 and p["first_reallocation_s"] <= p["first_step_s"]
+    from smartkv.bench import format_table
+
+    table = format_table({"new_tokens": 5, "repeats": 3, "machine": {"threads": 1}, "contexts": [block]})
+    assert "smartkv share of a steady decode step: tracking" in table
+    first_line = next(line for line in table.splitlines() if line.strip().startswith("smartkv first step"))
+    assert "reallocation" in first_line and "of which: step" not in first_line
 
 
 def test_bench_needs_two_new_tokens():
