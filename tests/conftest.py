@@ -21,14 +21,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-# Files that take longest run first, so that the other worker works through everything else meanwhile
-# instead of waiting at the end for the pipeline test (about half the suite's time on 2 cores).
-LONGEST_FIRST = ("test_pipeline.py",)
+# The pipeline's checks on its tiny study run first, so that the other worker works through everything
+# else while that study is built (the longest single piece of the suite on 2 cores); the checks on a
+# clone of the same study run last, on whichever worker is free by then, beside the first file's
+# (tests/pipeline_support.py builds the study once per run for both).
+FIRST, LAST = ("test_pipeline.py",), ("test_pipeline_clone.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    def rank(item) -> int:
+        name = item.path.name
+        return -1 if name in FIRST else 1 if name in LAST else 0
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="module")

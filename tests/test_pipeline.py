@@ -1,30 +1,19 @@
-"""The DVC pipeline end to end on the tiny profile, in temporary git repositories (slow).
+"""The DVC pipeline end to end on the tiny profile, in a temporary git repository (slow).
 
-`origin` is a copy of this repository's code with tests/fixtures/params_tiny.yaml as its
-params, after `dvc repro` and a commit of every output (all are `cache: false`). Checked:
-every metrics, plots and results file appears with sane values; a second `dvc repro` does
-nothing; re-running a model stage reproduces its results byte for byte (content-only
-hashes), so only the timings' reader (and the report) re-run; a `git clone` is up to date (`dvc status`
-clean) and `dvc exp run -S budget=0.3 smartkv` there leaves prepare, baselines and match as they
-are and makes stale exactly what reads the headline run; queued
-dev-seed experiments feed the sweeps summary.
+`origin` (tests/pipeline_support.py) is a copy of this repository's code with
+tests/fixtures/params_tiny.yaml as its params, after `dvc repro` and a commit of every output.
+Checked here: every metrics, plots and results file appears with sane values; a second `dvc repro`
+does nothing; re-running a model stage reproduces its results byte for byte (content-only hashes),
+so only the timings' reader (and the report) re-run. A clone of it: tests/test_pipeline_clone.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "params_tiny.yaml"
-BIN = Path(sys.executable).parent
-DVC = BIN / "dvc"
+from pipeline_support import DVC, git, ran_stages, run, shared_origin
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json", "profile.json", "second_model.json"]
@@ -35,58 +24,11 @@ CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory
         "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests", "second_model", "second_model_tasks"]
-STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
-          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "second_model"]
-
-
-def run(cmd: list, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "SMARTKV_LOG": "WARNING", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)  # stages import the code of the repository they run in
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=2400)  # a shared 2-core machine
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def ran_stages(out: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in out}
-
-
-def stale_stages(status: str) -> set[str]:
-    """Stages `dvc status` names (a line "<stage>:" for each stage whose deps, params or outs changed)."""
-    return {line.strip()[:-1] for line in status.splitlines() if line.strip()[:-1] in STAGES and line.strip().endswith(":")}
-
-
-def git(*args: str, cwd: Path) -> str:
-    return run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd)
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory) -> Path:
-    """The tiny study, reproduced and committed with every output, as a clone would get it."""
-    dst = tmp_path_factory.mktemp("origin")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    skip = ("data/", "metrics/", "plots/", "dvc.lock", "REPORT.md")
-    for f in filter(None, files):
-        if f.startswith(skip) or not (REPO / f).is_file():
-            continue
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dst / f)
-    shutil.copy2(TINY, dst / "params.yaml")
-    # The peers stage runs kvpress in its own venv (`make test` builds it first): lend it to the copy.
-    kvpress = REPO / ".venv-kvpress"
-    assert (kvpress / "bin/python").exists(), ".venv-kvpress is missing: run `make venv-kvpress` (make test does)"
-    (dst / ".venv-kvpress").symlink_to(kvpress)
-    git("init", "-q", cwd=dst)
-    (dst / ".git/info/exclude").write_text(".venv-kvpress\n")
-    git("add", "-A", cwd=dst)
-    git("commit", "-qm", "tiny study: code", cwd=dst)
-    out = run([DVC, "repro"], dst)
-    assert ran_stages(out) == set(STAGES), out[-3000:]
-    git("add", "-A", cwd=dst)
-    git("commit", "-qm", "tiny study: results", cwd=dst)
-    return dst
+def origin(tmp_path_factory, worker_id) -> Path:
+    return shared_origin(tmp_path_factory, worker_id)
 
 
 @pytest.mark.slow
@@ -181,50 +123,4 @@ def test_pipeline_end_to_end(origin: Path):
     for path, data in before.items():
         assert (repo / path).read_bytes() == data, f"{path} changed on a re-run"
     assert (repo / "data/timings/smartkv.parquet").read_bytes() != timings  # the clock did move
-    git("checkout", "--", ".", cwd=repo)  # leave origin as committed for the clone test
-
-
-@pytest.mark.slow
-def test_clone_is_up_to_date_and_sweeps_read_experiments(origin: Path, tmp_path: Path):
-    clone = tmp_path / "clone"
-    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    status = run([DVC, "status"], clone)
-    assert "up to date" in status, status
-
-    # The headline budget: only what reads it goes stale (not prepare, baselines or match). The
-    # experiment runs the smartkv stage itself; what is downstream of it is read from `dvc status`
-    # (every stage's run was checked on origin; running them again here would add minutes, not checks).
-    out = run([DVC, "exp", "run", "-S", "budget=0.3", "smartkv"], clone)
-    assert ran_stages(out) == {"smartkv"}, out[-2000:]
-    import pandas as pd
-
-    headline = pd.read_parquet(clone / "data/smartkv.parquet").query("run == 'smartkv'")
-    assert len(headline) and (headline["budget"] == 0.3).all() and (headline["kv_ratio"] <= 0.3 + 1e-6).all()
-    # `profile` times the headline run, so the budget is its param too
-    assert stale_stages(run([DVC, "status"], clone)) == {"stats", "figures", "latency", "errors", "profile", "report",
-                                                         "slides"}
-    git("checkout", "--", ".", cwd=clone)  # every output is in git: this restores the committed study
-
-    # A dev-seed sweep over decay, queued and run as README says; the smartkv stage alone.
-    run([DVC, "exp", "run", "--queue", "-S", "split=dev", "-S", "decay=0.85,0.9", "smartkv"], clone)
-    run([DVC, "exp", "run", "--run-all"], clone)
-    out = run([DVC, "repro", "--force", "sweeps"], clone)
-    assert ran_stages(out) == {"sweeps"}, out[-2000:]
-    sweeps = json.loads((clone / "metrics/sweeps.json").read_text())
-    assert sweeps["n_experiments"] == 3 and sweeps["n_dev"] == 2, sweeps
-    decay = sweeps["params"]["decay"]
-    assert [v["value"] for v in decay["values"]] == [0.85, 0.9] and decay["current"] == 0.9
-    assert all(0 <= v["score_mean"] <= 1 and v["n_prompts"] == 1 for v in decay["values"])
-    assert decay["best_on_dev"] in (0.85, 0.9)
-    # The experiment refs stay on this machine (a clone does not fetch them): the summary keeps
-    # what it recorded, so a re-run without them (another clone, `dvc exp remove`) loses nothing.
-    run([DVC, "exp", "remove", "--all-commits"], clone)
-    assert not run([DVC, "exp", "list", "--all-commits", "--name-only"], clone).strip()
-    run([DVC, "repro", "--force", "sweeps"], clone)
-    again = json.loads((clone / "metrics/sweeps.json").read_text())
-    assert again["experiments"] == sweeps["experiments"] and again["params"] == sweeps["params"]
-
-    # `dvc plots show` on the clone: the data plots' libraries are inlined, nothing is fetched.
-    html = run([DVC, "plots", "show", "-o", tmp_path / "html"], clone) and (tmp_path / "html/index.html").read_text()
-    assert "<script src=" not in html and "cdn.jsdelivr" not in html
-    assert html.count("vegaEmbed(") >= 3 and "vega-embed" in html  # the three data plots and the library
+    git("checkout", "--", ".", cwd=repo)  # leave origin as committed
