@@ -16,40 +16,37 @@ def _phase_name(key: str) -> str:
     return key.replace("_", " ")
 
 
-def _speed_table(prof: dict) -> list[str]:
+def _timing_table(prof: dict, columns: str, cells) -> list[str]:
+    """One row per run, two columns per context: `columns` names them, `cells(latency_row)` fills them
+    (None: the run or the measure is missing there)."""
     blocks = prof["contexts"]
-    head = "| run | " + " | ".join(f"{b['context']} tok: ms/token [min–max] | × FP16 tok/s" for b in blocks) + " |"
-    lines = [head, "|---|" + "---|---|" * len(blocks)]
-    runs = [r["run"] for r in blocks[0]["latency"]]
-    for run in runs:
-        cells = []
+    lines = ["| run | " + " | ".join(f"{b['context']} tok: {columns}" for b in blocks) + " |",
+             "|---|" + "---|---|" * len(blocks)]
+    for run in [r["run"] for r in blocks[0]["latency"]]:
+        row = []
         for b in blocks:
             r = next((x for x in b["latency"] if x["run"] == run), None)
-            if r is None:
-                cells += ["–", "–"]
-                continue
-            s = r["ms_per_token"]
-            cells += [f"{s['median']:.1f} [{s['min']:.1f}–{s['max']:.1f}]", f"{r['ratio_vs_fp16']:.2f}"]
-        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
+            row += (cells(r) if r is not None else None) or ["–", "–"]
+        lines.append(f"| `{run}` | " + " | ".join(row) + " |")
     return lines
+
+
+def _speed_table(prof: dict) -> list[str]:
+    def cells(r: dict) -> list[str]:
+        s = r["ms_per_token"]
+        return [f"{s['median']:.1f} [{s['min']:.1f}–{s['max']:.1f}]", f"{r['ratio_vs_fp16']:.2f}"]
+
+    return _timing_table(prof, "ms/token [min–max] | × FP16 tok/s", cells)
 
 
 def _first_step_table(prof: dict) -> list[str]:
-    blocks = prof["contexts"]
-    head = "| run | " + " | ".join(f"{b['context']} tok: first step ms [min–max] | × FP16 tok/s, first step included"
-                                  for b in blocks) + " |"
-    lines = [head, "|---|" + "---|---|" * len(blocks)]
-    for run in [r["run"] for r in blocks[0]["latency"]]:
-        cells = []
-        for b in blocks:
-            r = next((x for x in b["latency"] if x["run"] == run), None)
-            if r is None or "first_step_ms" not in r:
-                cells += ["–", "–"]
-                continue
-            s = r["first_step_ms"]
-            cells += [f"{s['median']:.0f} [{s['min']:.0f}–{s['max']:.0f}]", f"{r['ratio_vs_fp16_with_first']:.2f}"]
-        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
-    return lines
+    def cells(r: dict) -> list[str] | None:
+        if "first_step_ms" not in r:
+            return None
+        s = r["first_step_ms"]
+        return [f"{s['median']:.0f} [{s['min']:.0f}–{s['max']:.0f}]", f"{r['ratio_vs_fp16_with_first']:.2f}"]
+
+    return _timing_table(prof, "first step ms [min–max] | × FP16 tok/s, first step included", cells)
 
 
 def _memory_table(prof: dict) -> list[str]:
