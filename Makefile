@@ -37,9 +37,10 @@ $(KVPRESS_STAMP): requirements-kvpress.txt
 
 venv-kvpress: $(KVPRESS_STAMP)
 
-# Two xdist workers, whole test files per worker (module fixtures are built once; tests/conftest.py
-# starts the pipeline file first). `make test PYTEST_ARGS=` runs in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Two xdist workers, whole test files per worker (module fixtures are built once), files in the order
+# tests/conftest.py gives them (the pipeline file first; xdist would otherwise start with the files that
+# hold the most tests). `make test PYTEST_ARGS=` runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: setup venv-kvpress
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -24,7 +24,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The pipeline's checks on its tiny study run first, so that the other worker works through everything
 # else while that study is built (the longest single piece of the suite on 2 cores); the checks on a
 # clone of the same study run last, on whichever worker is free by then, beside the first file's
-# (tests/pipeline_support.py builds the study once per run for both).
+# (tests/pipeline_support.py builds the study once per run for both). `make test` passes
+# --no-loadscope-reorder: by default xdist hands out the files with the most tests first.
 FIRST, LAST = ("test_pipeline.py",), ("test_pipeline_clone.py",)
 
 
