@@ -43,3 +43,11 @@ def kernel():
         pytest.skip("SMARTKV_NO_KERNEL=1 is set: the PyTorch path is in use on purpose")
     assert kernels.kernel_available()  # a failed build raises KernelBuildError: the test errors
     return kernels
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory, worker_id):
+    """The tiny study both pipeline test files check, built once per run (tests/pipeline_support.py)."""
+    from pipeline_support import shared_origin
+
+    return shared_origin(tmp_path_factory, worker_id)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_support import DVC, git, ran_stages, run, shared_origin
+from pipeline_support import DVC, git, ran_stages, run
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json", "profile.json", "second_model.json"]
@@ -24,11 +24,6 @@ CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory
         "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
            "ablation_tests", "second_model", "second_model_tasks"]
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory, worker_id) -> Path:
-    return shared_origin(tmp_path_factory, worker_id)
 
 
 @pytest.mark.slow

@@ -12,12 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_support import DVC, git, ran_stages, run, shared_origin, stale_stages
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory, worker_id) -> Path:
-    return shared_origin(tmp_path_factory, worker_id)
+from pipeline_support import DVC, git, ran_stages, run, stale_stages
 
 
 @pytest.mark.slow
