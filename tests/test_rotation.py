@@ -11,7 +11,8 @@ from smartkv.rotation import rotation
 def test_rotation_is_orthogonal(dim):
     r = rotation(dim, torch.float64)
     assert torch.allclose(r @ r.t(), torch.eye(dim, dtype=torch.float64), atol=1e-6)
-    q, k = torch.randn(5, dim, dtype=torch.float64), torch.randn(7, dim, dtype=torch.float64)
+    g = torch.Generator().manual_seed(dim)  # seeded: the draws must not depend on which tests ran before
+    q, k = torch.randn(5, dim, dtype=torch.float64, generator=g), torch.randn(7, dim, dtype=torch.float64, generator=g)
     assert torch.allclose((q @ r) @ (k @ r).t(), q @ k.t(), atol=1e-9)  # attention scores unchanged
     assert torch.equal(rotation(dim), rotation(dim))  # a function of head_dim: nothing to store
 
