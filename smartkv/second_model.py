@@ -89,7 +89,8 @@ def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
     """The baselines, then SmartKV at each `match` baseline's measured bytes per cell; one frame."""
     from smartkv.study.driver import evaluate_runs
     from smartkv.study.match import budgets, measure
-    from smartkv.study.runs import matched_baseline, smartkv_runs
+    from smartkv.study.labels import matched_baseline
+    from smartkv.study.runs import smartkv_runs
 
     sub = {**params, "model": s["model"]}
     base = evaluate_runs(sub, s["runs"], tasks_file, split="test", desc=f"{s['model']} baselines")
@@ -110,7 +111,7 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
     """smartkv@<b> against b on every paired measure, pooled and per length; Holm per (family, measure)."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
     from smartkv.stats.summary import length_strata
-    from smartkv.study.runs import matched_label
+    from smartkv.study.labels import matched_label
 
     strata = length_strata(df[df["error"] == ""])
     frames = []

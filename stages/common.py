@@ -40,7 +40,7 @@ def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
         logging.basicConfig(level=os.environ.get("SMARTKV_LOG", "INFO"),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
-        from smartkv.methods.registry import ConfigError  # ParamError is one too
+        from smartkv.errors import ConfigError  # ParamError is one too
 
         name = Path(sys.argv[0]).stem if fn.__module__ == "__main__" else fn.__module__.rsplit(".", 1)[-1]
         start = time.perf_counter()

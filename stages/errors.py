@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from smartkv.study.params import stats_settings, study_split
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 from stages.common import DATA, METRICS, PLOTS, read_results, stage_main
 
 log = logging.getLogger("stages.errors")

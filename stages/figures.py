@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from smartkv.study.params import ParamError, model_settings, placement, section, study_split
-from smartkv.study.runs import HEADLINE, ablation_runs, headline_run
+from smartkv.study.labels import HEADLINE
+from smartkv.study.runs import ablation_runs, headline_run
 from stages.common import DATA, PLOTS, read_results, stage_main
 
 log = logging.getLogger("stages.figures")

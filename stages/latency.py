@@ -14,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from smartkv.study.params import study_split
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 from stages.common import METRICS, PLOTS, TIMINGS, stage_main
 
 

@@ -17,7 +17,8 @@ import os
 import platform
 
 from smartkv.study.params import ParamError, get, model_settings, placement
-from smartkv.study.runs import HEADLINE, baseline_runs, headline_run
+from smartkv.study.labels import HEADLINE
+from smartkv.study.runs import baseline_runs, headline_run
 from stages.common import METRICS, PLOTS, code_revision, log, stage_main
 
 OUT = METRICS / "profile.json"

@@ -11,7 +11,7 @@ import os
 import platform
 
 from smartkv.study import get
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 from stages.common import DATA, METRICS, PLOTS, code_revision, stage_main
 
 log = logging.getLogger("stages.report")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 from stages.common import DATA, METRICS, PLOTS, stage_main
 from stages.report import setup
 

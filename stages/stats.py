@@ -17,7 +17,7 @@ import math
 import pandas as pd
 
 from smartkv.study.params import stats_settings, study_split
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 from stages.common import DATA, METRICS, read_results, stage_main
 
 log = logging.getLogger("stages.stats")

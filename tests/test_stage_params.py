@@ -13,7 +13,8 @@ import yaml
 from smartkv.study import ParamError
 from smartkv.study.grid import longbench_plan, task_plan
 from smartkv.study.params import device_map_setting, seed_subset, seeds_by_split, study_split
-from smartkv.study.runs import HEADLINE, ablation_runs, baseline_runs, match_labels, matched_label, smartkv_runs
+from smartkv.study.labels import HEADLINE, matched_label
+from smartkv.study.runs import ablation_runs, baseline_runs, match_labels, smartkv_runs
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "longbench"

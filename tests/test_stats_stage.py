@@ -9,7 +9,7 @@ import pytest
 from smartkv import stats
 from stages import stats as stage
 from smartkv.study.params import ParamError, stats_settings
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 
 RUNS = {  # run -> (family, kv_ratio, p_correct)
     "int3": ("baseline", 0.25, 0.7), "kivi-2": ("baseline", 0.236, 0.5), "int2": ("baseline", 0.188, 0.1),

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the kvpress peers stage reads tasks with this module under 
     from smartkv.runner import RunSpec
 
 from smartkv.study.params import ParamError, model_settings, placement
-from smartkv.study.runs import matched_baseline, with_seed
+from smartkv.study.labels import matched_baseline
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
 
     from smartkv.evaluate import evaluate
     from smartkv.models import load_model
+    from smartkv.study.runs import with_seed  # here, not at the top: the result readers import this module
 
     model_name, dtype = model_settings(params)
     tasks = read_tasks(tasks_file, split)

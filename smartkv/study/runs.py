@@ -19,24 +19,8 @@ from typing import Any
 from smartkv.methods.common import check_budget, check_decay, check_int
 from smartkv.methods.registry import ConfigError, method_names
 from smartkv.runner import RunSpec
+from smartkv.study.labels import HEADLINE, MATCH_SEP, budget_label, matched_baseline, matched_label
 from smartkv.study.params import ParamError, get
-
-HEADLINE = "smartkv"  # label of the headline SmartKV run (budget = params `budget`)
-MATCH_SEP = "@"       # smartkv@int3: SmartKV at int3's measured memory
-
-
-def budget_label(b: float) -> str:
-    return f"smartkv-b{b:.2f}"
-
-
-def matched_label(baseline: str) -> str:
-    return f"{HEADLINE}{MATCH_SEP}{baseline}"
-
-
-def matched_baseline(label: str) -> str:
-    """`int3` for `smartkv@int3`; "" for any other run."""
-    head, sep, base = label.partition(MATCH_SEP)
-    return base if sep and head == HEADLINE else ""
 
 
 def _checked(check, *args) -> None:

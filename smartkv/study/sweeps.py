@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from smartkv.study.params import get
-from smartkv.study.runs import HEADLINE
+from smartkv.study.labels import HEADLINE
 
 SWEPT = ("budget", "decay", "realloc_freq", "smartkv.allocation")
 METRICS_FILE = "metrics/smartkv.json"
