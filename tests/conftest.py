@@ -22,17 +22,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 # The pipeline's checks on its tiny study run first, so that the other worker works through everything
-# else while that study is built (the longest single piece of the suite on 2 cores); the checks on a
-# clone of the same study run last, on whichever worker is free by then, beside the first file's
-# (tests/pipeline_support.py builds the study once per run for both). `make test` passes
-# --no-loadscope-reorder: by default xdist hands out the files with the most tests first.
-FIRST, LAST = ("test_pipeline.py",), ("test_pipeline_clone.py",)
+# else while that study is built (the longest single piece of the suite on 2 cores); the two files of
+# checks on clones of the same study run last, the longer first, one on each worker as it comes free
+# (each takes minutes: one after the other they were the suite's tail). tests/pipeline_support.py builds the study once
+# per run for all three. `make test` passes --no-loadscope-reorder: by default xdist hands out the
+# files with the most tests first.
+FIRST, LAST = ("test_pipeline.py",), ("test_pipeline_sweeps.py", "test_pipeline_clone.py")
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.path.name
-        return -1 if name in FIRST else 1 if name in LAST else 0
+        return -1 if name in FIRST else 1 + LAST.index(name) if name in LAST else 0
 
     items.sort(key=rank)  # stable: the rest keep their order
 

@@ -1,12 +1,13 @@
-"""What the two pipeline test files share: the tiny study's `origin` repository, built once per test run.
+"""What the three pipeline test files share: the tiny study's `origin` repository, built once per test run.
 
 `origin` is a copy of this repository's code with tests/fixtures/params_tiny.yaml as its params,
 after `dvc repro` and a commit of every output (all are `cache: false`), as a clone would get it.
 `make test` runs two xdist workers with whole files per worker: tests/test_pipeline.py (checks on
-origin itself) starts first on one worker, tests/test_pipeline_clone.py (a clone of it) runs last on
-the other (tests/conftest.py orders them). Both ask for origin; the first builds it under a file lock
-in the run's shared temporary folder, the other waits for it and reuses it, so the two files' checks
-run side by side instead of one after the other.
+origin itself) starts first on one worker; tests/test_pipeline_sweeps.py and
+tests/test_pipeline_clone.py (each on its own clone of origin) run last, on whichever workers are
+free (tests/conftest.py orders them). All three ask for origin; the first builds it under a file
+lock in the run's shared temporary folder, the others wait for it and reuse it, so their checks run
+side by side instead of one after the other.
 """
 
 from __future__ import annotations

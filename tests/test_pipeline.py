@@ -4,7 +4,8 @@
 tests/fixtures/params_tiny.yaml as its params, after `dvc repro` and a commit of every output.
 Checked here: every metrics, plots and results file appears with sane values; a second `dvc repro`
 does nothing; re-running a model stage reproduces its results byte for byte (content-only hashes),
-so only the timings' reader (and the report) re-run. A clone of it: tests/test_pipeline_clone.py.
+so only the timings' reader (and the report) re-run. Clones of it: tests/test_pipeline_clone.py and
+tests/test_pipeline_sweeps.py.
 """
 
 from __future__ import annotations
