@@ -102,18 +102,6 @@ int plane_widths(int bits, int* w) {
   return np;
 }
 
-// Eight partial sums so that the compiler can vectorize without re-associating (-ffp-contract=off
-// and no fast-math keep a plain reduction serial).
-SKV_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
-}
-
 // Eight floats as one value (GCC's vector extension, so both clones of the callers get it: AVX2
 // registers in one, pairs of SSE registers in the other). Arithmetic on it is lane by lane, with
 // the rounding of the scalar code, so blocked loops built from it give the scalar loops' floats.
@@ -127,9 +115,11 @@ SKV_INLINE v8f load8(const float* p) {
 
 SKV_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
-// dot(a, b[r], n) for R right-hand sides at once, each with dot()'s operations in dot()'s order
-// (the same eight lane sums, the same reduction tree, the same tail). One dot is a chain of n / 8
-// dependent additions; R independent chains keep the adders busy instead of waiting on one.
+// The dot products of a with R right-hand sides b[r], each over eight lane sums, then a fixed
+// reduction tree and the tail: eight partial sums so that the loop vectorizes without re-associating
+// (-ffp-contract=off and no fast-math keep a plain reduction serial). One dot is a chain of n / 8
+// dependent additions; R independent chains keep the adders busy instead of waiting on one, and
+// each chain does what R = 1 does, so a block's scores equal one-token scores bit for bit.
 template <int R>
 SKV_INLINE void dot_rows(const float* __restrict a, const float* const* b, int64_t n, float* out) {
   v8f s[R];
@@ -146,13 +136,9 @@ SKV_INLINE void dot_rows(const float* __restrict a, const float* const* b, int64
   }
 }
 
-SKV_INLINE void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 // y += a[0] x[0] + a[1] x[1] + ... + a[m-1] x[m-1], added one term at a time in that order (so each
-// y[i] gets the additions m calls of axpy would give it), with y held in registers across the m terms
-// instead of loaded and stored once per term.
+// y[i] gets the additions m calls of axpy, the m = 1 case, would give it), with y held in registers
+// across the m terms instead of loaded and stored once per term.
 SKV_INLINE void axpy_rows(const float* a, const float* const* x, int m, float* __restrict y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -163,6 +149,15 @@ SKV_INLINE void axpy_rows(const float* a, const float* const* x, int m, float* _
   for (; i < n; ++i)
     for (int r = 0; r < m; ++r) y[i] += a[r] * x[r][i];
 }
+
+// One dot product and one y += a x: the blocked loops with one row.
+SKV_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float out;
+  dot_rows<1>(a, &b, n, &out);
+  return out;
+}
+
+SKV_INLINE void axpy(float a, const float* x, float* y, int64_t n) { axpy_rows(&a, &x, 1, y, n); }
 
 // Where token t's K (kv = 0) or V (kv = 1) slice of one (batch row, KV head) lives: the slice
 // index grows by 2 * B * Hkv per token, a multiple of the slices per unit (1, 2, Hkv or 2 * Hkv),
@@ -313,7 +308,7 @@ SKV_INLINE void score_block(const Ctx& C, const Prep& Q, const Level& L, float* 
       if (nb == kScoreBlock)
         dot_rows<kScoreBlock>(a, bs, G, dc);
       else
-        for (int k = 0; k < nb; ++k) dot_rows<1>(a, bs + k, G, dc + k);
+        for (int k = 0; k < nb; ++k) dc[k] = dot(a, bs[k], G);
       for (int k = 0; k < nb; ++k) {
         const float scale = half_to_float(sc[k][gi]);
         const float zero = zc[k] ? half_to_float(zc[k][gi]) : -L.offset * scale;
