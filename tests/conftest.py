@@ -24,9 +24,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The pipeline's checks on its tiny study run first, so that the other worker works through everything
 # else while that study is built (the longest single piece of the suite on 2 cores); the two files of
 # checks on clones of the same study run last, the longer first, one on each worker as it comes free
-# (each takes minutes: one after the other they were the suite's tail). tests/pipeline_support.py builds the study once
-# per run for all three. `make test` passes --no-loadscope-reorder: by default xdist hands out the
-# files with the most tests first.
+# (each takes minutes: one after the other they were the suite's tail). tests/pipeline_support.py
+# builds the study once per run for all three. `make test` passes --no-loadscope-reorder: by default
+# xdist hands out the files with the most tests first.
 FIRST, LAST = ("test_pipeline.py",), ("test_pipeline_sweeps.py", "test_pipeline_clone.py")
 
 

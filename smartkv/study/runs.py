@@ -19,7 +19,7 @@ from typing import Any
 from smartkv.methods.common import check_budget, check_decay, check_int
 from smartkv.methods.registry import ConfigError, method_names
 from smartkv.runner import RunSpec
-from smartkv.study.labels import HEADLINE, MATCH_SEP, budget_label, matched_baseline, matched_label
+from smartkv.study.labels import HEADLINE, MATCH_SEP, budget_label, matched_label
 from smartkv.study.params import ParamError, get
 
 
