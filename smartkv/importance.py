@@ -317,8 +317,12 @@ class ImportanceTracker:
         without a second q.k. `allowed`: bool [B, T] of the keys the query could see (None: all)."""
         b, hq, t = probs.shape
         li = self.layer(layer_idx)
-        li._grow(b, kv_heads if self.per_head else 1, t, probs.device)
         p = probs.float()
+        mass = p.view(b, kv_heads, hq // kv_heads, t).sum(dim=2)  # [B, Hkv, T]
+        if li.stats() and li.n_tokens <= t and _folds_in_kernel(mass):
+            self._fold_step(li, mass, allowed)
+            return
+        li._grow(b, kv_heads if self.per_head else 1, t, probs.device)
         if li.n_tokens != t:
             # a tracker that knows later tokens (oracle): `observe` takes its general path, which also
             # samples the entropy, H = -sum p log p (masked keys have p = 0 and add nothing)
@@ -326,20 +330,54 @@ class ImportanceTracker:
             live = torch.ones(b, dtype=torch.bool, device=p.device) if allowed is None else allowed.any(-1)
             li.entropy_sum += float((ent * live[:, None]).sum())
             li.entropy_rows += int(live.sum()) * hq
-        self.add_step(li, p.view(b, kv_heads, hq // kv_heads, t).sum(dim=2), allowed)
+        self.add_step(li, mass, allowed)
+
+    def step_terms(self, li: LayerImportance) -> dict[str, tuple[float, float | None]]:
+        """How one decode query's mass folds into each per-head statistic: name -> (share of the old
+        value kept, weight on the mass; None: the mass as it is). stat <- stat * keep + mass * weight."""
+        first = li.queries == 0
+        return {"cumulative": (1.0, None), "ema": (self.decay, 1.0 - self.decay),
+                "window": (0.0, None) if first else (self.decay, 1.0 - self.decay)}
 
     def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
-        """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`."""
-        first = li.queries == 0
+        """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`,
+        whose statistics hold T tokens (the PyTorch path; `_fold_step` is the same in fewer ops)."""
         if not self.per_head:
             mass = mass.sum(dim=1, keepdim=True)
-        li._add("cumulative", mass)
-        li._add("ema", mass * (1.0 - self.decay), self.decay)
-        if "window" in li.keep:
-            li._add("window", mass if first else mass * (1.0 - self.decay), 0.0 if first else self.decay)
+        for name, (keep, weight) in self.step_terms(li).items():
+            if name in li.keep:
+                li._add(name, mass if weight is None else mass * weight, keep)
         if "count" in li.keep:  # (built only when kept: this runs every step and layer)
             li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
         li.queries += 1
+
+    def _fold_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
+        """`add_step` for statistics of at most T tokens, each grown to T and folded in one C++ pass
+        (smartkv/csrc/tracker_step.cpp), bit-identical: this runs for every layer at every decode step."""
+        from smartkv import kernels
+
+        fold = kernels.kernel_module().fold_attention_step
+        t = mass.shape[-1]
+        if not self.per_head:
+            mass = mass.sum(dim=1, keepdim=True)
+        for name, (keep, weight) in self.step_terms(li).items():
+            state = getattr(li, name) if name in li.keep else None
+            if state is not None:
+                state = state if state.is_contiguous() else state.contiguous()
+                setattr(li, name, fold(state, mass, keep, 1.0 if weight is None else weight))
+        if "count" in li.keep:  # [B, T]: the PyTorch path's pad and add
+            li.count = torch.nn.functional.pad(li.count, (0, t - li.count.shape[-1]))
+            li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
+        li.n_tokens = t
+        li.queries += 1
+
+
+def _folds_in_kernel(mass: torch.Tensor) -> bool:
+    """Whether the C++ extension folds this mass into the statistics (CPU float32; a failed build raises
+    KernelBuildError unless SMARTKV_NO_KERNEL=1, as it does for the attention kernel that made the weights)."""
+    from smartkv import kernels
+
+    return mass.device.type == "cpu" and mass.dtype == torch.float32 and kernels.kernel_module() is not None
 
 
 def _allowed(mask, b: int, q: int, t: int, r0: int, r1: int, device) -> torch.Tensor:

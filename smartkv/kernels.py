@@ -6,7 +6,9 @@ The C++ sources are package data under `smartkv/csrc/`:
 - `quantize.cpp`: rows -> FP16 scale/zero per group and packed bit planes in one pass,
   bit-identical to the PyTorch path of `quantize_rows` (same reasoning as dequant.cpp);
 - `packed_attention.cpp`: one decode query's attention over a mixed-precision history read
-  straight from the packed codes (see `smartkv.packed_attention`).
+  straight from the packed codes (see `smartkv.packed_attention`);
+- `tracker_step.cpp`: that query's attention mass folded into an importance statistic in one
+  pass, bit-identical to the PyTorch path of `ImportanceTracker.add_step` (same reasoning).
 
 They are compiled on first use with `torch.utils.cpp_extension.load` (ninja, a base dependency)
 into `$SMARTKV_HOME/torch_extensions/<torch and python version>/<source hash>/` (default home
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 EXT_NAME = "smartkv_cpu"
 DISABLE_ENV = "SMARTKV_NO_KERNEL"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "dequant.cpp", "packed_attention.cpp", "quantize.cpp")
+SOURCES = ("bindings.cpp", "dequant.cpp", "packed_attention.cpp", "quantize.cpp", "tracker_step.cpp")
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 

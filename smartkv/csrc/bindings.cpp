@@ -8,4 +8,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "rows -> packed planes, scale, zero per group (see quantize.cpp)");
   m.def("packed_decode_attention", &packed_decode_attention,
         "decode attention over a mixed-precision history read from packed codes (see packed_attention.cpp)");
+  m.def("fold_attention_step", &fold_attention_step,
+        "one decode query's attention mass folded into an importance statistic (see tracker_step.cpp)");
 }

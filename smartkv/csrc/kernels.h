@@ -22,3 +22,7 @@ std::vector<at::Tensor> packed_decode_attention(
     std::vector<at::Tensor> zeros, std::vector<at::Tensor> indices, int64_t n_quant, int64_t unit_len,
     bool head_major, int64_t group_size, c10::optional<at::Tensor> k_shift, c10::optional<at::Tensor> k_scale,
     c10::optional<at::Tensor> allowed, double scaling, bool evicted_masked);
+
+// One decode query's attention mass [B, H, T] (float32) folded into an importance statistic [B, H, T0]:
+// the new statistic [B, H, T], bit-identical to ImportanceTracker.add_step's PyTorch path; see tracker_step.cpp.
+at::Tensor fold_attention_step(at::Tensor state, at::Tensor mass, double keep_share, double weight);
