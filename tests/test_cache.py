@@ -132,20 +132,22 @@ def test_batch_with_left_padding(model):
     mask[1, :60] = 0  # second row is 60 tokens shorter
     ids[1, :60] = 0
     cache = build_cache("smartkv", model.config, budget=0.3)
-    with pytest.warns(BudgetWarning, match="no 0-bit width"):  # the default bits hold pads at 2 bits, and say so
-        out = generate(model, cache, ids, mask)
+    out = generate(model, cache, ids, mask)  # the default bits (no 0-bit tier) drop the pads: no context, no bytes
     assert out.shape == (2, NEW)
     rep = cache.memory_report()
-    assert 0.28 <= rep["ratio"] <= 0.3  # pads held (no 0-bit width) count as context (tests/test_left_padding.py)
+    assert 0.28 <= rep["ratio"] <= 0.3  # of the real tokens' FP16 bytes (tests/test_left_padding.py)
+    assert rep["fp16_kv_bytes"] == sum(layer.fp16_nbytes() for layer in cache.layers)
+    assert cache.layers[0].evicted_pads == 60
     layer = cache.layers[0]
     imp = cache.tracker.layer(0).score(cache.config.signal)
     pads = layer.pad_at[1].nonzero().squeeze(1)  # where row 1 holds its pads after the sink-first reorder
     assert pads.tolist() == list(range(4, 64))
     assert float(imp[1, :, pads].abs().sum()) == 0.0  # padded keys receive no attention
     assert float(imp[0, :, :60].sum()) > 0
-    # padded tokens are no context, so they sit at the lowest width; the row's sinks are its first real tokens
+    # padded tokens are no context, so no width holds them; the row's sinks are its first real tokens
     bits = layer.bits_map()  # in the model's positions
-    assert float(bits[1, :, :60].max()) == 2.0
+    assert float(bits[1, :, :60].abs().max()) == 0.0
+    assert float(bits[1, :, 64:].min()) >= 2.0  # every real token is held
     assert bool((bits[1, :, 60:64] == 16).all())
 
 

@@ -61,11 +61,20 @@ def test_sink_first_order_and_pad_detection():
     assert pads is None and "prefix" in why
 
 
-def test_sinks_are_the_first_real_tokens_and_pads_cost_nothing(model):
+@pytest.mark.parametrize("bits,budget", [(EVICTING["bits"], 0.3), ((2, 3, 4, 8), 0.4)],
+                         ids=["0-bit tier", "no 0-bit tier"])
+def test_sinks_are_the_first_real_tokens_and_pads_cost_nothing(model, bits, budget):
+    """With a 0-bit tier the pads are evicted there; without one (the library's default bits; its 2-bit
+    floor is 0.32 of FP16 on this tiny geometry, hence the budget) the store drops them all the same: no
+    codes, no scale, no index, no context, no warning."""
     ids, mask = batch()
-    cache = build_cache("smartkv", model.config, **EVICTING)
-    run(model, cache, ids, mask)
-    alone = build_cache("smartkv", model.config, **EVICTING)
+    cfg = dict(EVICTING, bits=bits, budget=budget)
+    cache = build_cache("smartkv", model.config, **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)  # neither bit set holds a pad, so neither warns
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW,
+                       do_sample=False, pad_token_id=0)
+    alone = build_cache("smartkv", model.config, **cfg)
     run(model, alone, ids[1:, PADS:], mask[1:, PADS:])
     assert cache.pads.tolist() == [0, PADS]
     for layer, single in zip(cache.layers, alone.layers):
@@ -80,7 +89,41 @@ def test_sinks_are_the_first_real_tokens_and_pads_cost_nothing(model):
         real = 2 * LONG + 2 * (NEW - 1) - PADS
         assert layer.fp16_nbytes() == 2 * 2 * layer.heads * layer.head_dim * real
     rep = cache.memory_report()
-    assert rep["budget_met"] and rep["ratio"] <= 0.3
+    assert rep["budget_met"] and rep["ratio"] <= budget
+    if 0 not in bits:  # dropped, not evicted: the store counts them, and no width holds one
+        held = sum(layer.store.values_per_width().get(b, 0) for b in bits) // layer.unit_len
+        assert layer.store.dropped == PADS * layer.units_per_token and held + layer.store.dropped == layer.store.n_units
+
+
+def test_a_single_width_holds_its_pads_and_says_so(model):
+    """A store of one width has no index to leave a unit out of: SmartKV with one width holds the pads
+    at it, counted as context, and warns once. (Uniform INTk never reorders: it has no sinks, and its
+    pads stay where they are, masked, at its width.)"""
+    ids, mask = batch()
+    cache = build_cache("smartkv", model.config, budget=0.6, bits=(4,))
+    with pytest.warns(BudgetWarning, match="stores one width"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=0)
+    layer = cache.layers[0]
+    assert layer.order is not None and layer.evicted_pads == 0 and layer.store.dropped == 0
+    assert layer.fp16_nbytes() == 2 * 2 * layer.batch * layer.heads * layer.head_dim * layer.seq_len
+
+
+@pytest.mark.parametrize("packed", ["kernel", "sdpa"])
+def test_dropped_pads_read_alike_on_both_paths(model, monkeypatch, packed):
+    """Without a 0-bit tier the dropped pads are masked like evicted ones, on the packed kernel and on SDPA:
+    the two paths give the same tokens and close logits."""
+    ids, mask = batch()
+    outs = {}
+    for path in ("kernel", "sdpa"):
+        with monkeypatch.context() as m:
+            if path == "sdpa":
+                m.setenv("SMARTKV_NO_KERNEL", "1")
+            outs[path] = run(model, build_cache("smartkv", model.config, budget=0.4), ids, mask)
+    a, b = outs["kernel"], outs["sdpa"]
+    assert torch.equal(a.sequences, b.sequences)
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3, msg=f"decode step {step}")
 
 
 def test_key_smoothing_ranges_leave_pads_out(model):
@@ -114,13 +157,16 @@ def test_padded_row_reads_what_it_reads_alone(model, monkeypatch, method, params
         torch.testing.assert_close(a[1], b[0], atol=1e-4, rtol=1e-4, msg=f"decode step {step}")
 
 
-def test_beam_search_keeps_the_pads_with_their_rows(model):
+@pytest.mark.parametrize("cfg", [EVICTING, dict(budget=0.4, bits=(2, 3, 4, 8))], ids=["0-bit tier", "no 0-bit tier"])
+def test_beam_search_keeps_the_pads_with_their_rows(model, cfg):
     ids, mask = batch()
-    cache = build_cache("smartkv", model.config, **EVICTING)
+    cache = build_cache("smartkv", model.config, **cfg)
     out = run(model, cache, ids, mask, num_beams=2)
     assert out.sequences.shape == (2, LONG + NEW)
     layer = cache.layers[0]
     assert layer.batch == 4 and layer.evicted_pads == 2 * PADS  # two beams of each row
+    if 0 not in cfg["bits"]:  # the beams' copies of the store drop the same pads
+        assert layer.store.dropped == 2 * PADS * layer.units_per_token
     assert cache.memory_report()["budget_met"]
 
 

@@ -15,8 +15,9 @@ and window, beam search / cropping and memory accounting. The concepts it compos
 - `LayerBudget` (smartkv/cache/layer_budget.py): the byte model: bytes allowed, held and the floor;
 - `PrecisionPolicy` (smartkv/cache/precision_policy.py): importance -> widths, re-allocation;
 - `LayerReads` (smartkv/cache/mixed_reads.py): the history for attention, de-quantized or packed;
-- left padding (smartkv/cache/padding.py): a padded row's prompt is held sink-first, its pads at
-  the lowest width (0 bits where the bit set has it) and left out of the budget.
+- left padding (smartkv/cache/padding.py): a padded row's prompt is held sink-first and its pads
+  are held by no width (evicted at 0 bits, or dropped where the bit set has no 0) and left out of
+  the budget; a store of one width (uniform INTk) holds them.
 
 The budget, policy and reads are mixins: each reads and rewrites this layer's live state (sinks,
 window, store, `seq_len`, `batch`), and the cache asks the layer itself (`budget_met`,
@@ -197,14 +198,15 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
             tracker.layers[self.layer_idx].reorder_tokens(order)
         self.order = order.to(self.device)
         self.pad_at = pad_positions(pads, order)
-        # Evicted pads cost nothing and are no context. Pads a cache must hold (no 0-bit width) are
-        # counted as context too, so that the budget stays one the cache can meet.
-        self.evicted_pads = int(pads.sum()) if self.store.evicts else 0
-        if not self.store.evicts:
+        # Pads cost nothing and are no context: evicted at 0 bits, or dropped (level GONE) by a store
+        # without a 0-bit width. A store of one width (uniform INTk) holds every unit in order, so it
+        # holds its pads too and counts them as context.
+        self.evicted_pads = int(pads.sum()) if self.store.can_drop else 0
+        if not self.store.can_drop:
             self.cache.warn_once("padding_held", (
-                f"{self.cache.method}: left padding: this cache has no 0-bit width, so its {int(pads.sum())} pad "
+                f"{self.cache.method}: left padding: this cache stores one width, so its {int(pads.sum())} pad "
                 f"tokens are held at {self.spec.bit_set[0]} bits, masked out of attention and counted as "
-                "context (in kv_bytes and in the budget); put 0 in `bits` to evict them"))
+                "context (in kv_bytes and fp16_kv_bytes); a cache of several widths drops them"))
 
     def _pad_mask(self, n: int, start: int = 0) -> torch.Tensor:
         """[B, n] bool: which of positions [start, start + n) of each row hold a pad."""
@@ -252,7 +254,7 @@ class MixedPrecisionLayer(LayerBudget, PrecisionPolicy, LayerReads, KVLayer):
             self.k_scale, self.k_shift = self.k_scale.index_select(0, on), self.k_shift.index_select(0, on)
         if self.order is not None:
             self.order, self.pad_at = self.order.index_select(0, on), self.pad_at.index_select(0, rows)
-            self.evicted_pads = int(self.pad_at.sum()) if self.store.evicts else 0
+            self.evicted_pads = int(self.pad_at.sum()) if self.store.can_drop else 0
         self.batch = int(rows.numel())
         self._back_under_budget()
 

@@ -41,7 +41,7 @@ class LayerReads:
         levels = [(rows, self.store.index[lvl]) for lvl, rows in sorted(self.store.rows.items()) if rows.n_rows]
         history = PackedHistory(self.sink_k, self.sink_v, levels, self.n_quant, self.unit_len,
                                 self.spec.granularity == "head", self.win_k, self.win_v, self.k_shift, self.k_scale,
-                                evicts=self.store.evicts)
+                                evicts=self.store.holds_gone)
         key = (self.store.serial, self.store.version, self.batch)
         if self._layout_key != key:  # the layout changed (window release, re-allocation, beams, crop)
             # stands in for the query (the kernel checks its device, head_dim and length); uniform INTk has no window
@@ -53,7 +53,7 @@ class LayerReads:
         """Zero-cost [B, H, T, D] stand-ins for the keys and values: SmartKV's attention function
         reads `history` (published on the active update) instead."""
         self.history = history
-        self.drop = self._evicted_positions() if self.store.evicts and self.n_quant else None
+        self.drop = self._evicted_positions() if self.store.holds_gone and self.n_quant else None
         shape = (self.batch, self.heads, self.seq_len, self.head_dim)
         if self._zero is None or self._zero.dtype != self.dtype or self._zero.device != self.device:
             self._zero = torch.zeros((), dtype=self.dtype, device=self.device)  # one scalar, made once
@@ -80,7 +80,7 @@ class LayerReads:
             k, v = self._from_units(self.store.dequantize_into(buf), self.n_quant)
             parts_k.append(k)
             parts_v.append(v)
-            if self.store.evicts:
+            if self.store.holds_gone:
                 self.drop = self._evicted_positions()
         parts_k.append(self.win_k.to(self.dtype))
         parts_v.append(self.win_v.to(self.dtype))
@@ -88,7 +88,7 @@ class LayerReads:
 
     def _evicted_positions(self) -> torch.Tensor | None:
         """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
-        The attention function masks these positions out (smartkv/attention.py). Which quantized
+        The attention function masks these positions out (smartkv/attention.py); so are dropped pads. Which quantized
         tokens are evicted changes only with the store, so that part is kept until it does."""
         key = (self.store.serial, self.store.version, self.batch)
         if self._gone_key != key:

@@ -8,7 +8,9 @@ A store with a single width holds its units in order and needs no index (uniform
 
 Width 0 is eviction: a unit at 0 bits keeps nothing at all (no codes, no scale, no index:
 it is the unit that no other width's index names). Readers get zeros for it, and the layer
-masks it out of attention.
+masks it out of attention. A store without a 0-bit width can still drop a unit that is no
+context (a left-padding pad): its level is `GONE`, held the same way, by no width. A store of
+one width holds its units in order without an index, so it drops none.
 
 Scales and zero-points are stored in `scale_format` (FP16, BF16, or 8-bit codes with FP16
 constants shared per unit: smartkv/scale_format.py); `costs` prices each width with it, so
@@ -26,6 +28,7 @@ import torch
 from smartkv.quantize import QuantizedRows, quantize_rows, row_nbytes
 
 INDEX_BYTES = 4  # int32 unit index
+GONE = -1  # the level of a unit no width holds in a store without a 0-bit width (a dropped pad)
 _SERIALS = itertools.count()
 
 
@@ -41,28 +44,47 @@ class PackedStore:
         # bytes one unit costs at each level, index included
         self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric, scale_format)
                       + (0 if self.single else INDEX_BYTES) for b in bit_set]
-        self.evicts = bit_set[0] == 0
+        self.evicts = bit_set[0] == 0  # level 0 is eviction
+        self.dropped = 0  # units at GONE (a store without a 0-bit width drops pads there)
         # (serial, version) names the units held: `version` is bumped by every change and each store
         # gets its own serial, so readers can cache what they derive from the layout without holding the store
         self.serial = next(_SERIALS)
         self.version = 0
 
+    @property
+    def holds_gone(self) -> bool:
+        """Whether some unit may be held by no width (evicted at 0 bits, or dropped at GONE): readers mask it."""
+        return self.evicts or self.dropped > 0
+
+    @property
+    def can_drop(self) -> bool:
+        """Whether units can be left out at GONE: every store but one of a single width (no index)."""
+        return not self.single
+
     # --- write --------------------------------------------------------------------------
     def append(self, units: torch.Tensor, levels: torch.Tensor) -> None:
-        """Quantize new units [n, unit_len] (numbered after the ones held) at `levels` [n]."""
+        """Quantize new units [n, unit_len] (numbered after the ones held) at `levels` [n] (GONE: drop it)."""
         if units.shape[0] == 0:
             return
         self.version += 1
         first = self.n_units
         for lvl, at in by_level(levels):
-            if self.bit_set[lvl] == 0:  # evicted: nothing is kept, so nothing is copied out either
+            if lvl == GONE or self.bit_set[lvl] == 0:  # evicted: nothing is kept, so nothing is copied out either
+                self._count_gone(lvl, at.numel())
                 continue
             # one contiguous row gather per width (a boolean mask per width scans and gathers slower)
             self._add(lvl, self._quantize(units.index_select(0, at.to(units.device)), lvl), at + first)
         self.n_units += units.shape[0]
 
+    def _count_gone(self, lvl: int, n: int) -> None:
+        if lvl == GONE and not self.evicts:
+            if not self.can_drop:
+                raise ValueError("a store of one width holds every unit in order: it cannot drop one")
+            self.dropped += n
+
     def _add(self, lvl: int, rows: QuantizedRows | None, ids: torch.Tensor) -> None:
         if rows is None:  # evicted: nothing is kept
+            self._count_gone(lvl, ids.numel())
             return
         if lvl in self.rows:
             self.rows[lvl] = self.rows[lvl].cat_rows(rows)
@@ -97,7 +119,7 @@ class PackedStore:
                 self._add(new, self._quantize(values.index_select(0, at.to(values.device)), new), moved_ids[at])
 
     def _quantize(self, units: torch.Tensor, lvl: int) -> QuantizedRows | None:
-        bits = self.bit_set[lvl]
+        bits = 0 if lvl == GONE else self.bit_set[lvl]
         return None if bits == 0 else quantize_rows(units, bits, self.group, self.symmetric, self.scale_format)
 
     # --- read ---------------------------------------------------------------------------
@@ -107,8 +129,9 @@ class PackedStore:
         return torch.arange(self.rows[lvl].n_rows) if idx is None else idx.long()
 
     def levels(self) -> torch.Tensor:
-        """Level of every unit held, int64 [n_units]."""
-        levels = torch.zeros(self.n_units, dtype=torch.long)
+        """Level of every unit, int64 [n_units]: a unit no width holds is at level 0 when that is
+        eviction, else at GONE."""
+        levels = torch.full((self.n_units,), 0 if self.evicts else GONE, dtype=torch.long)
         for lvl in self.index:
             levels[self.ids(lvl)] = lvl
         return levels
@@ -133,7 +156,7 @@ class PackedStore:
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """De-quantize every unit into row `unit number` of `out` [n_units, unit_len] (evicted units: zeros)."""
-        if self.evicts:
+        if self.holds_gone:
             out.zero_()
         for lvl, rows in self.rows.items():
             if rows.n_rows:
@@ -162,7 +185,7 @@ class PackedStore:
     def values_per_width(self) -> dict[int, int]:
         """Number of values held at each bit width (0: evicted)."""
         hist: dict[int, int] = {}
-        if self.evicts:
+        if self.holds_gone:
             held = sum(rows.n_rows for rows in self.rows.values())
             hist[0] = (self.n_units - held) * self.unit_len
         for lvl, rows in self.rows.items():
@@ -187,6 +210,7 @@ class PackedStore:
             out.rows[lvl] = self.rows[lvl].select(new_pos[at].to(self.rows[lvl].scale.device))
             out.index[lvl] = None if self.single else at.to(torch.int32)
         out.n_units = int(src.numel())
+        out.dropped = 0 if self.evicts else int((new_levels == GONE).sum())
         return out
 
 

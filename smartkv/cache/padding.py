@@ -8,8 +8,10 @@ The cache learns the pads from the prompt's attention mask (SmartKV's attention 
 it over, `KVCache.note_padding`): a pad is a key that no query of the prompt may attend. When a
 mixed-precision layer first allocates, it reorders each row's prompt tokens into *sink-first*
 order (`sink_first_order`): the row's first `sinks` real tokens, then its pads, then the rest.
-The pads then sit at the start of the quantized region, where they are held at width 0
-(evicted: no bytes) when the bit set has a 0-bit tier, and the budget counts real tokens only.
+The pads then sit at the start of the quantized region, where no width holds them: evicted at
+width 0 when the bit set has a 0-bit tier, dropped by the store (level GONE) when it does not; the
+budget counts real tokens only. A store of a single width has no index to leave a unit out of, so
+it holds its pads at that width and counts them as context (smartkv/cache/mixed.py warns).
 
 Keys are stored after the rotary embedding, so where a token sits in the cache does not change
 q.k; what must follow the reorder is the attention mask, whose columns are the model's

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from smartkv import allocate as alloc
+from smartkv.cache.packed_store import GONE
 
 
 class PrecisionPolicy:
@@ -52,11 +53,36 @@ class PrecisionPolicy:
             imp = (1.0 - self.spec.prior) * share + self.spec.prior / imp.numel()
         return imp
 
+    def _pad_levels(self, levels: torch.Tensor, pads: torch.Tensor | None) -> torch.Tensor:
+        """`levels` with left-padding pads held by no width: level 0 where that is eviction, else GONE
+        (dropped: a pad is no context, so it costs no bytes either way)."""
+        if pads is not None and self.store.can_drop:
+            levels[pads] = 0 if self.store.evicts else GONE
+        return levels
+
+    def _allocate(self, imp: torch.Tensor, caps: torch.Tensor, pads: torch.Tensor | None, available: int,
+                  errors: torch.Tensor | None) -> torch.Tensor:
+        """Widths (levels) of units under `available` bytes, pads held by no width. Where level 0 is
+        eviction, a pad is capped there and costs nothing; where it is a width, the pads are taken out
+        of the allocation (they would cost its bytes) and dropped."""
+        s = self.spec
+        if pads is None or not bool(pads.any()) or not self.store.can_drop:
+            return alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator, errors)
+        if self.store.evicts:
+            caps[pads] = 0
+            return alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator, errors)
+        real = ~pads
+        levels = torch.full((imp.shape[0],), GONE, dtype=torch.long)
+        levels[real] = alloc.allocate(s.allocation, imp[real], self.costs, caps[real], available, s.bit_set,
+                                      self.generator, None if errors is None else errors[real])
+        return levels
+
     def _hold_floor(self) -> None:
         """Too short a context for the budget: hold the least this layer can, and say so once per cache."""
-        self.store.demote(torch.zeros(self.store.n_units, dtype=torch.long))
+        self.store.demote(self._pad_levels(torch.zeros(self.store.n_units, dtype=torch.long), self._pad_units(0, self.n_quant)))
+        pads = self._pad_units(self.n_quant, self.win_k.shape[-2])
         units = self._leaving(0)
-        self.store.append(units, torch.zeros(units.shape[0], dtype=torch.long))
+        self.store.append(units, self._pad_levels(torch.zeros(units.shape[0], dtype=torch.long), pads))
         if self.cache is not None:
             frm = self.budget_holds_from()
             self.cache.warn_once(
@@ -85,14 +111,10 @@ class PrecisionPolicy:
             return
         imp = self._unit_importance(self.sink_k.shape[-2] + self.n_quant, n_out)
         caps = torch.full((imp.shape[0],), len(s.bit_set) - 1)
-        pads = self._pad_units(self.n_quant, n_out)
-        if pads is not None:
-            caps[pads] = 0  # left padding: no context, so the lowest width (0 bits where the bit set has it)
+        pads = self._pad_units(self.n_quant, n_out)  # left padding: no context, held by no width
         available = budget - held - self._fixed_bytes(keep)
         units = self._leaving(keep)
-        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
-                                self._errors(None, units))
-        self.store.append(units, levels)
+        self.store.append(units, self._allocate(imp, caps, pads, available, self._errors(None, units)))
 
     def _reallocate(self) -> None:
         """Re-allocate every quantized unit (caps: current width) plus the tokens leaving the window."""
@@ -103,7 +125,7 @@ class PrecisionPolicy:
         # Leave room for the tokens that will wait in the window until the next re-allocation, so
         # that the steps in between need no work at all (and the budget still holds at each one).
         # The reserve is capped at 1% of the FP16 bytes, so short contexts do not pay for it.
-        committed = self.n_quant * self.units_per_row * self.costs[0]
+        committed = (self.n_quant * self.units_per_row - self.store.dropped) * self.costs[0]
         ahead = min(self.spec.realloc_freq, int(0.01 * self.seq_len / max(1e-9, 1.0 - s.budget)))
         budget = self.budget_bytes(ahead=ahead)
         keep = self._window_that_fits(budget, committed)
@@ -120,13 +142,10 @@ class PrecisionPolicy:
         top = len(s.bit_set) - 1
         caps = torch.full((imp.shape[0],), top)
         caps[:n_old] = self.store.levels()
-        pads = self._pad_units(0, self.n_quant + n_out)
-        if pads is not None:
-            caps[pads] = 0  # left padding: no context, so the lowest width (0 bits where the bit set has it)
+        pads = self._pad_units(0, self.n_quant + n_out)  # left padding: no context, held by no width
         available = budget - self._fixed_bytes(keep)
         units = self._leaving(keep)
-        levels = alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator,
-                                self._errors(self.store.range_sq() if n_old else None, units))
+        levels = self._allocate(imp, caps, pads, available, self._errors(self.store.range_sq() if n_old else None, units))
         self.store.demote(levels[:n_old])
         self.store.append(units, levels[n_old:])
         self.reallocations += 1
