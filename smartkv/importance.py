@@ -319,8 +319,9 @@ class ImportanceTracker:
         li = self.layer(layer_idx)
         p = probs.float()
         mass = p.view(b, kv_heads, hq // kv_heads, t).sum(dim=2)  # [B, Hkv, T]
-        if li.stats() and li.n_tokens <= t and _folds_in_kernel(mass):
-            self._fold_step(li, mass, allowed)
+        fold = _kernel_fold(mass) if li.stats() and li.n_tokens <= t else None
+        if fold is not None:
+            self.add_step(li, mass, allowed, fold)
             return
         li._grow(b, kv_heads if self.per_head else 1, t, probs.device)
         if li.n_tokens != t:
@@ -339,45 +340,40 @@ class ImportanceTracker:
         return {"cumulative": (1.0, None), "ema": (self.decay, 1.0 - self.decay),
                 "window": (0.0, None) if first else (self.decay, 1.0 - self.decay)}
 
-    def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
-        """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`,
-        whose statistics hold T tokens (the PyTorch path; `_fold_step` is the same in fewer ops)."""
-        if not self.per_head:
-            mass = mass.sum(dim=1, keepdim=True)
-        for name, (keep, weight) in self.step_terms(li).items():
-            if name in li.keep:
-                li._add(name, mass if weight is None else mass * weight, keep)
-        if "count" in li.keep:  # (built only when kept: this runs every step and layer)
-            li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
-        li.queries += 1
-
-    def _fold_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None) -> None:
-        """`add_step` for statistics of at most T tokens, each grown to T and folded in one C++ pass
-        (smartkv/csrc/tracker_step.cpp), bit-identical: this runs for every layer at every decode step."""
-        from smartkv import kernels
-
-        fold = kernels.kernel_module().fold_attention_step
+    def add_step(self, li: LayerImportance, mass: torch.Tensor, allowed: torch.Tensor | None, fold=None) -> None:
+        """Fold one decode query's attention `mass` [B, Hkv, T] (query heads of a group summed) into `li`.
+        `fold` None: the PyTorch path, on statistics that hold T tokens. Else the C++ fold
+        (smartkv/csrc/tracker_step.cpp, bit-identical), which grows statistics of at most T tokens to T
+        and folds each in one pass: this runs for every layer at every decode step."""
         t = mass.shape[-1]
         if not self.per_head:
             mass = mass.sum(dim=1, keepdim=True)
         for name, (keep, weight) in self.step_terms(li).items():
-            state = getattr(li, name) if name in li.keep else None
-            if state is not None:
-                state = state if state.is_contiguous() else state.contiguous()
-                setattr(li, name, fold(state, mass, keep, 1.0 if weight is None else weight))
-        if "count" in li.keep:  # [B, T]: the PyTorch path's pad and add
-            li.count = torch.nn.functional.pad(li.count, (0, t - li.count.shape[-1]))
+            if name not in li.keep:
+                continue
+            if fold is None:
+                li._add(name, mass if weight is None else mass * weight, keep)
+            else:
+                setattr(li, name, fold(getattr(li, name).contiguous(), mass, keep, 1.0 if weight is None else weight))
+        if "count" in li.keep:  # (built only when kept: this runs every step and layer)
+            if fold is not None:  # [B, T]: grown as the PyTorch path's `_grow` does
+                li.count = torch.nn.functional.pad(li.count, (0, t - li.count.shape[-1]))
             li._add("count", torch.ones_like(mass[:, 0]) if allowed is None else allowed.float())
-        li.n_tokens = t
+        if fold is not None:
+            li.n_tokens = t
         li.queries += 1
 
 
-def _folds_in_kernel(mass: torch.Tensor) -> bool:
-    """Whether the C++ extension folds this mass into the statistics (CPU float32; a failed build raises
-    KernelBuildError unless SMARTKV_NO_KERNEL=1, as it does for the attention kernel that made the weights)."""
+def _kernel_fold(mass: torch.Tensor):
+    """The C++ extension's `fold_attention_step` where it folds this mass (CPU float32), else None. A failed
+    build raises KernelBuildError unless SMARTKV_NO_KERNEL=1, as it does for the attention kernel that made
+    the weights."""
     from smartkv import kernels
 
-    return mass.device.type == "cpu" and mass.dtype == torch.float32 and kernels.kernel_module() is not None
+    if mass.device.type != "cpu" or mass.dtype != torch.float32:
+        return None
+    module = kernels.kernel_module()
+    return None if module is None else module.fold_attention_step
 
 
 def _allowed(mask, b: int, q: int, t: int, r0: int, r1: int, device) -> torch.Tensor:

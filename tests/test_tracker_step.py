@@ -43,7 +43,7 @@ def run_steps(monkeypatch, fast, slow, b, hkv, groups, t0, steps, masked, seed, 
         allowed = (probs[:, 0] > 0) if masked else None
         fast.observe_weights(0, probs, hkv, allowed)
         with monkeypatch.context() as m:
-            m.setattr(importance, "_folds_in_kernel", lambda mass: False)
+            m.setattr(importance, "_kernel_fold", lambda mass: None)
             slow.observe_weights(0, probs, hkv, allowed)
     return fast.layers[0], slow.layers[0]
 

@@ -87,8 +87,8 @@ class LayerReads:
         return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
 
     def _evicted_positions(self) -> torch.Tensor | None:
-        """[B, H, seq_len] bool, True where a token's unit was evicted (0 bits); None if none was.
-        The attention function masks these positions out (smartkv/attention.py); so are dropped pads. Which quantized
+        """[B, H, seq_len] bool, True where no width holds a token's unit (evicted at 0 bits, or a dropped
+        pad); None if none. The attention function masks these positions out (smartkv/attention.py). Which quantized
         tokens are evicted changes only with the store, so that part is kept until it does."""
         key = (self.store.serial, self.store.version, self.batch)
         if self._gone_key != key:

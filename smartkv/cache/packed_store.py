@@ -45,11 +45,15 @@ class PackedStore:
         self.costs = [0 if b == 0 else row_nbytes(unit_len, b, group, symmetric, scale_format)
                       + (0 if self.single else INDEX_BYTES) for b in bit_set]
         self.evicts = bit_set[0] == 0  # level 0 is eviction
-        self.dropped = 0  # units at GONE (a store without a 0-bit width drops pads there)
         # (serial, version) names the units held: `version` is bumped by every change and each store
         # gets its own serial, so readers can cache what they derive from the layout without holding the store
         self.serial = next(_SERIALS)
         self.version = 0
+
+    @property
+    def dropped(self) -> int:
+        """Units at GONE: those no width holds, in a store without a 0-bit width (its dropped pads)."""
+        return 0 if self.evicts else self.n_units - sum(rows.n_rows for rows in self.rows.values())
 
     @property
     def holds_gone(self) -> bool:
@@ -69,22 +73,16 @@ class PackedStore:
         self.version += 1
         first = self.n_units
         for lvl, at in by_level(levels):
+            if lvl == GONE and not self.can_drop:
+                raise ValueError("a store of one width holds every unit in order: it cannot drop one")
             if lvl == GONE or self.bit_set[lvl] == 0:  # evicted: nothing is kept, so nothing is copied out either
-                self._count_gone(lvl, at.numel())
                 continue
             # one contiguous row gather per width (a boolean mask per width scans and gathers slower)
             self._add(lvl, self._quantize(units.index_select(0, at.to(units.device)), lvl), at + first)
         self.n_units += units.shape[0]
 
-    def _count_gone(self, lvl: int, n: int) -> None:
-        if lvl == GONE and not self.evicts:
-            if not self.can_drop:
-                raise ValueError("a store of one width holds every unit in order: it cannot drop one")
-            self.dropped += n
-
     def _add(self, lvl: int, rows: QuantizedRows | None, ids: torch.Tensor) -> None:
         if rows is None:  # evicted: nothing is kept
-            self._count_gone(lvl, ids.numel())
             return
         if lvl in self.rows:
             self.rows[lvl] = self.rows[lvl].cat_rows(rows)
@@ -210,7 +208,6 @@ class PackedStore:
             out.rows[lvl] = self.rows[lvl].select(new_pos[at].to(self.rows[lvl].scale.device))
             out.index[lvl] = None if self.single else at.to(torch.int32)
         out.n_units = int(src.numel())
-        out.dropped = 0 if self.evicts else int((new_levels == GONE).sum())
         return out
 
 

@@ -66,16 +66,15 @@ class PrecisionPolicy:
         eviction, a pad is capped there and costs nothing; where it is a width, the pads are taken out
         of the allocation (they would cost its bytes) and dropped."""
         s = self.spec
-        if pads is None or not bool(pads.any()) or not self.store.can_drop:
-            return alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator, errors)
-        if self.store.evicts:
-            caps[pads] = 0
-            return alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator, errors)
-        real = ~pads
-        levels = torch.full((imp.shape[0],), GONE, dtype=torch.long)
-        levels[real] = alloc.allocate(s.allocation, imp[real], self.costs, caps[real], available, s.bit_set,
-                                      self.generator, None if errors is None else errors[real])
-        return levels
+        if pads is not None and bool(pads.any()) and self.store.can_drop and not self.store.evicts:
+            real = ~pads
+            levels = torch.zeros(imp.shape[0], dtype=torch.long)
+            levels[real] = alloc.allocate(s.allocation, imp[real], self.costs, caps[real], available, s.bit_set,
+                                          self.generator, None if errors is None else errors[real])
+            return self._pad_levels(levels, pads)
+        if pads is not None:
+            caps[pads] = 0  # level 0: eviction (or a single width's only level)
+        return alloc.allocate(s.allocation, imp, self.costs, caps, available, s.bit_set, self.generator, errors)
 
     def _hold_floor(self) -> None:
         """Too short a context for the budget: hold the least this layer can, and say so once per cache."""
