@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from smartkv.study.sweeps import dvc_experiments, finished, plot, summarize
+from smartkv.sweeps import dvc_experiments, finished, git_rows, plot, summarize
 from stages.common import METRICS, PLOTS, stage_main
 
 log = logging.getLogger("stages.sweeps")
@@ -35,7 +35,7 @@ def main(params: dict) -> None:
 
     path = METRICS / "sweeps.json"
     recorded = json.loads(path.read_text()).get("experiments", []) if path.is_file() else []
-    summary = summarize(merged(recorded, finished(dvc_experiments())), params)
+    summary = summarize(merged(recorded, finished(dvc_experiments(), git_rows())), params)
     atomic_write_json(path, summary)
     plot(summary, PLOTS / "sweeps")
     log.info("sweeps: %d experiments (%d on dev seeds)%s", summary["n_experiments"], summary["n_dev"],

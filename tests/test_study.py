@@ -1,4 +1,4 @@
-"""smartkv.study without a model: matched budgets, results/timings split, sweeps summary."""
+"""smartkv.study and smartkv.sweeps without a model: matched budgets, results/timings split, sweeps summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from smartkv.study import driver, match, sweeps
+from smartkv import sweeps
+from smartkv.study import driver, match
 
 
 def rows(run, split, ratios, error="", metric="substring"):
@@ -114,6 +115,41 @@ def test_budget_sweep_is_shown_not_chosen():
 def test_a_tie_on_dev_keeps_the_current_value():
     s = sweeps.summarize(sweeps.finished(shown(exp("d85", "dev", 0.7, decay=0.85), exp("d90", "dev", 0.7))), CURRENT)
     assert s["params"]["decay"]["best_on_dev"] == 0.9
+
+
+def results(scores, logprobs, run="smartkv"):
+    """An experiment's data/smartkv.parquet: the headline run's rows, plus another run's."""
+    rows = [{"run": run, "task": "niah", "sample_id": f"s{i}", "seed": 100, "context_length": 1024, "score": s,
+             "answer_logprob": lp, "kl_fp16": 0.1, "nll": math.nan} for i, (s, lp) in enumerate(zip(scores, logprobs))]
+    return pd.DataFrame(rows + [{**rows[0], "run": "smartkv-b0.10", "score": 0.0}])
+
+
+def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_path):
+    n = 12
+    at = {"d90" * 8: results([1.0] * n, [-1.0] * n),                          # the current value
+          "d85" * 8: results([0.0] * 4 + [1.0] * (n - 4), [-3.0] * n),        # worse on 4 prompts, lower log-lik.
+          "d95" * 8: results([1.0] * n, [-1.0 + 0.01 * i for i in range(n)])}  # same accuracy, a bit higher
+    exps = [exp("d85", "dev", 8 / n, decay=0.85), exp("d90", "dev", 1.0), exp("d95", "dev", 1.0, decay=0.95),
+            exp("old", "dev", 0.5, realloc_freq=8), exp("r16", "dev", 1.0)]  # r16: no rows found
+    s = sweeps.summarize(sweeps.finished(shown(*exps), at.get), CURRENT)
+    by = {v["value"]: v for v in s["params"]["decay"]["values"]}
+    assert "vs_current" not in by[0.9] and by[0.9]["answer_logprob_mean"] == -1.0
+    worse = by[0.85]["vs_current"]
+    assert worse["score"]["test"] == "mcnemar_exact" and worse["score"]["n_pairs"] == n
+    assert (worse["score"]["n_value_only"], worse["score"]["n_current_only"]) == (0, 4)
+    assert worse["score"]["p"] == pytest.approx(0.125)  # exact: 2 * 0.5**4
+    assert worse["answer_logprob"]["mean_diff"] == pytest.approx(-2.0)
+    assert by[0.95]["vs_current"]["answer_logprob"]["mean_diff"] == pytest.approx(0.055)
+    p_holm = [t["p_holm"] for v in (worse, by[0.95]["vs_current"]) for t in v.values()]
+    assert all(p is not None and 0 <= p <= 1 for p in p_holm)
+    assert min(p_holm) >= min(t["p"] for v in (worse, by[0.95]["vs_current"]) for t in v.values())
+    # per-prompt rows travel in the summary: the evidence does not need the experiment refs
+    assert s["experiments"][[e["name"] for e in s["experiments"]].index("d85")]["per_prompt"]["score"].count(0.0) == 4
+    # a value whose current-value partner has no recorded rows says so instead of testing
+    r8 = {v["value"]: v for v in s["params"]["realloc_freq"]["values"]}[8]
+    assert "not recorded" in r8["vs_current"]["note"]
+    json.dumps(s)
+    assert all(p.stat().st_size > 1000 for p in sweeps.plot(s, tmp_path / "sweeps"))
 
 
 def test_matching_is_per_cell_when_the_task_set_has_several():

@@ -1,4 +1,4 @@
-"""The SmartKV study as a library: params, task grid, runs, evaluation, matching, sweeps.
+"""The SmartKV study as a library: params, task grid, runs, evaluation, matching.
 
 The DVC stages (`stages/`) are thin: they read `params.yaml` through this package, call it,
 write its outputs and turn a bad value into exit status 2. Everything here is importable
@@ -10,7 +10,6 @@ and testable without DVC.
 - `runs`: `RunSpec`s for the baselines, SmartKV (headline, matched, Pareto sweep) and ablations.
 - `driver`: evaluate runs on the prepared task sets; results and timings apart.
 - `match`: each baseline's measured KV memory, the budgets of the matched SmartKV runs.
-- `sweeps`: finished DVC experiments summarized per swept parameter.
 """
 
 from smartkv.study.params import ParamError, get, load_params, section
