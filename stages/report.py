@@ -1,7 +1,7 @@
 """Stage `report`: REPORT.md from the current results (never edited by hand).
 
 Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
-`errors`, `latency`, `profile` and `second_model` (a missing one is named in its section) and
+`errors`, `latency`, `profile`, `second_model` and `sweeps` (a missing one is named in its section) and
 the PNG figures."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ FIGURES = {
     "The hypothesis test: 2 bits on the top- vs bottom-attention tokens at equal bytes (KL and accuracy)":
         "sensitivity",
     "Error analysis: failure rate by depth and task (exact 95% CI), needle bits by outcome": "errors",
+    "Sweeps on dev seeds: accuracy per value, and the answer log-likelihood's change against the current value":
+        "sweeps",
 }
 
 def _per_cell(n) -> str:
@@ -71,8 +73,8 @@ def main(params: dict) -> None:
                                                 "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
-    # the slides' metrics, and the second model's (which the slides do not show)
-    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model",))
+    # the slides' metrics, and the second model's and the sweeps' (which the slides do not show)
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "sweeps"))
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)

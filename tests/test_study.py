@@ -150,6 +150,13 @@ def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_
     assert "not recorded" in r8["vs_current"]["note"]
     json.dumps(s)
     assert all(p.stat().st_size > 1000 for p in sweeps.plot(s, tmp_path / "sweeps"))
+    # the report's section: one row per value, the current marked, Holm-significant deltas bold
+    from smartkv.report.sweeps_section import sweeps_section
+    text = "\n".join(sweeps_section(s))
+    assert "| 0.9 (current) | 10 | 1.000 | – |" in text and "(0/4)" in text
+    assert "**-2.000 [" in text  # 12 pairs, every one 2 nats lower: survives Holm
+    assert "missing" in sweeps_section(None)[0] and "no experiments yet" in sweeps_section(
+        sweeps.summarize([], CURRENT))[0]
 
 
 def test_matching_is_per_cell_when_the_task_set_has_several():

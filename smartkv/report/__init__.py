@@ -3,6 +3,7 @@
 - `findings`: what the results say, as numbers and verdicts (shared by report and slides);
 - `background`: related work and the method's pseudocode (fixed prose);
 - `sections`: the result-dependent sections, each tolerant of a missing metrics file;
+- `sweeps_section`: the dev-seed sweeps, each value against the current one;
 - `limitations`: significant losses apart from inconclusive comparisons, and the caveats;
 - `render`: REPORT.md; `slides`: the 12-slide PDF.
 """

@@ -12,6 +12,7 @@ from smartkv.report import sections as sec
 from smartkv.report.background import method_section, related_work_section
 from smartkv.report.limitations import limitations, significance_table
 from smartkv.report.profile_section import profile_section
+from smartkv.report.sweeps_section import sweeps_section
 from smartkv.stats import markdown_table
 
 
