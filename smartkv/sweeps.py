@@ -72,10 +72,14 @@ def per_prompt(results: pd.DataFrame | None) -> dict | None:
         return None
     keys = rows[list(PROMPT_KEY)].astype(str).agg("|".join, axis=1)
     rows = rows.assign(_key=keys).sort_values("_key")
+    perplexity = (rows["metric"] == "perplexity") if "metric" in rows.columns else pd.Series(False, index=rows.index)
     out: dict = {"key": rows["_key"].tolist()}
     for m in MEASURES:
         vals = rows[m].astype(float) if m in rows.columns else pd.Series(np.nan, index=rows.index)
-        out[m] = [None if math.isnan(v) else float(v) for v in vals]
+        # A perplexity row's answer log-likelihood is its continuation's: only its nll is compared,
+        # so the needle prompts' answer measures are not mixed with a 512-token continuation's.
+        own = perplexity if m == "nll" else ~perplexity
+        out[m] = [float(v) if ok and not math.isnan(v) else None for v, ok in zip(vals, own)]
     return out
 
 
@@ -104,6 +108,12 @@ def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
 
 def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _order(value: Any) -> tuple:
+    """Numbers by value (4 before 16), then anything else by its JSON text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, float(value), "") if number else (1, 0.0, _key(value))
 
 
 def _mean(xs) -> float:
@@ -163,7 +173,7 @@ def summarize(experiments: list[dict], current: dict) -> dict:
         if len(by_value) < 2:
             continue  # not swept (one value or none): nothing to choose between
         values, records = [], []
-        for k, es in sorted(by_value.items(), key=lambda kv: kv[0]):
+        for k, es in sorted(by_value.items(), key=lambda kv: _order(json.loads(kv[0]))):
             scores = [e["headline"]["score_mean"] for e in es if e["headline"]["score_mean"] is not None]
             ratios = [e["headline"]["kv_ratio"] for e in es if e["headline"]["kv_ratio"] is not None]
             # Repeats of one value (same code, same prompts) give the same rows: the newest with

@@ -105,6 +105,12 @@ def test_sweeps_choose_on_dev_seeds_one_factor_at_a_time(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_sweep_values_are_ordered_by_number_not_text():
+    exps = [exp(f"r{f}", "dev", 0.5, realloc_freq=f) for f in (64, 4, 16, 32, 8)]
+    s = sweeps.summarize(sweeps.finished(shown(*exps)), CURRENT)
+    assert [v["value"] for v in s["params"]["realloc_freq"]["values"]] == [4, 8, 16, 32, 64]
+
+
 def test_budget_sweep_is_shown_not_chosen():
     s = sweeps.summarize(sweeps.finished(shown(exp("b3", "dev", 0.8, budget=0.3), exp("b5", "dev", 0.9, budget=0.5))),
                          {**CURRENT, "budget": 0.3})
@@ -119,9 +125,13 @@ def test_a_tie_on_dev_keeps_the_current_value():
 
 def results(scores, logprobs, run="smartkv"):
     """An experiment's data/smartkv.parquet: the headline run's rows, plus another run's."""
-    rows = [{"run": run, "task": "niah", "sample_id": f"s{i}", "seed": 100, "context_length": 1024, "score": s,
-             "answer_logprob": lp, "kl_fp16": 0.1, "nll": math.nan} for i, (s, lp) in enumerate(zip(scores, logprobs))]
-    return pd.DataFrame(rows + [{**rows[0], "run": "smartkv-b0.10", "score": 0.0}])
+    rows = [{"run": run, "task": "niah", "metric": "substring", "sample_id": f"s{i}", "seed": 100,
+             "context_length": 1024, "score": s, "answer_logprob": lp, "kl_fp16": 0.1, "nll": math.nan}
+            for i, (s, lp) in enumerate(zip(scores, logprobs))]
+    # a perplexity row: its nll is compared, its (continuation's) answer log-likelihood is not
+    ppl = {**rows[0], "task": "perplexity", "metric": "perplexity", "sample_id": "p0", "score": math.nan,
+           "answer_logprob": -900.0 + len(scores), "nll": 1.5}
+    return pd.DataFrame(rows + [ppl, {**rows[0], "run": "smartkv-b0.10", "score": 0.0}])
 
 
 def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_path):
@@ -140,6 +150,7 @@ def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_
     assert worse["score"]["p"] == pytest.approx(0.125)  # exact: 2 * 0.5**4
     assert worse["answer_logprob"]["mean_diff"] == pytest.approx(-2.0)
     assert by[0.95]["vs_current"]["answer_logprob"]["mean_diff"] == pytest.approx(0.055)
+    assert worse["answer_logprob"]["n_pairs"] == n and "nll" not in worse  # one perplexity pair: no test
     p_holm = [t["p_holm"] for v in (worse, by[0.95]["vs_current"]) for t in v.values()]
     assert all(p is not None and 0 <= p <= 1 for p in p_holm)
     assert min(p_holm) >= min(t["p"] for v in (worse, by[0.95]["vs_current"]) for t in v.values())
