@@ -498,6 +498,8 @@ def test_report_contains_table_figures_and_flags(df, summary, tmp_path):
     lim = md.split("## Limitations")[1]
     assert "`smartkv-b0.30` vs `smartkv-b0.30`" in lim.split("## Provenance")[0]
     assert md.count("| `smartkv-b0.30` | `") == 3
+    # without metrics/sweeps.json the sweeps section says what is missing instead of failing
+    assert "## Sweeps (dev seeds)\n_metrics/sweeps.json is missing" in md
 
 
 def test_report_budget_limitation_uses_the_one_memory_number():

@@ -71,7 +71,8 @@ def render_report(
         md += ["### Ablation significance", "Each ablation against the headline `smartkv` run (paired over task, "
                "sample, seed); Δ = headline − ablation, so a positive Δ means the ablated component helps.", "",
                significance_table(ablation_tests)]
-    md += ["## Attention analysis", *sec.attention_section(metrics.get("attention")),
+    md += ["## Sweeps (dev seeds)", *sweeps_section(metrics.get("sweeps")),
+           "## Attention analysis", *sec.attention_section(metrics.get("attention")),
            "### The hypothesis test", *sec.sensitivity_section(metrics.get("sensitivity")),
            "## Error analysis", *sec.errors_section(metrics.get("errors")),
            "## A second model family", *sec.second_model_section(metrics.get("second_model")),
