@@ -166,6 +166,7 @@ def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_
     text = "\n".join(sweeps_section(s))
     assert "| 0.9 (current) | 10 | 1.000 | – |" in text and "(0/4)" in text
     assert "**-2.000 [" in text  # 12 pairs, every one 2 nats lower: survives Holm
+    assert "no per-prompt results recorded" in text  # realloc_freq 8 against a current value without rows
     assert "missing" in sweeps_section(None)[0] and "no experiments yet" in sweeps_section(
         sweeps.summarize([], CURRENT))[0]
 

@@ -52,5 +52,9 @@ def sweeps_section(sweeps: dict | None) -> list[str]:
             out.append(f"| {v['value']}{mark} | {v['n_prompts']} | {_num(v['score_mean'], '.3f')} | "
                        f"{_accuracy_delta(vs.get('score'))} | {_num(v.get('answer_logprob_mean'), '.3f')} | "
                        f"{_delta(vs.get('answer_logprob'), '+.3f')} | {_num(v['kv_ratio'], '.3f')} |")
+        if any("note" in (v.get("vs_current") or {}) for v in s["values"]):
+            out.append("")
+            out.append("_– : no per-prompt results recorded for that experiment (it ran before the summary kept "
+                       "them, and its refs stayed on the machine that ran it): accuracy and memory only._")
         out.append("")
     return out
