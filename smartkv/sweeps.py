@@ -33,6 +33,7 @@ import pandas as pd
 
 from smartkv.stats.multiplicity import holm
 from smartkv.stats.paired import compare
+from smartkv.stats.tables import _num
 from smartkv.study.labels import HEADLINE
 from smartkv.study.params import get
 
@@ -128,31 +129,33 @@ def _paired(a: dict, b: dict, measure: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
 
 
-def versus_current(values: list[dict], current: dict | None) -> None:
-    """Adds `vs_current` to each value: per measure, the paired comparison with the current value's
-    experiment on the same prompts (Holm over every test of this parameter). Needs per-prompt results
-    of both; a value without them says so."""
+def versus_current(values: list[dict], rows: list[dict | None], current: int | None) -> None:
+    """Adds `vs_current` to each value but the current one (`values[current]`): per measure, the
+    paired comparison on the same prompts of its per-prompt `rows` with the current value's (Holm
+    over every test of this parameter). A value without rows, or a current value without them, says so."""
+    if current is None:
+        return
     tests = []
-    for v in values:
-        if current is None or v is current:
+    for i, v in enumerate(values):
+        if i == current:
             continue
-        if v.get("per_prompt") is None or current.get("per_prompt") is None:
+        if rows[i] is None or rows[current] is None:
             v["vs_current"] = {"note": "per-prompt results not recorded for this experiment or the current value's"}
             continue
         v["vs_current"] = {}
         for m in MEASURES:
-            t, b = _paired(v["per_prompt"], current["per_prompt"], m)
+            t, b = _paired(rows[i], rows[current], m)
             if t.size < 2:
                 continue
             row = compare(t, b, measure=m)
-            res = {k: row[k] for k in ("n_pairs", "mean_diff", "p", "test", "ci_lo", "ci_hi")}
+            res = {"n_pairs": row["n_pairs"], "test": row["test"],
+                   **{k: _num(row[k]) for k in ("mean_diff", "p", "ci_lo", "ci_hi")}}
             if row["test"] == "mcnemar_exact":
                 res.update(n_value_only=row["n_target_only"], n_current_only=row["n_baseline_only"])
-            res = {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in res.items()}
             v["vs_current"][m] = res
             tests.append(res)
     for res, adj in zip(tests, holm([math.nan if r["p"] is None else r["p"] for r in tests])):
-        res["p_holm"] = None if math.isnan(adj) else float(adj)
+        res["p_holm"] = _num(adj)
 
 
 def summarize(experiments: list[dict], current: dict) -> dict:
@@ -172,12 +175,12 @@ def summarize(experiments: list[dict], current: dict) -> dict:
             by_value.setdefault(_key(e["params"][p]), []).append(e)
         if len(by_value) < 2:
             continue  # not swept (one value or none): nothing to choose between
-        values, records = [], []
+        values, rows_of = [], []
         for k, es in sorted(by_value.items(), key=lambda kv: _order(json.loads(kv[0]))):
             scores = [e["headline"]["score_mean"] for e in es if e["headline"]["score_mean"] is not None]
             ratios = [e["headline"]["kv_ratio"] for e in es if e["headline"]["kv_ratio"] is not None]
-            # Repeats of one value (same code, same prompts) give the same rows: the newest with
-            # per-prompt results stands for them.
+            # Repeats of one value (same code, same prompts) give the same rows: the last by name
+            # with per-prompt results stands for them.
             with_rows = [e for e in es if e.get("per_prompt") is not None]
             rows = with_rows[-1]["per_prompt"] if with_rows else None
             v = {"value": json.loads(k), "experiments": [e["name"] for e in es],
@@ -187,12 +190,9 @@ def summarize(experiments: list[dict], current: dict) -> dict:
             if rows is not None:
                 v.update(answer_logprob_mean=_mean(rows["answer_logprob"]), kl_fp16_mean=_mean(rows["kl_fp16"]))
             values.append(v)
-            records.append({**v, "per_prompt": rows})
-        current_record = next((r for r in records if _key(r["value"]) == _key(now[p])), None)
-        versus_current(records, current_record)
-        for v, r in zip(values, records):
-            if "vs_current" in r:
-                v["vs_current"] = r["vs_current"]
+            rows_of.append(rows)
+        current = next((i for i, v in enumerate(values) if _key(v["value"]) == _key(now[p])), None)
+        versus_current(values, rows_of, current)
         scored = [v for v in values if not math.isnan(v["score_mean"])]
         # For the budget, more memory always helps: the choice is a trade-off, shown, not picked.
         # A tie keeps the current value: dev evidence must beat it to move a default.
