@@ -16,11 +16,19 @@ measures carry more information per prompt), Holm within each parameter. The sum
 keeps those per-prompt results, so the evidence survives the experiment refs, which stay on
 the machine that ran them.
 
+A paired comparison is only as exact as its pairs: the same prompts through the same code on
+the same machine. Floating-point results move across CPUs (answer log-likelihoods by up to
+~0.006 nats on the dev set), and a sweep may run with a lighter protocol than the study's
+(other runs of the stage switched off, README "Sweeps"). So each experiment belongs to a
+batch, the commit it was run from and its other params (the protocol), and each value is
+compared with the current value's experiment of its own batch.
+
 This module is not imported by the model stages: editing it re-runs `sweeps` only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -84,9 +92,24 @@ def per_prompt(results: pd.DataFrame | None) -> dict | None:
     return out
 
 
+def protocol(params: dict) -> str:
+    """A short fingerprint of an experiment's params other than the swept ones: experiments
+    with the same fingerprint ran the same protocol (prompts, runs, method defaults)."""
+    rest = json.loads(json.dumps(params))
+    for k in SWEPT:
+        *path, leaf = k.split(".")
+        node = rest
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha1(_key(rest).encode()).hexdigest()[:12]
+
+
 def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
-    """One record per finished experiment: name, params, its headline run's metrics and, where
-    `rows_at(rev)` finds the experiment's results, its per-prompt headline measures."""
+    """One record per finished experiment: name, params, its batch (the commit it was run from,
+    its protocol), its headline run's metrics and, where `rows_at(rev)` finds the experiment's
+    results, its per-prompt headline measures."""
     out = []
     for commit in shown:
         for exp in commit.get("experiments") or []:
@@ -99,6 +122,8 @@ def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
                 record = {"name": rev.get("name") or exp.get("name") or rev["rev"][:7], "rev": rev["rev"],
                           "split": params.get("split", "test"),
                           "params": {k: get(params, k, None) for k in SWEPT},
+                          "baseline": commit.get("rev"), "protocol": protocol(params),
+                          "timestamp": data.get("timestamp"),
                           "headline": {k: runs[HEADLINE].get(k) for k in ("score_mean", "kv_ratio", "n_prompts")}}
                 prompts = per_prompt(rows_at(rev["rev"])) if rows_at else None
                 if prompts is not None:
@@ -117,6 +142,10 @@ def _order(value: Any) -> tuple:
     return (0, float(value), "") if number else (1, 0.0, _key(value))
 
 
+def _or_nan(x) -> float:
+    return math.nan if x is None else float(x)
+
+
 def _mean(xs) -> float:
     xs = [x for x in xs if x is not None]
     return float(sum(xs) / len(xs)) if xs else math.nan
@@ -129,22 +158,34 @@ def _paired(a: dict, b: dict, measure: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
 
 
-def versus_current(values: list[dict], rows: list[dict | None], current: int | None) -> None:
-    """Adds `vs_current` to each value but the current one (`values[current]`): per measure, the
-    paired comparison on the same prompts of its per-prompt `rows` with the current value's (Holm
-    over every test of this parameter). A value without rows, or a current value without them, says so."""
-    if current is None:
-        return
+def _batch(e: dict) -> str:
+    """The batch an experiment ran in: the commit it was run from and its protocol (records kept
+    from before batches were recorded share one batch, as they shared one session)."""
+    return _key([e.get("baseline"), e.get("protocol")])
+
+
+def _newest_first(es: list[dict]) -> list[dict]:
+    return sorted(es, key=lambda e: (e.get("timestamp") or "", e["name"]), reverse=True)
+
+
+def versus_current(values: list[dict], pairs: list[tuple[dict | None, dict | None] | None]) -> None:
+    """Adds `vs_current` to each value whose `pairs` entry is (its per-prompt rows, the current
+    value's experiment of the same batch): per measure, the paired comparison on the prompts both
+    hold (Holm over every test of this parameter), and `paired_with`, that experiment's name. A
+    value without rows, or without a current-value partner in its batch, says so. An entry of
+    None (the current value itself) is skipped."""
     tests = []
-    for i, v in enumerate(values):
-        if i == current:
+    for v, pair in zip(values, pairs):
+        if pair is None:
             continue
-        if rows[i] is None or rows[current] is None:
-            v["vs_current"] = {"note": "per-prompt results not recorded for this experiment or the current value's"}
+        rows, partner = pair
+        if rows is None or partner is None:
+            v["vs_current"] = {"note": "per-prompt results not recorded for this experiment, or no experiment of "
+                                       "the current value recorded them in the same batch (commit and protocol)"}
             continue
-        v["vs_current"] = {}
+        v["paired_with"], v["vs_current"] = partner["name"], {}
         for m in MEASURES:
-            t, b = _paired(rows[i], rows[current], m)
+            t, b = _paired(rows, partner["per_prompt"], m)
             if t.size < 2:
                 continue
             row = compare(t, b, measure=m)
@@ -156,6 +197,15 @@ def versus_current(values: list[dict], rows: list[dict | None], current: int | N
             tests.append(res)
     for res, adj in zip(tests, holm([math.nan if r["p"] is None else r["p"] for r in tests])):
         res["p_holm"] = _num(adj)
+
+
+def _representative(es: list[dict], partners: dict[str, dict], is_current: bool) -> dict:
+    """The experiment that stands for a value: the newest with per-prompt rows whose batch also
+    ran the current value (for the current value: the newest with rows), else the newest."""
+    newest = _newest_first(es)
+    with_rows = [e for e in newest if e.get("per_prompt") is not None]
+    paired = with_rows if is_current else [e for e in with_rows if _batch(e) in partners]
+    return (paired or with_rows or newest)[0]
 
 
 def summarize(experiments: list[dict], current: dict) -> dict:
@@ -175,24 +225,25 @@ def summarize(experiments: list[dict], current: dict) -> dict:
             by_value.setdefault(_key(e["params"][p]), []).append(e)
         if len(by_value) < 2:
             continue  # not swept (one value or none): nothing to choose between
-        values, rows_of = [], []
+        cur = _key(now[p])
+        partners: dict[str, dict] = {}  # batch -> the newest current-value experiment with rows
+        for e in _newest_first(slice_):
+            if _key(e["params"][p]) == cur and e.get("per_prompt") is not None:
+                partners.setdefault(_batch(e), e)
+        values, pairs = [], []
         for k, es in sorted(by_value.items(), key=lambda kv: _order(json.loads(kv[0]))):
-            scores = [e["headline"]["score_mean"] for e in es if e["headline"]["score_mean"] is not None]
-            ratios = [e["headline"]["kv_ratio"] for e in es if e["headline"]["kv_ratio"] is not None]
-            # Repeats of one value (same code, same prompts) give the same rows: the last by name
-            # with per-prompt results stands for them.
-            with_rows = [e for e in es if e.get("per_prompt") is not None]
-            rows = with_rows[-1]["per_prompt"] if with_rows else None
-            v = {"value": json.loads(k), "experiments": [e["name"] for e in es],
-                 "score_mean": sum(scores) / len(scores) if scores else math.nan,
-                 "kv_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
-                 "n_prompts": es[0]["headline"]["n_prompts"]}
+            rep = _representative(es, partners, k == cur)
+            rows = rep.get("per_prompt")
+            # Repeats of one value give the same accuracy up to the CPU's float noise: the
+            # representative (the experiment its paired comparison uses) stands for them.
+            v = {"value": json.loads(k), "experiments": [e["name"] for e in es], "shown": rep["name"],
+                 "score_mean": _or_nan(rep["headline"]["score_mean"]), "kv_ratio": _or_nan(rep["headline"]["kv_ratio"]),
+                 "n_prompts": rep["headline"]["n_prompts"]}
             if rows is not None:
                 v.update(answer_logprob_mean=_mean(rows["answer_logprob"]), kl_fp16_mean=_mean(rows["kl_fp16"]))
             values.append(v)
-            rows_of.append(rows)
-        current = next((i for i, v in enumerate(values) if _key(v["value"]) == _key(now[p])), None)
-        versus_current(values, rows_of, current)
+            pairs.append(None if k == cur else (rows, partners.get(_batch(rep))))
+        versus_current(values, pairs)
         scored = [v for v in values if not math.isnan(v["score_mean"])]
         # For the budget, more memory always helps: the choice is a trade-off, shown, not picked.
         # A tie keeps the current value: dev evidence must beat it to move a default.

@@ -171,6 +171,38 @@ def test_sweeps_compare_each_value_with_the_current_one_on_the_same_prompts(tmp_
         sweeps.summarize([], CURRENT))[0]
 
 
+def test_each_value_is_paired_with_the_current_value_of_its_own_batch():
+    """Same prompts are not enough: float noise moves results across machines, and a sweep may
+    run a lighter protocol. A value pairs with the current value's experiment of its batch
+    (commit and non-swept params), not with a namesake from another session."""
+    n = 10
+    at = {"old90" * 8: results([1.0] * n, [-2.0] * n),   # the current value, an earlier session
+          "new90" * 8: results([1.0] * n, [-1.0] * n),   # the current value, this batch
+          "new85" * 8: results([1.0] * n, [-1.5] * n),   # decay 0.85 in this batch: 0.5 below its partner
+          "lone" * 8: results([1.0] * n, [-1.0] * n)}    # another protocol, no current value beside it
+    trimmed = {"budgets": []}
+    old = [exp("old90", "dev", 1.0)]
+    new = [exp("new90", "dev", 1.0, **trimmed), exp("new85", "dev", 1.0, decay=0.85, **trimmed)]
+    lone = exp("lone", "dev", 1.0, decay=0.95, budgets=[0.1])
+    for e, t in zip(old + new + [lone], ("2026-11-30", "2026-12-02T19:00", "2026-12-02T19:10", "2026-12-02T19:20")):
+        e["data"]["timestamp"] = t
+    shown_ = [{"rev": "workspace", "experiments": None},
+              {"rev": "c1", "experiments": [{"revs": [e], "name": e["name"]} for e in old]},
+              {"rev": "c2", "experiments": [{"revs": [e], "name": e["name"]} for e in new + [lone]]}]
+    found = sweeps.finished(shown_, at.get)
+    assert {e["name"]: e["baseline"] for e in found} == {"old90": "c1", "new90": "c2", "new85": "c2", "lone": "c2"}
+    by_name = {e["name"]: e for e in found}
+    # the fingerprint ignores the swept params and sees the others
+    assert by_name["new90"]["protocol"] == by_name["new85"]["protocol"] != by_name["old90"]["protocol"]
+    assert by_name["lone"]["protocol"] not in (by_name["new90"]["protocol"], by_name["old90"]["protocol"])
+    s = sweeps.summarize(found, CURRENT)
+    by = {v["value"]: v for v in s["params"]["decay"]["values"]}
+    assert by[0.85]["paired_with"] == "new90"  # "old90" would say -1.5 - -2.0 = +0.5
+    assert by[0.85]["vs_current"]["answer_logprob"]["mean_diff"] == pytest.approx(-0.5)
+    assert by[0.9]["shown"] == "new90" and sorted(by[0.9]["experiments"]) == ["new90", "old90"]
+    assert "same batch" in by[0.95]["vs_current"]["note"] and "paired_with" not in by[0.95]
+
+
 def test_matching_is_per_cell_when_the_task_set_has_several():
     df = pd.DataFrame([{**r, "context_length": 1024} for r in rows("kivi-2", "test", [0.24, 0.26])]
                       + [{**r, "context_length": 2048} for r in rows("kivi-2", "test", [0.18])]

@@ -28,6 +28,10 @@ def _accuracy_delta(t: dict | None) -> str:
     return f"{_delta(t, '+.3f')} ({t.get('n_value_only', 0)}/{t.get('n_current_only', 0)})"
 
 
+def _partner(v: dict) -> str:
+    return f" ({v['paired_with']})" if v.get("paired_with") else ""
+
+
 def sweeps_section(sweeps: dict | None) -> list[str]:
     if not sweeps:
         return ["_metrics/sweeps.json is missing: run the sweeps (README, \"Sweeps\")._", ""]
@@ -37,24 +41,28 @@ def sweeps_section(sweeps: dict | None) -> list[str]:
            "their current values). Every value is compared with the current one on the same dev prompts: Δ "
            "accuracy by exact McNemar (prompts only that value / only the current value gets right), Δ of the "
            "gold answer's teacher-forced log-likelihood by paired t (nats, 95% CI); Holm within each "
-           "parameter, bold where it survives. A default moves only when dev evidence beats the current "
-           "value; a tie keeps it. For the budget, a memory trade-off, nothing is picked.", ""]
+           "parameter, bold where it survives. Each value is paired with the current value's experiment of its "
+           "own batch (the same commit and protocol: float results move across machines), named in the "
+           "last column. A default moves only when dev evidence beats the current value; a tie keeps it. "
+           "For the budget, a memory trade-off, nothing is picked.", ""]
     for p, s in sweeps["params"].items():
         best = s.get("best_on_dev")
         out += [f"**`{p}`** (current {s['current']}; best on dev accuracy: "
                 f"{'not picked (a trade-off)' if best is None else best}):", "",
                 "| value | n | accuracy | Δ accuracy vs current (value only/current only) | answer log-lik. | "
-                "Δ log-lik. vs current | KV memory (× FP16) |",
-                "|---|---|---|---|---|---|---|"]
+                "Δ log-lik. vs current | KV memory (× FP16) | experiment (paired with) |",
+                "|---|---|---|---|---|---|---|---|"]
         for v in s["values"]:
             vs = v.get("vs_current") or {}
             mark = " (current)" if v["value"] == s["current"] else ""
             out.append(f"| {v['value']}{mark} | {v['n_prompts']} | {_num(v['score_mean'], '.3f')} | "
                        f"{_accuracy_delta(vs.get('score'))} | {_num(v.get('answer_logprob_mean'), '.3f')} | "
-                       f"{_delta(vs.get('answer_logprob'), '+.3f')} | {_num(v['kv_ratio'], '.3f')} |")
+                       f"{_delta(vs.get('answer_logprob'), '+.3f')} | {_num(v['kv_ratio'], '.3f')} | "
+                       f"{v.get('shown', '–')}{_partner(v)} |")
         if any("note" in (v.get("vs_current") or {}) for v in s["values"]):
             out.append("")
             out.append("_– : no per-prompt results recorded for that experiment (it ran before the summary kept "
-                       "them, and its refs stayed on the machine that ran it): accuracy and memory only._")
+                       "them, and its refs stayed on the machine that ran it), or no experiment of the current "
+                       "value recorded them in its batch: accuracy and memory only._")
         out.append("")
     return out
