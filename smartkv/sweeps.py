@@ -33,6 +33,7 @@ import io
 import json
 import math
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,12 +200,17 @@ def versus_current(values: list[dict], pairs: list[tuple[dict | None, dict | Non
         res["p_holm"] = _num(adj)
 
 
-def _representative(es: list[dict], partners: dict[str, dict], is_current: bool) -> dict:
+def _representative(es: list[dict], partners: dict[str, dict], is_current: bool, weight: Counter) -> dict:
     """The experiment that stands for a value: the newest with per-prompt rows whose batch also
-    ran the current value (for the current value: the newest with rows), else the newest."""
+    ran the current value, else the newest with rows, else the newest. For the current value:
+    its experiment in the batch most other values ran in (`weight`), so that the row shown is the
+    one they were compared with."""
     newest = _newest_first(es)
     with_rows = [e for e in newest if e.get("per_prompt") is not None]
-    paired = with_rows if is_current else [e for e in with_rows if _batch(e) in partners]
+    if is_current:
+        paired = sorted(with_rows, key=lambda e: weight[_batch(e)], reverse=True)  # stable: newest first on ties
+    else:
+        paired = [e for e in with_rows if _batch(e) in partners]
     return (paired or with_rows or newest)[0]
 
 
@@ -230,9 +236,10 @@ def summarize(experiments: list[dict], current: dict) -> dict:
         for e in _newest_first(slice_):
             if _key(e["params"][p]) == cur and e.get("per_prompt") is not None:
                 partners.setdefault(_batch(e), e)
+        weight = Counter(_batch(e) for e in slice_ if _key(e["params"][p]) != cur)
         values, pairs = [], []
         for k, es in sorted(by_value.items(), key=lambda kv: _order(json.loads(kv[0]))):
-            rep = _representative(es, partners, k == cur)
+            rep = _representative(es, partners, k == cur, weight)
             rows = rep.get("per_prompt")
             # Repeats of one value give the same accuracy up to the CPU's float noise: the
             # representative (the experiment its paired comparison uses) stands for them.

@@ -184,13 +184,17 @@ def test_each_value_is_paired_with_the_current_value_of_its_own_batch():
     old = [exp("old90", "dev", 1.0)]
     new = [exp("new90", "dev", 1.0, **trimmed), exp("new85", "dev", 1.0, decay=0.85, **trimmed)]
     lone = exp("lone", "dev", 1.0, decay=0.95, budgets=[0.1])
-    for e, t in zip(old + new + [lone], ("2026-11-30", "2026-12-02T19:00", "2026-12-02T19:10", "2026-12-02T19:20")):
+    rerun = exp("rerun90", "dev", 1.0, budgets=[0.2])  # the current value again, newest, in a batch of its own
+    at["rerun90" * 8] = results([1.0] * n, [-1.1] * n)
+    for e, t in zip(old + new + [lone, rerun],
+                    ("2026-11-30", "2026-12-02T19:00", "2026-12-02T19:10", "2026-12-02T19:20", "2026-12-02T19:30")):
         e["data"]["timestamp"] = t
     shown_ = [{"rev": "workspace", "experiments": None},
               {"rev": "c1", "experiments": [{"revs": [e], "name": e["name"]} for e in old]},
-              {"rev": "c2", "experiments": [{"revs": [e], "name": e["name"]} for e in new + [lone]]}]
+              {"rev": "c2", "experiments": [{"revs": [e], "name": e["name"]} for e in new + [lone, rerun]]}]
     found = sweeps.finished(shown_, at.get)
-    assert {e["name"]: e["baseline"] for e in found} == {"old90": "c1", "new90": "c2", "new85": "c2", "lone": "c2"}
+    assert {e["name"]: e["baseline"] for e in found} == {"old90": "c1", "new90": "c2", "new85": "c2", "lone": "c2",
+                                                          "rerun90": "c2"}
     by_name = {e["name"]: e for e in found}
     # the fingerprint ignores the swept params and sees the others
     assert by_name["new90"]["protocol"] == by_name["new85"]["protocol"] != by_name["old90"]["protocol"]
@@ -199,7 +203,9 @@ def test_each_value_is_paired_with_the_current_value_of_its_own_batch():
     by = {v["value"]: v for v in s["params"]["decay"]["values"]}
     assert by[0.85]["paired_with"] == "new90"  # "old90" would say -1.5 - -2.0 = +0.5
     assert by[0.85]["vs_current"]["answer_logprob"]["mean_diff"] == pytest.approx(-0.5)
-    assert by[0.9]["shown"] == "new90" and sorted(by[0.9]["experiments"]) == ["new90", "old90"]
+    # the current value's row is the experiment the others were compared with, not the newest re-run
+    assert by[0.9]["shown"] == "new90" and sorted(by[0.9]["experiments"]) == ["new90", "old90", "rerun90"]
+    assert by[0.9]["answer_logprob_mean"] == -1.0
     assert "same batch" in by[0.95]["vs_current"]["note"] and "paired_with" not in by[0.95]
 
 
