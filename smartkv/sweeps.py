@@ -32,6 +32,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import platform
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -107,9 +109,20 @@ def protocol(params: dict) -> str:
     return hashlib.sha1(_key(rest).encode()).hexdigest()[:12]
 
 
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it, and its core count ("AMD EPYC, 2 cores")."""
+    name = ""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
     """One record per finished experiment: name, params, its batch (the commit it was run from,
-    its protocol), its headline run's metrics and, where `rows_at(rev)` finds the experiment's
+    its protocol), the machine that found it, its headline run's metrics and, where `rows_at(rev)` finds the experiment's
     results, its per-prompt headline measures."""
     out = []
     for commit in shown:
@@ -125,6 +138,9 @@ def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
                           "params": {k: get(params, k, None) for k in SWEPT},
                           "baseline": commit.get("rev"), "protocol": protocol(params),
                           "timestamp": data.get("timestamp"),
+                          # float results move across CPUs: the machine whose refs held it (the
+                          # one that ran it, unless they were pulled from another)
+                          "found_on": cpu_model(),
                           "headline": {k: runs[HEADLINE].get(k) for k in ("score_mean", "kv_ratio", "n_prompts")}}
                 prompts = per_prompt(rows_at(rev["rev"])) if rows_at else None
                 if prompts is not None:
@@ -214,11 +230,50 @@ def _representative(es: list[dict], partners: dict[str, dict], is_current: bool,
     return (paired or with_rows or newest)[0]
 
 
+def _abs_diffs(a: dict, b: dict, measure: str) -> np.ndarray:
+    x, y = _paired(a, b, measure)
+    return np.abs(x - y)
+
+
+def reruns(experiments: list[dict]) -> list[dict]:
+    """The run-to-run spread: every pair of recorded experiments with the same swept values
+    (a repeat of one configuration), compared prompt by prompt. Per pair: whether the two share
+    a commit and a protocol (None where a record predates them), the machines that found them,
+    the prompts both hold, how many flip their 0/1 score, and the largest and mean |difference|
+    of each continuous measure.
+    What a repeat moves is the floor under every Δ of the sweep tables (and of the study's
+    comparisons): a difference inside it is float noise, not evidence."""
+    groups: dict[str, list[dict]] = {}
+    for e in experiments:
+        if e.get("per_prompt") is not None:
+            groups.setdefault(_key([e["split"], e["params"]]), []).append(e)
+    out = []
+    for _, es in sorted(groups.items()):
+        es = _newest_first(es)
+        for i, a in enumerate(es):
+            for b in es[i + 1:]:
+                sa, sb = _paired(a["per_prompt"], b["per_prompt"], "score")
+                known = a.get("baseline") is not None and b.get("baseline") is not None
+                pair = {"a": a["name"], "b": b["name"], "split": a["split"], "params": a["params"],
+                        "same_commit": a.get("baseline") == b.get("baseline") if known else None,
+                        "same_protocol": a.get("protocol") == b.get("protocol") if known else None,
+                        "found_on": [a.get("found_on"), b.get("found_on")],
+                        "n_prompts": int(sa.size), "score_flips": int((sa != sb).sum()), "max_abs": {},
+                        "mean_abs": {}}
+                for m in MEASURES[1:]:
+                    d = _abs_diffs(a["per_prompt"], b["per_prompt"], m)
+                    pair["max_abs"][m] = float(d.max()) if d.size else None
+                    pair["mean_abs"][m] = float(d.mean()) if d.size else None
+                out.append(pair)
+    return out
+
+
 def summarize(experiments: list[dict], current: dict) -> dict:
     """{n_experiments, n_dev, experiments, params: {param: {current, best_on_dev, values: [...]}}}."""
     dev = [e for e in experiments if e["split"] == "dev"]
     now = {k: get(current, k, None) for k in SWEPT}
-    summary: dict = {"n_experiments": len(experiments), "n_dev": len(dev), "experiments": experiments, "params": {}}
+    summary: dict = {"n_experiments": len(experiments), "n_dev": len(dev), "experiments": experiments, "params": {},
+                     "reruns": reruns(experiments)}
     if not dev:
         summary["note"] = ("no experiments yet" if not experiments else
                            "no dev-seed experiments yet (run sweeps with -S split=dev)")

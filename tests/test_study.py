@@ -237,3 +237,34 @@ def test_matching_is_per_cell_when_the_task_set_has_several():
     # a cell whose ratio cannot be matched drops the baseline, not just that cell
     m["test"]["kivi-2"]["by_cell"][f"{task}@2048"] = 1.3
     assert match.budgets(m, "test") == {}
+
+
+def test_reruns_measure_the_spread_between_repeats_of_one_configuration():
+    """Two runs of the current value in different batches (another machine, say) are compared
+    prompt by prompt: flips of the 0/1 score and the largest |Δ| of each continuous measure.
+    Configurations run once, and records without per-prompt rows, make no pair."""
+    n = 8
+    at = {"here" * 8: results([1.0] * n, [-1.0] * n),
+          "there" * 8: results([1.0] * (n - 1) + [0.0], [-1.0] * (n - 2) + [-1.004, -1.25]),
+          "d85" * 8: results([1.0] * n, [-2.0] * n)}
+    here, d85 = exp("here", "dev", 1.0), exp("d85", "dev", 1.0, decay=0.85)
+    there = exp("there", "dev", 0.875, budgets=[0.2])  # another protocol
+    silent = exp("silent", "dev", 1.0)                  # same configuration, no per-prompt rows
+    for e, t in zip((here, there, d85, silent), ("2026-12-03T07:00", "2026-12-03T08:00", "2026-12-03T07:10", "x")):
+        e["data"]["timestamp"] = t
+    found = sweeps.finished(shown(here, there, d85, silent), at.get)
+    assert all(e["found_on"] == sweeps.cpu_model() for e in found) and "cores" in sweeps.cpu_model()
+    s = sweeps.summarize(found, CURRENT)
+    assert len(s["reruns"]) == 1
+    r = s["reruns"][0]
+    assert (r["a"], r["b"], r["same_commit"], r["same_protocol"]) == ("there", "here", True, False)
+    assert r["n_prompts"] == n and r["score_flips"] == 1
+    assert r["max_abs"]["answer_logprob"] == pytest.approx(0.25)
+    assert r["mean_abs"]["answer_logprob"] == pytest.approx((0.004 + 0.25) / n)
+    assert r["max_abs"]["kl_fp16"] == 0.0 and r["max_abs"]["nll"] == 0.0
+
+    from smartkv.report.sweeps_section import sweeps_section
+
+    md = "\n".join(sweeps_section(s))
+    row = next(line for line in md.splitlines() if line.startswith("| there vs here"))
+    assert row.count("|") == 11 and "| differs |" in row and "| 1 | 0.2500 (0.0318) |" in row

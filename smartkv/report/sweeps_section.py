@@ -65,4 +65,29 @@ def sweeps_section(sweeps: dict | None) -> list[str]:
                        "them, and its refs stayed on the machine that ran it), or no experiment of the current "
                        "value recorded them in its batch: accuracy and memory only._")
         out.append("")
-    return out
+    return out + reruns_section(sweeps.get("reruns") or [])
+
+
+def _same(x) -> str:
+    return "?" if x is None else ("same" if x else "differs")
+
+
+def reruns_section(pairs: list[dict]) -> list[str]:
+    """Repeats of one configuration, prompt by prompt: the float-noise floor under every Δ."""
+    if not pairs:
+        return []
+    out = ["**Re-run spread** (the same configuration run twice: another machine, commit, protocol or thread "
+           "count; the experiment names say which). A Δ in the tables above no larger than these is float noise, not "
+           "evidence:", "",
+           "| experiments | params | commit | protocol | machines | prompts | 0/1 flips | max (mean) abs. Δ "
+           "answer log-lik. | max (mean) abs. Δ KL from FP16 | abs. Δ nll |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in pairs:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        machines = " / ".join(m or "?" for m in r.get("found_on") or [None, None])
+        cont = [f"{_num(r['max_abs'].get(m), '.4f')} ({_num(r['mean_abs'].get(m), '.4f')})"
+                for m in ("answer_logprob", "kl_fp16")]
+        out.append(f"| {r['a']} vs {r['b']} | {params} | {_same(r['same_commit'])} | {_same(r['same_protocol'])} | "
+                   f"{machines} | {r['n_prompts']} | {r['score_flips']} | {cont[0]} | {cont[1]} | "
+                   f"{_num(r['max_abs'].get('nll'), '.4f')} |")
+    return out + [""]
