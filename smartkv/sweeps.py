@@ -322,7 +322,8 @@ def summarize(experiments: list[dict], current: dict) -> dict:
 
 def plot(summary: dict, stem: str | Path) -> list[Path]:
     """Per swept parameter: the headline run's dev accuracy per value (current marked) and, below,
-    the paired change in the gold answer's log-likelihood against the current value (95% CI)."""
+    the paired change in the gold answer's log-likelihood against the current value (95% CI),
+    over a grey band: the largest move between two runs of one configuration (`reruns`)."""
     from matplotlib.figure import Figure
 
     from smartkv.plots import _save
@@ -332,6 +333,10 @@ def plot(summary: dict, stem: str | Path) -> list[Path]:
         fig = Figure(figsize=(5, 1.5))
         fig.text(0.5, 0.5, summary.get("note", "no sweep"), ha="center", va="center")
         return _save(fig, stem)
+    # The largest per-prompt move of the answer log-likelihood between two runs of one
+    # configuration: a mean Δ inside this band is within float noise.
+    spread = [r["max_abs"].get("answer_logprob") for r in summary.get("reruns") or []]
+    floor = max((x for x in spread if x is not None), default=None)
     fig = Figure(figsize=(3.4 * len(params), 5.6), layout="constrained")
     for i, (p, s) in enumerate(params.items()):
         ax = fig.add_subplot(2, len(params), i + 1)
@@ -346,6 +351,9 @@ def plot(summary: dict, stem: str | Path) -> list[Path]:
         ax.set_title(f"{p} (n={n} prompts each)", fontsize=9)
         low = fig.add_subplot(2, len(params), len(params) + i + 1)
         low.axhline(0, color="#888888", lw=0.8)
+        if floor is not None:
+            low.axhspan(-floor, floor, color="#DDDDDD", zorder=0, label=f"re-run spread (±{floor:.3f})")
+            low.legend(loc="lower left", fontsize=7, frameon=False)
         for j, v in enumerate(s["values"]):
             d = (v.get("vs_current") or {}).get("answer_logprob")
             if d is None or d["mean_diff"] is None:

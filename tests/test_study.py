@@ -239,7 +239,7 @@ def test_matching_is_per_cell_when_the_task_set_has_several():
     assert match.budgets(m, "test") == {}
 
 
-def test_reruns_measure_the_spread_between_repeats_of_one_configuration():
+def test_reruns_measure_the_spread_between_repeats_of_one_configuration(tmp_path):
     """Two runs of the current value in different batches (another machine, say) are compared
     prompt by prompt: flips of the 0/1 score and the largest |Δ| of each continuous measure.
     Configurations run once, and records without per-prompt rows, make no pair."""
@@ -268,3 +268,5 @@ def test_reruns_measure_the_spread_between_repeats_of_one_configuration():
     md = "\n".join(sweeps_section(s))
     row = next(line for line in md.splitlines() if line.startswith("| there vs here"))
     assert row.count("|") == 11 and "| differs |" in row and "| 1 | 0.2500 (0.0318) |" in row
+    # the figure draws that spread as a band under the paired Δs
+    assert all(p.stat().st_size > 0 for p in sweeps.plot(s, tmp_path / "sweeps"))
