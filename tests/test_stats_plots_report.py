@@ -524,3 +524,16 @@ def test_length_strata_split_only_tasks_with_several_lengths():
     assert df["task"].tolist() == ["niah", "niah", "niah", "perplexity"]  # the input is left alone
     same = length_strata(df.iloc[[0, 3]])
     assert same["task"].tolist() == ["niah", "perplexity"]
+
+
+def test_limitations_name_the_second_model_where_it_ran():
+    s = stats.summarize(pd.DataFrame([{"run": "s", "method": "smartkv", "family": "smartkv", "budget": 0.3,
+                                       "bits": np.nan, "seed": 0, "tokens_per_s": 1.0, "task": "niah",
+                                       "sample_id": "a", "score": 1.0, "kv_ratio": 0.28}]))
+    alone = report.limitations(s, None, {"model": "default"})
+    assert any(x.startswith("One small model (default)") for x in alone)
+    both = report.limitations(s, None, {"model": "default"}, None,
+                              {"model": "gemma3-270m", "accuracy": {"fp16": {}, "smartkv@int3": {}}})
+    line = next(x for x in both if "small models" in x)
+    assert line.startswith("Two small models: default") and "gemma3-270m" in line and "`smartkv@int3`" in line
+    assert not any(x.startswith("One small model") for x in both)

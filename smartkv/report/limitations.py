@@ -42,7 +42,7 @@ def significant_losses(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame 
 
 
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
-                ablation_tests: pd.DataFrame | None = None) -> list[str]:
+                ablation_tests: pd.DataFrame | None = None, second_model: Mapping | None = None) -> list[str]:
     out = significant_losses(tests, ablation_tests)
     if tests is not None and not tests.empty:
         ns = tests[~tests["significant"].astype(bool)]
@@ -79,8 +79,14 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
                        + ": differences there measure the model's limits as much as the cache's.")
     model = setup.get("model", "the model")
     size = setup.get("model_params")
-    out.append(f"One small model ({model}{', ' + str(size) + ' parameters' if size else ''}); "
-               "results may not transfer to larger models or other architectures.")
+    first = f"{model}{', ' + str(size) + ' parameters' if size else ''}"
+    other = (second_model or {}).get("model")
+    if other:
+        runs = ", ".join(f"`{r}`" for r in (second_model.get("accuracy") or {}))
+        out.append(f"Two small models: {first} for the whole study, {other} for the headline comparisons only"
+                   f"{' (' + runs + ')' if runs else ''}; results may not transfer to larger models.")
+    else:
+        out.append(f"One small model ({first}); results may not transfer to larger models or other architectures.")
     if setup.get("machine"):
         out.append(f"Throughput was measured on {setup['machine']}; only ratios between runs "
                    "on the same machine are meaningful.")
