@@ -306,7 +306,13 @@ def summarize(experiments: list[dict], current: dict) -> dict:
             values.append(v)
             pairs.append(None if k == cur else (rows, partners.get(_batch(rep))))
         versus_current(values, pairs)
-        scored = [v for v in values if not math.isnan(v["score_mean"])]
+        # A value scored on fewer prompts (it errored on the others: dp refuses 2k prompts, say)
+        # has its mean over an easier set, so it cannot be the best on dev.
+        full = max((v["n_prompts"] or 0 for v in values), default=0)
+        for v in values:
+            if (v["n_prompts"] or 0) < full:
+                v["note"] = f"scored on {v['n_prompts']} of {full} prompts (it errored on the rest): not a candidate"
+        scored = [v for v in values if not math.isnan(v["score_mean"]) and (v["n_prompts"] or 0) == full]
         # For the budget, more memory always helps: the choice is a trade-off, shown, not picked.
         # A tie keeps the current value: dev evidence must beat it to move a default.
         best = None

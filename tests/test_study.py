@@ -105,6 +105,18 @@ def test_sweeps_choose_on_dev_seeds_one_factor_at_a_time(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_a_value_scored_on_fewer_prompts_is_not_the_best_on_dev():
+    """dp refuses the 2k prompts (too many DP cells): its mean over the 1k prompts alone is
+    higher, but over an easier set; the value with every prompt stays the choice."""
+    dp = exp("dp", "dev", 0.97, allocation="dp")
+    dp["data"]["metrics"][sweeps.METRICS_FILE]["data"]["runs"]["smartkv"]["n_prompts"] = 6
+    s = sweeps.summarize(sweeps.finished(shown(exp("greedy", "dev", 0.94), dp)), CURRENT)
+    alloc = s["params"]["smartkv.allocation"]
+    assert alloc["best_on_dev"] == "greedy"
+    by = {v["value"]: v for v in alloc["values"]}
+    assert "6 of 10 prompts" in by["dp"]["note"] and by["greedy"].get("note") is None
+
+
 def test_sweep_values_are_ordered_by_number_not_text():
     exps = [exp(f"r{f}", "dev", 0.5, realloc_freq=f) for f in (64, 4, 16, 32, 8)]
     s = sweeps.summarize(sweeps.finished(shown(*exps)), CURRENT)

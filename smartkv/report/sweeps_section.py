@@ -59,6 +59,9 @@ def sweeps_section(sweeps: dict | None) -> list[str]:
                        f"{_accuracy_delta(vs.get('score'))} | {_num(v.get('answer_logprob_mean'), '.3f')} | "
                        f"{_delta(vs.get('answer_logprob'), '+.3f')} | {_num(v['kv_ratio'], '.3f')} | "
                        f"{v.get('shown', '–')}{_partner(v)} |")
+        for v in s["values"]:
+            if v.get("note"):
+                out += ["", f"_{v['value']}: {v['note']}._"]
         if any("note" in (v.get("vs_current") or {}) for v in s["values"]):
             out.append("")
             out.append("_– : no per-prompt results recorded for that experiment (it ran before the summary kept "
