@@ -279,6 +279,6 @@ def test_reruns_measure_the_spread_between_repeats_of_one_configuration(tmp_path
 
     md = "\n".join(sweeps_section(s))
     row = next(line for line in md.splitlines() if line.startswith("| there vs here"))
-    assert row.count("|") == 11 and "| differs |" in row and "| 1 | 0.2500 (0.0318) |" in row
+    assert row.count("|") == 11 and "| differs |" in row and "| 1 | 0.25 (0.032) |" in row
     # the figure draws that spread as a band under the paired Δs
     assert all(p.stat().st_size > 0 for p in sweeps.plot(s, tmp_path / "sweeps"))

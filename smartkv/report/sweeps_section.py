@@ -88,9 +88,10 @@ def reruns_section(pairs: list[dict]) -> list[str]:
     for r in pairs:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         machines = " / ".join(m or "?" for m in r.get("found_on") or [None, None])
-        cont = [f"{_num(r['max_abs'].get(m), '.4f')} ({_num(r['mean_abs'].get(m), '.4f')})"
+        # two significant digits: a thread-count repeat moves by 1e-5, a machine change by 1e-3
+        cont = [f"{_num(r['max_abs'].get(m), '.2g')} ({_num(r['mean_abs'].get(m), '.2g')})"
                 for m in ("answer_logprob", "kl_fp16")]
         out.append(f"| {r['a']} vs {r['b']} | {params} | {_same(r['same_commit'])} | {_same(r['same_protocol'])} | "
                    f"{machines} | {r['n_prompts']} | {r['score_flips']} | {cont[0]} | {cont[1]} | "
-                   f"{_num(r['max_abs'].get('nll'), '.4f')} |")
+                   f"{_num(r['max_abs'].get('nll'), '.2g')} |")
     return out + [""]
