@@ -21,7 +21,8 @@ the same machine. Floating-point results move across CPUs (answer log-likelihood
 ~0.006 nats on the dev set), and a sweep may run with a lighter protocol than the study's
 (other runs of the stage switched off, README "Sweeps"). So each experiment belongs to a
 batch, the commit it was run from and its other params (the protocol), and each value is
-compared with the current value's experiment of its own batch.
+compared with the current value's experiment of its own batch. Repeats of one configuration
+(`reruns`) measure how far float noise alone moves each measure.
 
 This module is not imported by the model stages: editing it re-runs `sweeps` only.
 """
@@ -122,8 +123,8 @@ def cpu_model() -> str:
 
 def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
     """One record per finished experiment: name, params, its batch (the commit it was run from,
-    its protocol), the machine that found it, its headline run's metrics and, where `rows_at(rev)` finds the experiment's
-    results, its per-prompt headline measures."""
+    its protocol), the machine that found it, its headline run's metrics and, where
+    `rows_at(rev)` finds the experiment's results, its per-prompt headline measures."""
     out = []
     for commit in shown:
         for exp in commit.get("experiments") or []:
