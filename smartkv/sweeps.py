@@ -125,7 +125,7 @@ def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
     """One record per finished experiment: name, params, its batch (the commit it was run from,
     its protocol), the machine that found it, its headline run's metrics and, where
     `rows_at(rev)` finds the experiment's results, its per-prompt headline measures."""
-    out = []
+    out, machine = [], cpu_model()
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
@@ -141,7 +141,7 @@ def finished(shown: list[dict], rows_at: RowsAt | None = None) -> list[dict]:
                           "timestamp": data.get("timestamp"),
                           # float results move across CPUs: the machine whose refs held it (the
                           # one that ran it, unless they were pulled from another)
-                          "found_on": cpu_model(),
+                          "found_on": machine,
                           "headline": {k: runs[HEADLINE].get(k) for k in ("score_mean", "kv_ratio", "n_prompts")}}
                 prompts = per_prompt(rows_at(rev["rev"])) if rows_at else None
                 if prompts is not None:
@@ -231,11 +231,6 @@ def _representative(es: list[dict], partners: dict[str, dict], is_current: bool,
     return (paired or with_rows or newest)[0]
 
 
-def _abs_diffs(a: dict, b: dict, measure: str) -> np.ndarray:
-    x, y = _paired(a, b, measure)
-    return np.abs(x - y)
-
-
 def reruns(experiments: list[dict]) -> list[dict]:
     """The run-to-run spread: every pair of recorded experiments with the same swept values
     (a repeat of one configuration), compared prompt by prompt. Per pair: whether the two share
@@ -262,7 +257,8 @@ def reruns(experiments: list[dict]) -> list[dict]:
                         "n_prompts": int(sa.size), "score_flips": int((sa != sb).sum()), "max_abs": {},
                         "mean_abs": {}}
                 for m in MEASURES[1:]:
-                    d = _abs_diffs(a["per_prompt"], b["per_prompt"], m)
+                    x, y = _paired(a["per_prompt"], b["per_prompt"], m)
+                    d = np.abs(x - y)
                     pair["max_abs"][m] = float(d.max()) if d.size else None
                     pair["mean_abs"][m] = float(d.mean()) if d.size else None
                 out.append(pair)
@@ -310,10 +306,12 @@ def summarize(experiments: list[dict], current: dict) -> dict:
         # A value scored on fewer prompts (it errored on the others: dp refuses 2k prompts, say)
         # has its mean over an easier set, so it cannot be the best on dev.
         full = max((v["n_prompts"] or 0 for v in values), default=0)
+        scored = []
         for v in values:
             if (v["n_prompts"] or 0) < full:
                 v["note"] = f"scored on {v['n_prompts']} of {full} prompts (it errored on the rest): not a candidate"
-        scored = [v for v in values if not math.isnan(v["score_mean"]) and (v["n_prompts"] or 0) == full]
+            elif not math.isnan(v["score_mean"]):
+                scored.append(v)
         # For the budget, more memory always helps: the choice is a trade-off, shown, not picked.
         # A tie keeps the current value: dev evidence must beat it to move a default.
         best = None

@@ -82,7 +82,8 @@ def render_report(
     for i, (caption, path) in enumerate(figures.items(), 1):
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
-    md += ["## Limitations", *[f"- {x}" for x in limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"))], "",
+    limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"))
+    md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})
     md += [
