@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
-          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "second_model"]
+          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "second_model", "extra_cells"]
 
 
 def run(cmd: list, cwd: Path) -> str:

@@ -17,14 +17,15 @@ import pytest
 from pipeline_support import DVC, git, ran_stages, run
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
-           "matched_budgets.json", "errors.json", "profile.json", "second_model.json"]
+           "matched_budgets.json", "errors.json", "profile.json", "second_model.json",
+           "extra_cells.json"]
 DETERMINISTIC = [m for m in METRICS if m not in ("latency.json", "profile.json")]  # wall clock
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
            "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
         "profile.csv"]
 RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
-           "ablation_tests", "second_model", "second_model_tasks"]
+           "ablation_tests", "second_model", "second_model_tasks", "extra_cells", "extra_cells_tasks"]
 
 
 @pytest.mark.slow
@@ -67,11 +68,16 @@ def test_pipeline_end_to_end(origin: Path):
 
     second = json.loads((repo / "metrics/second_model.json").read_text())
     assert second["model"] == "default" and set(second["accuracy"]) == {"fp16", "int4", "smartkv@int4"}
-    assert second["accuracy"]["fp16"]["160"]["n"] == 2  # one prompt on each of two seeds
+    assert second["accuracy"]["fp16"]["niah@160"]["n"] == 2  # one prompt on each of two seeds
     paired = [c for c in second["comparisons"] if c["measure"] == "score" and c["task"] == "all"]
     assert len(paired) == 1 and paired[0]["n_pairs"] == 2 and 0 <= paired[0]["p_holm"] <= 1
     assert paired[0]["target_kv_ratio"] <= paired[0]["baseline_kv_ratio"] + 1e-6  # matched: a cap
     assert "| smartkv@int4 | int4 |" in (repo / "metrics/second_model_table.md").read_text()
+
+    extra = json.loads((repo / "metrics/extra_cells.json").read_text())  # the main model on its own cells
+    assert extra["model"] == "default" and set(extra["accuracy"]["fp16"]) == {"niah@192", "passkey@128"}
+    assert {c["task"] for c in extra["comparisons"]} == {"all", "niah@192", "passkey@128"}
+    assert "| smartkv@int4 | int4 |" in (repo / "metrics/extra_cells_table.md").read_text()
 
     prof = json.loads((repo / "metrics/profile.json").read_text())
     assert [b["context"] for b in prof["contexts"]] == [96, 160]

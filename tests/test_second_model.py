@@ -1,4 +1,4 @@
-"""The second-model stage's library half (smartkv/second_model.py): params, tests, table.
+"""The matched-comparison stages' library half (smartkv/matched_study.py): params, tests, table.
 
 The stage end to end (its prompts, the model, matched SmartKV) runs in tests/test_pipeline.py on
 the tiny profile; here the checks that need no model.
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from smartkv.study import load_params
-from smartkv import second_model as sm
+from smartkv import matched_study as sm
 from smartkv.study.params import ParamError
 
 PARAMS = load_params()
@@ -77,7 +77,7 @@ def test_tests_count_discordant_pairs_and_adjust():
 def test_accuracy_and_table_bold_only_what_holm_keeps():
     df = _frame([1] * 12 + [0] * 8, [0] * 12 + [0] * 8)
     m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "m", "seeds": [0]})
-    fp16 = m["accuracy"]["fp16"]["1024"]
+    fp16 = m["accuracy"]["fp16"]["niah@1k"]
     assert (fp16["correct"], fp16["n"], fp16["accuracy"]) == (20, 20, 1.0)
     lo, hi = fp16["ci95"]
     assert 0.8 < lo < 1.0 and hi == pytest.approx(1.0)  # Wilson, not a degenerate [1, 1]

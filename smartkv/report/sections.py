@@ -195,8 +195,8 @@ def cost_section(lat: dict | None) -> list[str]:
 
 def second_model_section(m: dict | None) -> list[str]:
     """The headline comparisons on the second model family (metrics/second_model.json), as
-    `smartkv.second_model.table` renders them for metrics/second_model_table.md."""
-    from smartkv.second_model import table
+    `smartkv.matched_study.table` renders them for metrics/second_model_table.md."""
+    from smartkv.matched_study import table
 
     if not m:
         return [f.missing("second_model", "second_model"), ""]

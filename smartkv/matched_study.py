@@ -1,24 +1,27 @@
-"""The headline comparisons on a second model family (params `second_model`, stage `second_model`).
+"""A self-contained matched comparison: one model, its own prompts, baselines, SmartKV at their bytes.
 
 Part of the study layer (it drives `smartkv.study`), kept beside it rather than inside it so that
 the main study's model stages, which depend on `smartkv/study` as a whole, do not depend on it.
 
-One model can carry a result that is about that model: SmolLM2-135M has 3 KV heads of 64
-dimensions on 30 full-attention layers. Gemma-3-270M differs where a KV cache feels it: one KV
-head of 256 dimensions, 18 layers of which 5 in 6 attend over a 512-token sliding window, and
-a 32k context. This module runs, on that model and on test seeds, what the main study's
+A params section (`second_model`, `extra_cells`; `SECTIONS`) names a model, test seeds, a task
+grid, baseline runs and the baselines to match. On test seeds this runs what the main study's
 headline rests on:
 
-1. its own needle prompts, generated with its own tokenizer (lengths are its tokens);
+1. the section's prompts, generated with the model's own tokenizer (lengths are its tokens);
 2. FP16 and the matched baselines (`runs`, labels of `baselines`: FP16 must succeed for a
-   prompt to say anything about a cache, so FP16's accuracy per length is reported first);
+   prompt to say anything about a cache, so FP16's accuracy per cell is reported first);
 3. each `match` baseline's KV bytes measured per cell (task x length), then SmartKV at exactly
    those budgets (`smartkv@int3`, `smartkv@kivi-2`), with the main study's SmartKV params;
-4. exact McNemar per comparison, pooled and per length, Holm within each family, as the stats
+4. exact McNemar per comparison, pooled and per cell, Holm within each family, as the stats
    stage does for the main study.
 
-The stage is separate from the main study's stages so that the main study's outputs do not
-depend on the second model, and `dvc exp run -S second_model.model=...` re-runs only this.
+Two stages use it. `second_model`: Gemma-3-270M, a second model family (one KV head of 256
+dimensions, 18 layers of which 5 in 6 attend over a 512-token sliding window), where the main
+study's SmolLM2-135M has 3 KV heads of 64 dimensions on 30 full-attention layers. `extra_cells`:
+the main model on the cells the main grid cannot afford on 2 CPU cores with every baseline,
+SmartKV run, ablation and peer (4k-token needles, RULER multikey), with the headline
+comparisons only. Each is its own stage so that the main study's outputs do not depend on it,
+and `dvc exp run -S second_model.model=...` re-runs only that one.
 """
 
 from __future__ import annotations
@@ -29,50 +32,58 @@ import pandas as pd
 
 from smartkv.study.params import ParamError, get, is_int
 
-FAMILY = "second model: baselines vs matched SmartKV"
+# The params sections this module reads, with the family name of their tests.
+SECTIONS = {"second_model": "second model: baselines vs matched SmartKV",
+            "extra_cells": "extra cells: baselines vs matched SmartKV"}
 KEYS = ("model", "seeds", "tasks", "runs", "match")
 
 
-def settings(params: dict) -> dict:
-    """The validated `second_model` section: model, test seeds, task plan, baseline runs, match labels."""
+def settings(params: dict, section: str = "second_model") -> dict:
+    """The validated `section`: model, test seeds, task plan, baseline runs, match labels.
+
+    `model: null` means the main study's `model` (`extra_cells` runs the main model)."""
     from smartkv.study.grid import task_plan
     from smartkv.study.params import seeds_by_split
     from smartkv.study.runs import baseline_runs
 
-    sm = get(params, "second_model")
+    if section not in SECTIONS:
+        raise ValueError(f"section {section!r} is not one of {', '.join(SECTIONS)}")
+    sm = get(params, section)
     if not isinstance(sm, dict):
-        raise ParamError(f"second_model must be a mapping with {', '.join(KEYS)}")
+        raise ParamError(f"{section} must be a mapping with {', '.join(KEYS)}")
     unknown = sorted(set(sm) - set(KEYS))
     if unknown:
-        raise ParamError(f"second_model: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS)}")
+        raise ParamError(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS)}")
     model = sm.get("model")
+    if model is None:
+        model = get(params, "model")
     if not isinstance(model, str) or not model:
-        raise ParamError(f"second_model.model={model!r} must name a model (e.g. gemma3-270m)")
+        raise ParamError(f"{section}.model={model!r} must name a model (e.g. gemma3-270m), or null for `model`")
     seeds = sm.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
-        raise ParamError(f"second_model.seeds={seeds!r} must be a non-empty list of integer seeds")
+        raise ParamError(f"{section}.seeds={seeds!r} must be a non-empty list of integer seeds")
     test = seeds_by_split(params)["test"]
     stray = [s for s in seeds if s not in test]
     if stray:  # dev seeds choose, test seeds report: this stage reports
-        raise ParamError(f"second_model.seeds: {stray} are not test seeds ({test}); it reports, it does not tune")
+        raise ParamError(f"{section}.seeds: {stray} are not test seeds ({test}); it reports, it does not tune")
     plan = task_plan({"tasks": sm.get("tasks"), "max_new_tokens": get(params, "max_new_tokens"),
                       "longbench": {"enabled": False}})
     by_label = {r.label: r for r in baseline_runs(params)}
     labels = sm.get("runs")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ParamError(f"second_model.runs={labels!r} must list labels of `baselines` (e.g. [fp16, int3])")
+        raise ParamError(f"{section}.runs={labels!r} must list labels of `baselines` (e.g. [fp16, int3])")
     missing = [x for x in labels if x not in by_label]
     if missing:
-        raise ParamError(f"second_model.runs: {', '.join(missing)} not in baselines; known: {', '.join(by_label)}")
+        raise ParamError(f"{section}.runs: {', '.join(missing)} not in baselines; known: {', '.join(by_label)}")
     if "fp16" not in labels:
-        raise ParamError("second_model.runs must include fp16: FP16's accuracy is what calibrates the tasks")
+        raise ParamError(f"{section}.runs must include fp16: FP16's accuracy is what calibrates the tasks")
     match = sm.get("match")
     if not isinstance(match, list) or not all(isinstance(x, str) for x in match):
-        raise ParamError(f"second_model.match={match!r} must list labels of second_model.runs")
+        raise ParamError(f"{section}.match={match!r} must list labels of {section}.runs")
     outside = [x for x in match if x not in labels]
     if outside:
-        raise ParamError(f"second_model.match: {', '.join(outside)} not in second_model.runs ({', '.join(labels)})")
-    return {"model": model, "seeds": [int(s) for s in seeds], "plan": plan,
+        raise ParamError(f"{section}.match: {', '.join(outside)} not in {section}.runs ({', '.join(labels)})")
+    return {"section": section, "model": model, "seeds": [int(s) for s in seeds], "plan": plan,
             "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match))}
 
 
@@ -97,7 +108,7 @@ def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
     matched = budgets(measure(base, s["match"]), "test")
     lost = [x for x in s["match"] if x not in matched]
     if lost:
-        raise ParamError(f"second_model.match: no measured bytes for {', '.join(lost)} (see the log)")
+        raise ParamError(f"{s['section']}.match: no measured bytes for {', '.join(lost)} (see the log)")
     # the matched runs alone (the headline and the Pareto sweep are the main study's)
     runs = [r for r in smartkv_runs(sub, matched) if matched_baseline(r.label)]
     if not runs:
@@ -107,13 +118,14 @@ def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
 
 
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
-          margin: float = 0.05) -> pd.DataFrame:
-    """smartkv@<b> against b on every paired measure, pooled and per length; Holm per (family, measure)."""
+          margin: float = 0.05, family: str = SECTIONS["second_model"]) -> pd.DataFrame:
+    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length); Holm per (family, measure)."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
-    from smartkv.stats.summary import length_strata
     from smartkv.study.labels import matched_label
 
-    strata = length_strata(df[df["error"] == ""])
+    # every cell named as the accuracy table names it (`niah@4k`), even a task at one length
+    strata = df[df["error"] == ""].copy()
+    strata["task"] = [cell_name(t, n) for t, n in zip(strata["task"], strata["context_length"])]
     frames = []
     for measure in measures_in(strata):
         for b in match:
@@ -122,23 +134,32 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
                 continue
             t = paired_tests(strata, target, [b], measure=measure, per_task=True, seed=seed, alpha=alpha,
                              margin=margin if measure == "score" else None)
-            t["family"] = [f"{FAMILY} [{measure}{'' if task == 'all' else ', per length'}]" for task in t["task"]]
+            t["family"] = [f"{family} [{measure}{'' if task == 'all' else ', per cell'}]" for task in t["task"]]
             frames.append(t)
     if not frames:
         return pd.DataFrame()
     return apply_holm(pd.concat(frames, ignore_index=True), alpha)
 
 
+def cell_name(task: str, length: int) -> str:
+    """A cell's label, as the per-length tests name it: `niah@4k`, `ruler_multikey@1k`, `niah@160`."""
+    n = int(length)
+    return f"{task}@{n // 1024}k" if n % 1024 == 0 else f"{task}@{n}"
+
+
 def accuracy(df: pd.DataFrame) -> dict:
-    """{run: {length: {n, correct, accuracy, ci95, kv_ratio}}} over the rows that have a score."""
+    """{run: {cell: {n, correct, accuracy, ci95, kv_ratio}}} over the rows that have a score;
+    cells (`cell_name`) in task order, then by length."""
     from smartkv.plot_labels import wilson_interval
 
     out: dict = {}
     ok = df[(df["error"] == "") & df["score"].notna()]
-    for (run, length), g in ok.groupby(["run", "context_length"], sort=False):
+    tasks = list(dict.fromkeys(ok["task"]))
+    ok = ok.assign(_t=ok["task"].map(tasks.index)).sort_values(["_t", "context_length"], kind="stable")
+    for (run, task, length), g in ok.groupby(["run", "task", "context_length"], sort=False):
         k, n = int((g["score"] == 1).sum()), int(len(g))
         lo, hi = wilson_interval(k, n)
-        out.setdefault(str(run), {})[str(int(length))] = {
+        out.setdefault(str(run), {})[cell_name(str(task), int(length))] = {
             "n": n, "correct": k, "accuracy": k / n, "ci95": [float(lo), float(hi)],
             "kv_ratio": float(g["kv_ratio"].mean())}
     return out
@@ -156,7 +177,7 @@ def write(df: pd.DataFrame, results, timings, config: dict) -> None:
 
 
 def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
-    """metrics/second_model.json: the model, accuracy per run and length, every comparison row."""
+    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row."""
     keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "target_mean", "baseline_mean",
             "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
             "target_kv_ratio", "baseline_kv_ratio"]
@@ -171,14 +192,14 @@ def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
 
 
 def table(m: dict) -> str:
-    """metrics/second_model_table.md: FP16 per length, then each matched comparison (bold = Holm-significant)."""
+    """metrics/<section>_table.md: FP16 per cell, then each matched comparison (bold = Holm-significant)."""
     acc = m["accuracy"]
-    lengths = sorted({int(n) for runs in acc.values() for n in runs})
-    head = "| run | " + " | ".join(f"{n} tokens" for n in lengths) + " | KV x FP16 |"
-    lines = [f"Model: `{m['model']}`, test seeds {m['seeds']}. Accuracy (correct / n) per prompt length.", "",
-             head, "|" + " --- |" * (len(lengths) + 2)]
+    names = list(dict.fromkeys(c for runs in acc.values() for c in runs))
+    head = "| run | " + " | ".join(names) + " | KV x FP16 |"
+    lines = [f"Model: `{m['model']}`, test seeds {m['seeds']}. Accuracy (correct / n) per task and prompt "
+             "length (`niah@4k`: 4,096 prompt tokens).", "", head, "|" + " --- |" * (len(names) + 2)]
     for run, by in acc.items():
-        cells = [f"{by[str(n)]['correct']}/{by[str(n)]['n']}" if str(n) in by else "" for n in lengths]
+        cells = [f"{by[c]['correct']}/{by[c]['n']}" if c in by else "" for c in names]
         kv = sum(v["kv_ratio"] * v["n"] for v in by.values()) / sum(v["n"] for v in by.values())
         lines.append(f"| {run} | " + " | ".join(cells) + f" | {kv:.3f} |")
     lines += ["", "| SmartKV | baseline | where | measure | t / b | discordant t / b | KV x FP16 t / b | Holm p | verdict |",
@@ -201,4 +222,4 @@ def n_prompts(s: dict) -> int:
     return sum(len(t["depths"] or [None]) * n for t in s["plan"] for n in t["n_per_cell"])
 
 
-__all__ = ["settings", "prepare", "run", "tests", "accuracy", "write", "metrics", "table", "n_prompts"]
+__all__ = ["SECTIONS", "cell_name", "settings", "prepare", "run", "tests", "accuracy", "write", "metrics", "table", "n_prompts"]
