@@ -130,3 +130,47 @@ def test_prepare_is_the_main_studys_task_loop(monkeypatch):
     assert df["prompt"].tolist() == [r["prompt"] for r in by_hand]
     assert set(df["split"]) == {"test"} and set(df["seed"]) == {0}
     assert all(json.loads(m)["max_new_tokens"] > 0 for m in df["meta"])
+
+
+def test_extra_cells_section_runs_the_main_model_on_its_own_grid():
+    s = sm.settings(PARAMS, "extra_cells")
+    assert s["section"] == "extra_cells" and s["model"] == PARAMS["model"]  # model: null = the main model
+    cells = {(t["name"], n) for t in s["plan"] for n in t["lengths"]}
+    assert ("niah", 4096) in cells and ("ruler_multikey", 1024) in cells
+    assert "fp16" in [r.label for r in s["runs"]] and set(s["match"]) <= {r.label for r in s["runs"]}
+    bad = copy.deepcopy(PARAMS)
+    bad["extra_cells"]["match"] = ["int4"]
+    with pytest.raises(ParamError, match=r"extra_cells.match: int4 not in extra_cells.runs"):
+        sm.settings(bad, "extra_cells")
+    with pytest.raises(ValueError, match="section 'third_model'"):
+        sm.settings(PARAMS, "third_model")
+
+
+def test_cells_are_named_alike_in_accuracy_and_tests():
+    assert [sm.cell_name("niah", n) for n in (1024, 4096, 160)] == ["niah@1k", "niah@4k", "niah@160"]
+    df = pd.concat([_frame([1, 1, 0], [0, 1, 0], 4096),
+                    _frame([1, 0], [1, 0], 1024).assign(task="ruler_multikey", sample_id=lambda d: d["sample_id"] + "m")],
+                   ignore_index=True)
+    t = sm.tests(df, ["int3"], family=sm.SECTIONS["extra_cells"])
+    assert set(t["task"]) == {"all", "niah@4k", "ruler_multikey@1k"}  # one length per task: still named by cell
+    assert all(x.startswith("extra cells: ") for x in t["family"])
+    m = sm.metrics(df, t, {"model": "default", "seeds": [0]})
+    assert list(m["accuracy"]["fp16"]) == ["niah@4k", "ruler_multikey@1k"]
+    assert "| run | niah@4k | ruler_multikey@1k | KV x FP16 |" in sm.table(m)
+
+
+def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
+    from smartkv.report.limitations import limitations, matched_study_limits
+    from smartkv.report.sections import extra_cells_section
+
+    df = _frame([0] * 12 + [1] * 8, [1] * 20, 4096)
+    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
+    lines = matched_study_limits(m, "extra_cells")
+    assert len(lines) == 1 and "**Significant loss** in `extra_cells` (default)" in lines[0] and "(score, all" in lines[0]
+    m["accuracy"]["fp16"]["niah@4k"].update(correct=17, accuracy=0.85)
+    assert any("FP16 itself scores below 0.9 on niah@4k (17/20)" in x for x in matched_study_limits(m, "extra_cells"))
+    assert matched_study_limits(None, "extra_cells") == []
+    out = limitations(pd.DataFrame(), None, {"model": "m"}, extra_cells=m)
+    assert any(x.startswith("The extra cells (niah@4k (n = 20))") for x in out)
+    assert "dvc repro extra_cells" in "\n".join(extra_cells_section(None))
+    assert "`default` (the main study's model)" in "\n".join(extra_cells_section(m))

@@ -3,7 +3,8 @@
 It lists first the significant losses (SmartKV worse than its matched baseline, or an
 ablated variant better than the headline, after Holm), apart from the comparisons that are
 inconclusive after Holm; then samples and seeds that are few, budgets the measured memory
-exceeded, and tasks the FP16 model itself fails.
+exceeded, and tasks the FP16 model itself fails, in the main study and in the matched-comparison
+stages (`second_model`, `extra_cells`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,31 @@ def significant_losses(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame 
     return out
 
 
+def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9) -> list[str]:
+    """A matched-comparison stage's significant losses after Holm and the cells its FP16 fails
+    (below the calibration floor), from metrics/<stage>.json."""
+    if not m:
+        return []
+    out = []
+    lost = [r for r in m.get("comparisons") or []
+            if r.get("verdict") == "target worse" and r.get("p_holm") is not None and r["p_holm"] < 0.05]
+    if lost:
+        out.append(f"**Significant loss** in `{stage}` ({m.get('model')}): " + "; ".join(
+            f"`{r['target']}` vs `{r['baseline']}` ({r['measure']}, {r['task']}: Δ = {r['mean_diff']:+.3f}, "
+            f"Holm p = {r['p_holm']:.3g})" for r in lost) + ".")
+    weak = {cell: v for cell, v in ((m.get("accuracy") or {}).get("fp16") or {}).items() if v["accuracy"] < fp16_floor}
+    if weak:
+        out.append(f"In `{stage}` FP16 itself scores below {fp16_floor} on " + ", ".join(
+            f"{cell} ({v['correct']}/{v['n']})" for cell, v in weak.items())
+            + ": differences there measure the model's limits as much as the cache's.")
+    return out
+
+
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
-                ablation_tests: pd.DataFrame | None = None, second_model: Mapping | None = None) -> list[str]:
+                ablation_tests: pd.DataFrame | None = None, second_model: Mapping | None = None,
+                extra_cells: Mapping | None = None) -> list[str]:
     out = significant_losses(tests, ablation_tests)
+    out += matched_study_limits(second_model, "second_model") + matched_study_limits(extra_cells, "extra_cells")
     if tests is not None and not tests.empty:
         ns = tests[~tests["significant"].astype(bool)]
         if len(ns):
@@ -77,6 +100,12 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
         if len(hard):
             out.append("The FP16 model itself scores below 0.5 on " + ", ".join(hard["task"])
                        + ": differences there measure the model's limits as much as the cache's.")
+    if extra_cells and extra_cells.get("accuracy"):
+        cells = ", ".join(f"{c} (n = {v['n']})" for c, v in (extra_cells["accuracy"].get("fp16") or {}).items())
+        runs = ", ".join(f"`{r}`" for r in extra_cells["accuracy"])
+        out.append(f"The extra cells ({cells}) ran the headline comparisons only ({runs}): the peers, "
+                   "ablations and Pareto budgets were not run there, and each cell alone is small, so a "
+                   "per-cell result that is inconclusive says little.")
     model = setup.get("model", "the model")
     size = setup.get("model_params")
     first = f"{model}{', ' + str(size) + ' parameters' if size else ''}"

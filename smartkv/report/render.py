@@ -71,7 +71,8 @@ def render_report(
         md += ["### Ablation significance", "Each ablation against the headline `smartkv` run (paired over task, "
                "sample, seed); Δ = headline − ablation, so a positive Δ means the ablated component helps.", "",
                significance_table(ablation_tests)]
-    md += ["## Sweeps (dev seeds)", *sweeps_section(metrics.get("sweeps")),
+    md += ["## 4k tokens and RULER multikey", *sec.extra_cells_section(metrics.get("extra_cells")),
+           "## Sweeps (dev seeds)", *sweeps_section(metrics.get("sweeps")),
            "## Attention analysis", *sec.attention_section(metrics.get("attention")),
            "### The hypothesis test", *sec.sensitivity_section(metrics.get("sensitivity")),
            "## Error analysis", *sec.errors_section(metrics.get("errors")),
@@ -82,7 +83,8 @@ def render_report(
     for i, (caption, path) in enumerate(figures.items(), 1):
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
-    limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"))
+    limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"),
+                         metrics.get("extra_cells"))
     md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})

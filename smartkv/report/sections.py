@@ -193,18 +193,34 @@ def cost_section(lat: dict | None) -> list[str]:
     return lines + [""]
 
 
-def second_model_section(m: dict | None) -> list[str]:
-    """The headline comparisons on the second model family (metrics/second_model.json), as
-    `smartkv.matched_study.table` renders them for metrics/second_model_table.md."""
+MATCHED_METHOD = ("teacher-forced as in the main study. FP16 comes first, since a cell FP16 fails says nothing "
+                  "about a cache; then SmartKV at each baseline's measured bytes per cell (exact McNemar on "
+                  "accuracy, paired t on answer log-probability and KL from FP16; Holm within each family; "
+                  "bold = significant after Holm).")
+
+
+def matched_section(m: dict | None, stage: str, lead: str) -> list[str]:
+    """A matched-comparison stage's results (metrics/<stage>.json) as `smartkv.matched_study.table`
+    renders them for metrics/<stage>_table.md, after `lead` (`{model}` is the stage's model)."""
     from smartkv.matched_study import table
 
     if not m:
-        return [f.missing("second_model", "second_model"), ""]
-    return [f"`{m['model']}` on its own needle prompts (its tokenizer), teacher-forced as in the main study. "
-            "FP16 comes first, since a length FP16 fails says nothing about a cache; then SmartKV at each "
-            "baseline's measured bytes per length (exact McNemar on accuracy, paired t on answer "
-            "log-probability and KL from FP16; Holm within each family; bold = significant after Holm).", "",
-            table(m), ""]
+        return [f.missing(stage, stage), ""]
+    return [lead.format(model=f"`{m['model']}`") + " " + MATCHED_METHOD, "", table(m), ""]
+
+
+def second_model_section(m: dict | None) -> list[str]:
+    """The headline comparisons on the second model family (metrics/second_model.json)."""
+    return matched_section(m, "second_model", "{model} on its own needle prompts (its tokenizer),")
+
+
+def extra_cells_section(m: dict | None) -> list[str]:
+    """The headline comparisons on the cells the main grid leaves out for time (metrics/extra_cells.json)."""
+    return matched_section(m, "extra_cells",
+                           "{model} (the main study's model) on cells the main grid leaves out because every "
+                           "baseline, SmartKV run, ablation and peer on them would not fit the 2-core time "
+                           "budget: needles at 4k tokens and RULER multikey, each prompt drawn afresh, only "
+                           "FP16, the matched baselines and SmartKV at their bytes,")
 
 
 def conclusion(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
