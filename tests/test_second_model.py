@@ -170,6 +170,11 @@ def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
     m["accuracy"]["fp16"]["niah@4k"].update(correct=17, accuracy=0.85)
     assert any("FP16 itself scores below 0.9 on niah@4k (17/20)" in x for x in matched_study_limits(m, "extra_cells"))
     assert matched_study_limits(None, "extra_cells") == []
+    # the stats stage's alpha decides, not a literal: 5 / 0 discordant (exact p 0.0625) is a loss at 0.1
+    df = _frame([0] * 5 + [1] * 15, [1] * 20, 4096)
+    for alpha, listed in ((0.1, True), (0.05, False)):
+        m5 = sm.metrics(df, sm.tests(df, ["int3"], alpha=alpha), {"model": "default", "seeds": [0]})
+        assert any("**Significant loss**" in x for x in matched_study_limits(m5, "extra_cells")) is listed
     out = limitations(pd.DataFrame(), None, {"model": "m"}, extra_cells=m)
     assert any(x.startswith("The extra cells (niah@4k (n = 20))") for x in out)
     assert "dvc repro extra_cells" in "\n".join(extra_cells_section(None))

@@ -48,8 +48,8 @@ def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9)
     if not m:
         return []
     out = []
-    lost = [r for r in m.get("comparisons") or []
-            if r.get("verdict") == "target worse" and r.get("p_holm") is not None and r["p_holm"] < 0.05]
+    # the verdict already says whether the Holm-adjusted test rejected at the stats stage's alpha
+    lost = [r for r in m.get("comparisons") or [] if r.get("verdict") == "target worse"]
     if lost:
         out.append(f"**Significant loss** in `{stage}` ({m.get('model')}): " + "; ".join(
             f"`{r['target']}` vs `{r['baseline']}` ({r['measure']}, {r['task']}: Δ = {r['mean_diff']:+.3f}, "
