@@ -7,11 +7,10 @@ the PNG figures."""
 from __future__ import annotations
 
 import logging
-import os
-import platform
 
 from smartkv.study import get
 from smartkv.study.labels import HEADLINE
+from smartkv.sweeps import cpu_model
 from stages.common import DATA, METRICS, PLOTS, code_revision, stage_main
 
 log = logging.getLogger("stages.report")
@@ -54,7 +53,9 @@ def setup(params: dict, n_samples: int) -> dict:
         "headline budget": get(params, "budget"),
         "Pareto budgets": get(params, "budgets"),
         "decay / realloc_freq": f"{get(params, 'decay')} / {get(params, 'realloc_freq')}",
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.system()})",
+        # the machine that renders this report; the model stages' outputs do not record theirs
+        # (content-only hashes), so throughput lines below cite the stages, not this machine
+        "report rendered on": cpu_model(),
     }
 
 @stage_main

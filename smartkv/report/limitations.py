@@ -116,7 +116,6 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
                    f"{' (' + runs + ')' if runs else ''}; results may not transfer to larger models.")
     else:
         out.append(f"One small model ({first}); results may not transfer to larger models or other architectures.")
-    if setup.get("machine"):
-        out.append(f"Throughput was measured on {setup['machine']}; only ratios between runs "
-                   "on the same machine are meaningful.")
+    out.append("Throughput comes from the model stages' wall clock on the machine that ran them (README, "
+               "\"Cost of the study\"); only ratios between runs of one stage run are meaningful.")
     return out
