@@ -1,0 +1,141 @@
+"""Which importance signal ranks 4k-token needles as the oracle does? Chosen on a dev seed.
+
+`probe.py` showed on the test needles at 4k that the oracle ranking (importance from the whole
+FP16 generation) answers 90/90 at INT3's bytes where the committed config answers 73/90, and
+that the low tier is not in play there (dropping eviction or the 2-bit width changes nothing:
+no token goes below 3 bits at 0.25). So the ranking is the bottleneck. This probe tries the
+ranking levers `SmartKVConfig` has, on dev seed 100 only (30 fresh 4k needles: 6 per depth),
+at the same budget, from one tracked prefill:
+
+- `default`: the committed config (signal ema, prior 0.5, pool 1, per layer);
+- `prior-0.25`, `prior-0`: less of the uniform prior mixed into the EMA;
+- `window`, `window-pool5`: SnapKV's observation window of the prompt's last 64 queries
+  (pooled over 5 neighbours as kvpress's SnapKVPress), then the EMA over decode queries;
+- `per-head`: importance and allocation per KV head (AdaKV-style) instead of per layer;
+- `rotated`: the Hadamard key rotation (a low-tier lever, kept as a control).
+
+The rule, fixed before the run: the variant with the most needles found, ties broken by the
+mean answer log-likelihood, is the one `confirm` re-runs on the 90 test needles (probe.py's
+cell) against the committed INT3 and SmartKV rows. Nothing here changes a default.
+
+    python docs/probes/oracle_4k/dev_levers.py write docs/probes/oracle_4k/dev_rows.parquet
+    python docs/probes/oracle_4k/dev_levers.py report docs/probes/oracle_4k/dev_rows.parquet
+    python docs/probes/oracle_4k/dev_levers.py confirm docs/probes/oracle_4k/dev_rows.parquet OUT.parquet
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from smartkv import matched_study as ms
+from smartkv.io import atomic_write_parquet, read_parquet_with_meta
+from smartkv.models import load_tokenizer
+from smartkv.stats.paired import mcnemar_exact
+from smartkv.study.driver import TIMING_COLUMNS, evaluate_runs
+from smartkv.study.grid import task_plan, task_samples
+from smartkv.study.runs import smartkv_runs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe import KEY, LENGTH, MATCHED, TASK, committed  # noqa: E402
+
+DEV_SEED, PER_DEPTH = 100, 6
+LEVERS = {
+    "default": {},
+    "prior-0.25": {"prior": 0.25},
+    "prior-0": {"prior": 0.0},
+    "window": {"signal": "window"},
+    "window-pool5": {"signal": "window", "pool": 5},
+    "per-head": {"granularity": "head"},
+    "rotated": {"key_rotation": True},
+}
+
+
+def _setup():
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    s = ms.settings(params, "extra_cells")
+    sub = {**params, "model": s["model"]}
+    old = committed()
+    budget = float(old.loc[old.run == MATCHED, "budget"].iloc[0])
+    spec = next(r for r in smartkv_runs(sub, {"int3": budget}) if r.label == MATCHED)
+    return params, s, sub, spec
+
+
+def _evaluate(sub, runs, rows: pd.DataFrame, meta: dict, split: str) -> pd.DataFrame:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tasks.parquet"
+        atomic_write_parquet(rows, path, meta)
+        df = evaluate_runs(sub, runs, path, split=split, desc="levers")
+    return df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS]).sort_values(["run", *KEY])
+
+
+def write(out: str) -> None:
+    params, s, sub, spec = _setup()
+    niah = params["extra_cells"]["tasks"][TASK]
+    plan = task_plan({"tasks": {TASK: {**niah, "lengths": [LENGTH], "n_per_cell": PER_DEPTH}},
+                      "max_new_tokens": params["max_new_tokens"], "longbench": {"enabled": False}})
+    tokenizer = load_tokenizer(s["model"])
+    rows = pd.DataFrame([{**x.to_row(), "seed": DEV_SEED, "split": "dev"}
+                         for t in plan for x in task_samples(t, tokenizer, DEV_SEED)])
+    _, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
+    runs = [dataclasses.replace(spec, label=k, params={**spec.params, **v}) for k, v in LEVERS.items()]
+    atomic_write_parquet(_evaluate(sub, runs, rows, meta, "dev").reset_index(drop=True), Path(out), meta)
+
+
+def chosen(dev: pd.DataFrame) -> str:
+    g = dev.groupby("run").agg(correct=("score", "sum"), ll=("answer_logprob", "mean"))
+    return g.sort_values(["correct", "ll"], ascending=False).index[0]
+
+
+def report(path: str) -> None:
+    dev = pd.read_parquet(path)
+    print(f"# Ranking levers at 4k on dev seed {DEV_SEED} ({dev.sample_id.nunique()} needles, INT3's bytes)\n")
+    print("| run | correct | correct by depth (0.1 / 0.3 / 0.5 / 0.7 / 0.9) | answer log-lik. | KL from FP16 | "
+          "kv_ratio | needle bits | vs default: alone right / default alone right, exact p |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = dev[dev.run == "default"]
+    for run in LEVERS:
+        r = dev[dev.run == run]
+        m = r.merge(base, on=KEY, suffixes=("", "_d"))
+        t, b = int(((m.score == 1) & (m.score_d == 0)).sum()), int(((m.score == 0) & (m.score_d == 1)).sum())
+        depth = " / ".join(str(v) for v in r.groupby("depth").score.sum().astype(int).values)
+        print(f"| `{run}` | {int(r.score.sum())}/{len(r)} | {depth} | {r.answer_logprob.mean():.3f} | "
+              f"{r.kl_fp16.mean():.4f} | {r.kv_ratio.mean():.3f} | {r.needle_bits.mean():.2f} | "
+              f"{t} / {b}, {mcnemar_exact(t, b):.3g} |")
+    print(f"\nChosen by the rule (most found, then answer log-lik.): `{chosen(dev)}`.")
+
+
+def confirm(dev_path: str, out: str) -> None:
+    """The chosen lever on the 90 test needles at 4k, against the committed rows of that cell."""
+    params, s, sub, spec = _setup()
+    pick = chosen(pd.read_parquet(dev_path))
+    run = dataclasses.replace(spec, label=f"{pick}@int3", params={**spec.params, **LEVERS[pick]})
+    tasks, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
+    cell = tasks[(tasks.task == TASK) & (tasks.context_length == LENGTH)]
+    new = _evaluate(sub, [run], cell, meta, "test")
+    atomic_write_parquet(new.reset_index(drop=True), Path(out), meta)
+    old = committed()
+    print(f"# `{run.label}` (chosen on dev seed {DEV_SEED}) on the {len(new)} test needles at 4k\n")
+    print(f"`{run.label}` {int(new.score.sum())}/{len(new)}; answer log-lik. {new.answer_logprob.mean():.3f}; "
+          f"kv_ratio {new.kv_ratio.mean():.3f}; by depth "
+          f"{' / '.join(str(v) for v in new.groupby('depth').score.sum().astype(int).values)}\n")
+    for base in ("int3", MATCHED):
+        m = new.merge(old[old.run == base], on=KEY, suffixes=("", "_b"))
+        t, b = int(((m.score == 1) & (m.score_b == 0)).sum()), int(((m.score == 0) & (m.score_b == 1)).sum())
+        print(f"- against committed `{base}` ({int(m.score_b.sum())}/{len(m)}): {t} / {b} discordant, "
+              f"exact McNemar p {mcnemar_exact(t, b):.3g}")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd in ("write", "report") and len(sys.argv) == 3:
+        (write if cmd == "write" else report)(sys.argv[2])
+    elif cmd == "confirm" and len(sys.argv) == 4:
+        confirm(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: dev_levers.py write|report ROWS.parquet | confirm ROWS.parquet OUT.parquet")
