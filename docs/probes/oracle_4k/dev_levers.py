@@ -42,7 +42,7 @@ from smartkv.study.grid import task_plan, task_samples
 from smartkv.study.runs import smartkv_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe import KEY, LENGTH, MATCHED, TASK, committed  # noqa: E402
+from probe import KEY, LENGTH, MATCHED, TASK, committed, discordant  # noqa: E402
 
 DEV_SEED, PER_DEPTH = 100, 6
 LEVERS = {
@@ -101,8 +101,7 @@ def report(path: str) -> None:
     base = dev[dev.run == "default"]
     for run in LEVERS:
         r = dev[dev.run == run]
-        m = r.merge(base, on=KEY, suffixes=("", "_d"))
-        t, b = int(((m.score == 1) & (m.score_d == 0)).sum()), int(((m.score == 0) & (m.score_d == 1)).sum())
+        t, b = discordant(r, base)
         depth = " / ".join(str(v) for v in r.groupby("depth").score.sum().astype(int).values)
         print(f"| `{run}` | {int(r.score.sum())}/{len(r)} | {depth} | {r.answer_logprob.mean():.3f} | "
               f"{r.kl_fp16.mean():.4f} | {r.kv_ratio.mean():.3f} | {r.needle_bits.mean():.2f} | "
@@ -125,9 +124,9 @@ def confirm(dev_path: str, out: str) -> None:
           f"kv_ratio {new.kv_ratio.mean():.3f}; by depth "
           f"{' / '.join(str(v) for v in new.groupby('depth').score.sum().astype(int).values)}\n")
     for base in ("int3", MATCHED):
-        m = new.merge(old[old.run == base], on=KEY, suffixes=("", "_b"))
-        t, b = int(((m.score == 1) & (m.score_b == 0)).sum()), int(((m.score == 0) & (m.score_b == 1)).sum())
-        print(f"- against committed `{base}` ({int(m.score_b.sum())}/{len(m)}): {t} / {b} discordant, "
+        b_rows = old[old.run == base]
+        t, b = discordant(new, b_rows)
+        print(f"- against committed `{base}` ({int(b_rows.score.sum())}/{len(b_rows)}): {t} / {b} discordant, "
               f"exact McNemar p {mcnemar_exact(t, b):.3g}")
 
 
