@@ -21,6 +21,11 @@ cell) against the committed INT3 and SmartKV rows. Nothing here changes a defaul
     python docs/probes/oracle_4k/dev_levers.py write docs/probes/oracle_4k/dev_rows.parquet
     python docs/probes/oracle_4k/dev_levers.py report docs/probes/oracle_4k/dev_rows.parquet
     python docs/probes/oracle_4k/dev_levers.py confirm docs/probes/oracle_4k/dev_rows.parquet OUT.parquet
+    python docs/probes/oracle_4k/dev_levers.py main-dev docs/probes/oracle_4k/dev_rows.parquet docs/probes/oracle_4k/main_dev_rows.parquet > docs/probes/oracle_4k/main_dev_report.md
+
+`main-dev` puts the chosen lever beside the default on the main grid's dev needles (seed 100, 30
+at 1k and 5 at 2k, `data/tasks.parquet`), at the headline budget: a default must not buy 4k by
+losing the lengths the main study runs. Dev seeds, so it may inform a default; it reports no result.
 """
 
 from __future__ import annotations
@@ -130,11 +135,38 @@ def confirm(dev_path: str, out: str) -> None:
               f"exact McNemar p {mcnemar_exact(t, b):.3g}")
 
 
+def main_dev(dev_path: str, out: str) -> None:
+    params, s, sub, spec = _setup()
+    pick = chosen(pd.read_parquet(dev_path))
+    from smartkv.study.runs import headline_run
+
+    head = headline_run(params)
+    runs = [head, dataclasses.replace(head, label=pick, params={**head.params, **LEVERS[pick]})]
+    tasks, meta = read_parquet_with_meta("data/tasks.parquet")
+    rows = tasks[(tasks.split == "dev") & (tasks.task == TASK)]
+    new = _evaluate(params, runs, rows, meta, "dev")
+    atomic_write_parquet(new.reset_index(drop=True), Path(out), meta)
+    base = new[new.run == head.label]
+    print(f"# `{pick}` beside the default on the main grid's dev needles (seed {DEV_SEED}, budget "
+          f"{head.params['budget']})\n")
+    print("| run | found (1k / 2k) | answer log-lik. | KL from FP16 | kv_ratio | vs default: alone right / default alone right, exact p |")
+    print("|---|---|---|---|---|---|")
+    for label in (head.label, pick):
+        r = new[new.run == label]
+        t, b = discordant(r, base)
+        by = " / ".join(str(int(v)) for v in r.groupby("context_length").score.sum().values)
+        print(f"| `{label}` | {int(r.score.sum())}/{len(r)} ({by}) | {r.answer_logprob.mean():.3f} | "
+              f"{r.kl_fp16.mean():.4f} | {r.kv_ratio.mean():.3f} | {t} / {b}, {mcnemar_exact(t, b):.3g} |")
+    d = new[new.run == pick].set_index(KEY).answer_logprob - base.set_index(KEY).answer_logprob
+    print(f"\nPaired Δ answer log-lik. ({pick} − default): mean {d.mean():+.4f}, "
+          f"{int((d > 0).sum())} prompts up, {int((d < 0).sum())} down.")
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd in ("write", "report") and len(sys.argv) == 3:
         (write if cmd == "write" else report)(sys.argv[2])
-    elif cmd == "confirm" and len(sys.argv) == 4:
-        confirm(sys.argv[2], sys.argv[3])
+    elif cmd in ("confirm", "main-dev") and len(sys.argv) == 4:
+        (confirm if cmd == "confirm" else main_dev)(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: dev_levers.py write|report ROWS.parquet | confirm ROWS.parquet OUT.parquet")
+        sys.exit("usage: dev_levers.py write|report ROWS.parquet | confirm|main-dev ROWS.parquet OUT.parquet")
