@@ -1,7 +1,7 @@
 """Stage `report`: REPORT.md from the current results (never edited by hand).
 
 Reads the summaries and tests of `stats`, the metrics of `attention`, `sensitivity`,
-`errors`, `latency`, `profile`, `second_model`, `extra_cells` and `sweeps` (a missing one is named in its section) and
+`errors`, `latency`, `profile`, `second_model`, `extra_cells`, `sweeps` and the cell-by-cell check (`cells`) (a missing one is named in its section) and
 the PNG figures."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(params: dict) -> None:
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
     # the slides' metrics, and the matched-comparison stages' and the sweeps' (which the slides do not show)
-    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "sweeps"))
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "sweeps", "cells"))
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)

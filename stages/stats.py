@@ -5,7 +5,8 @@ Reads data/{baselines,smartkv,ablations}.parquet. Writes
   each baseline against its matched SmartKV run, per measure, pooled and per task);
 - metrics/main.json (per run: mean of per-task means, pooled mean, KV memory), metrics/tasks.json
   (per run x task), metrics/significance.json, metrics/ablations.json, metrics/power.json (exact
-  McNemar power): deterministic, identical on a re-run;
+  McNemar power), metrics/cells.json (each matched comparison cell by cell: does one cell of
+  the grid carry it?): deterministic, identical on a re-run;
 - metrics/main_table.md: the per-task table, the matched comparisons and the power line.
 """
 
@@ -56,6 +57,19 @@ def matched_tests(df: pd.DataFrame, overall: pd.DataFrame, settings: dict) -> pd
     return apply_holm(pd.concat(frames, ignore_index=True), settings["alpha"])
 
 
+def cell_checks(df: pd.DataFrame, tests: pd.DataFrame) -> dict:
+    """Each pooled 0/1 matched comparison one level up, cell by cell (task x length x depth;
+    smartkv/cell_check.py): whether the win is spread over the grid or carried by one cell."""
+    from smartkv.cell_check import CELL, cell_check
+
+    if tests.empty:
+        return {"cells": list(CELL), "comparisons": []}
+    pooled = tests[(tests["measure"] == "score") & (tests["task"] == "all")]
+    acc = df[df["metric"] != "perplexity"] if "metric" in df else df
+    return {"cells": list(CELL),
+            "comparisons": [cell_check(acc, r.target, r.baseline) for r in pooled.itertuples()]}
+
+
 def ablation_tests(df: pd.DataFrame, runs: list[str], settings: dict) -> pd.DataFrame:
     """Each ablation against the headline run, per measure both carry; Holm per measure."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
@@ -91,7 +105,8 @@ def main(params: dict) -> None:
 
     settings = stats_settings(params)
     split = study_split(params)
-    main_df = length_strata(read_results("baselines", "peers", "smartkv", split=split))
+    main_raw = read_results("baselines", "peers", "smartkv", split=split)
+    main_df = length_strata(main_raw)
     abl_df = length_strata(read_results("ablations", split=split))
     summary = summarize(main_df)
     ov = overall(main_df)
@@ -131,6 +146,7 @@ def main(params: dict) -> None:
     abl["tests"] = strip_timing(metrics_json(abl_summary.iloc[0:0], abl_tests)).get("tests", {})
     atomic_write_json(METRICS / "ablations.json", abl)
     atomic_write_text(METRICS / "main_table.md", main_table(summary, tests, power))
+    atomic_write_json(METRICS / "cells.json", cell_checks(main_raw, tests))
     log.info("main table:\n%s", markdown_table(summary))
 
 

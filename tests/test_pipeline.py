@@ -18,7 +18,7 @@ from pipeline_support import DVC, git, ran_stages, run
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json", "profile.json", "second_model.json",
-           "extra_cells.json"]
+           "extra_cells.json", "cells.json"]
 DETERMINISTIC = [m for m in METRICS if m not in ("latency.json", "profile.json")]  # wall clock
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
            "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
@@ -93,6 +93,10 @@ def test_pipeline_end_to_end(origin: Path):
     tested = [t["all"] for t in sig.values() if "p" in t["all"]]
     assert tested and all(0 <= t["p"] <= t["p_holm"] <= 1 for t in tested)
     assert all(t["all"]["n_pairs"] < 2 for t in sig.values() if "p" not in t["all"])
+    cells = json.loads((repo / "metrics/cells.json").read_text())["comparisons"]
+    assert len(cells) == len(sig) and all(c["n_cells"] >= 1 and c["cells_target"] + c["cells_baseline"]
+                                          + c["cells_tied"] == c["n_cells"] for c in cells)
+    assert "### Cell by cell" in (repo / "REPORT.md").read_text()
     power = json.loads((repo / "metrics/power.json").read_text())
     assert 0 < power["n_for_target_power_by_discordance"]["0.30"]
     abl = json.loads((repo / "metrics/ablations.json").read_text())

@@ -10,6 +10,7 @@ import pandas as pd
 
 from smartkv.report import sections as sec
 from smartkv.report.background import method_section, related_work_section
+from smartkv.report.cells_section import carried_by_one_cell, cells_section
 from smartkv.report.limitations import limitations, significance_table
 from smartkv.report.profile_section import profile_section
 from smartkv.report.sweeps_section import sweeps_section
@@ -65,6 +66,7 @@ def render_report(
           "exact McNemar for 0/1 outcomes, paired t-test for continuous ones; 95% CI by cluster "
           "bootstrap; only Holm-adjusted results (within each family) are bold, the rest are inconclusive.",
           "", significance_table(_pooled(tests)),
+          "### Cell by cell", *cells_section(metrics.get("cells")),
           "## Ablations", ""]
     md.append(markdown_table(ablation_summary) if ablation_summary is not None else "_no ablations were run_\n")
     if ablation_tests is not None:
@@ -85,6 +87,7 @@ def render_report(
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
     limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"),
                          metrics.get("extra_cells"))
+    limits += carried_by_one_cell(metrics.get("cells"))
     md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})
