@@ -28,6 +28,11 @@ def test_one_cell_carrying_the_net_is_named_with_its_share():
     assert "ahead in 1 of 3 cells, behind in 2" in describe(c) and "150% of its net +4" in describe(c)
     lines = carried_by_one_cell({"comparisons": [c]})
     assert len(lines) == 1 and "`ours` vs `base` (niah@1k d0.1 gives 150%" in lines[0]
+    # with the tests at hand, only a significant comparison is flagged
+    tests = pd.DataFrame([{"target": "ours", "baseline": "base", "measure": "score", "task": "all",
+                           "significant": sig} for sig in (False,)])
+    assert carried_by_one_cell({"comparisons": [c]}, tests) == []
+    assert carried_by_one_cell({"comparisons": [c]}, tests.assign(significant=True)) == lines
 
 
 def test_a_win_spread_over_cells_is_not_flagged_and_the_sign_test_sees_it():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import pandas as pd
+
 from smartkv.cell_check import describe
 
 WHY = ("The NIAH prompts of one cell (task x length x needle depth) share their haystack, the classic "
@@ -21,10 +23,16 @@ def cells_section(m: Mapping | None) -> list[str]:
     return out + [""]
 
 
-def carried_by_one_cell(m: Mapping | None, share: float = 0.5) -> list[str]:
-    """A limitation naming the comparisons whose net comes mostly from one cell of the grid."""
+def carried_by_one_cell(m: Mapping | None, tests: pd.DataFrame | None = None, share: float = 0.5) -> list[str]:
+    """A limitation naming the significant comparisons (Holm, pooled accuracy, in `tests`) whose
+    net comes mostly from one cell of the grid; without `tests`, every comparison."""
+    significant = None
+    if tests is not None and not tests.empty and "significant" in tests:
+        rows = tests[(tests["measure"] == "score") & (tests["task"] == "all") & tests["significant"].astype(bool)]
+        significant = set(zip(rows["target"], rows["baseline"]))
     carried = [c for c in (m or {}).get("comparisons") or []
-               if c.get("top_share") is not None and c["top_share"] >= share and c["n_cells"] > 1]
+               if c.get("top_share") is not None and c["top_share"] >= share and c["n_cells"] > 1
+               and (significant is None or (c["target"], c["baseline"]) in significant)]
     if not carried:
         return []
     return ["**Carried by one cell**: " + "; ".join(

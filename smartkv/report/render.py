@@ -87,7 +87,7 @@ def render_report(
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
     limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"),
                          metrics.get("extra_cells"))
-    limits += carried_by_one_cell(metrics.get("cells"))
+    limits += carried_by_one_cell(metrics.get("cells"), _pooled(tests))
     md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})
