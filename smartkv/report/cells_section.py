@@ -26,8 +26,10 @@ def cells_section(m: Mapping | None) -> list[str]:
 def carried_by_one_cell(m: Mapping | None, tests: pd.DataFrame | None = None, share: float = 0.5) -> list[str]:
     """A limitation naming the significant comparisons (Holm, pooled accuracy, in `tests`) whose
     net comes mostly from one cell of the grid; without `tests`, every comparison."""
+    if not (m or {}).get("comparisons"):
+        return []
     significant = None
-    if tests is not None and not tests.empty and "significant" in tests:
+    if tests is not None and not tests.empty and {"significant", "measure", "task"} <= set(tests.columns):
         rows = tests[(tests["measure"] == "score") & (tests["task"] == "all") & tests["significant"].astype(bool)]
         significant = set(zip(rows["target"], rows["baseline"]))
     carried = [c for c in (m or {}).get("comparisons") or []

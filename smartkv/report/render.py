@@ -10,7 +10,7 @@ import pandas as pd
 
 from smartkv.report import sections as sec
 from smartkv.report.background import method_section, related_work_section
-from smartkv.report.cells_section import carried_by_one_cell, cells_section
+from smartkv.report.cells_section import cells_section
 from smartkv.report.limitations import limitations, significance_table
 from smartkv.report.profile_section import profile_section
 from smartkv.report.sweeps_section import sweeps_section
@@ -86,8 +86,7 @@ def render_report(
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
     limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"),
-                         metrics.get("extra_cells"))
-    limits += carried_by_one_cell(metrics.get("cells"), _pooled(tests))
+                         metrics.get("extra_cells"), metrics.get("cells"))
     md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})
