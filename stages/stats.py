@@ -1,6 +1,7 @@
 """Stage `stats`: summaries over seeds, paired tests at matched memory, metrics and a markdown table.
 
-Reads data/{baselines,smartkv,ablations}.parquet. Writes
+Reads data/{baselines,peers,smartkv,ablations}.parquet (and data/{second_model,extra_cells}.parquet
+for the cell check only). Writes
 - data/summary.parquet (run x task: mean ± std over seeds), data/tests.parquet (paired tests of
   each baseline against its matched SmartKV run, per measure, pooled and per task);
 - metrics/main.json (per run: mean of per-task means, pooled mean, KV memory), metrics/tasks.json
@@ -24,6 +25,7 @@ from stages.common import DATA, METRICS, read_results, stage_main
 log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
 MATCHED = "baselines vs matched SmartKV"
+MATCHED_STAGES = ("second_model", "extra_cells")  # their rows, data/<stage>.parquet, join the cell check
 ABLATIONS = "ablations vs headline"
 
 
@@ -67,7 +69,25 @@ def cell_checks(df: pd.DataFrame, tests: pd.DataFrame) -> dict:
     pooled = tests[(tests["measure"] == "score") & (tests["task"] == "all")]
     acc = df[df["metric"] != "perplexity"] if "metric" in df else df
     return {"cells": list(CELL),
-            "comparisons": [cell_check(acc, r.target, r.baseline) for r in pooled.itertuples()]}
+            "comparisons": [cell_check(acc, r.target, r.baseline) for r in pooled.itertuples()],
+            "matched_stages": matched_stage_cells()}
+
+
+def matched_stage_cells() -> dict:
+    """The same check on the matched-comparison stages' rows (`smartkv@<b>` against `b`)."""
+    from smartkv.cell_check import cell_check
+    from smartkv.study.labels import matched_baseline
+
+    out = {}
+    for stage in MATCHED_STAGES:
+        path = DATA / f"{stage}.parquet"
+        if not path.is_file():  # the stage has not run (its section is named missing in REPORT)
+            continue
+        df = pd.read_parquet(path)
+        df = df[df["metric"] != "perplexity"] if "metric" in df else df
+        runs = set(df["run"])
+        out[stage] = [cell_check(df, r, matched_baseline(r)) for r in sorted(runs) if matched_baseline(r) in runs]
+    return out
 
 
 def ablation_tests(df: pd.DataFrame, runs: list[str], settings: dict) -> pd.DataFrame:

@@ -58,3 +58,6 @@ def test_cell_names_and_tasks_without_depth():
     assert cell_check(df, "ours", "base")["cells"][0]["cell"] == "niah@1k"
     assert "metrics/cells.json` is missing" in cells_section(None)[0]
     assert "counts keys, not haystacks" in cells_section({"comparisons": []})[0]
+    c = cell_check(df, "ours", "base")
+    lines = cells_section({"comparisons": [], "matched_stages": {"extra_cells": [c]}})
+    assert "In `extra_cells`:" in lines and any(x.startswith("- `ours` vs `base`: ahead in 1 of 1") for x in lines)

@@ -97,6 +97,9 @@ def test_pipeline_end_to_end(origin: Path):
     assert len(cells) == len(sig) and all(c["n_cells"] >= 1 and c["cells_target"] + c["cells_baseline"]
                                           + c["cells_tied"] == c["n_cells"] for c in cells)
     assert "### Cell by cell" in (repo / "REPORT.md").read_text()
+    staged = json.loads((repo / "metrics/cells.json").read_text())["matched_stages"]
+    assert set(staged) == {"second_model", "extra_cells"} and all(
+        c["target"] == "smartkv@" + c["baseline"] for cs in staged.values() for c in cs)
     power = json.loads((repo / "metrics/power.json").read_text())
     assert 0 < power["n_for_target_power_by_discordance"]["0.30"]
     abl = json.loads((repo / "metrics/ablations.json").read_text())

@@ -20,6 +20,8 @@ def cells_section(m: Mapping | None) -> list[str]:
         return ["_`metrics/cells.json` is missing: this section needs the `stats` stage (`dvc repro stats`)._", ""]
     out = [WHY, ""]
     out += [f"- {describe(c)}." for c in m.get("comparisons") or []]
+    for stage, comparisons in (m.get("matched_stages") or {}).items():
+        out += ["", f"In `{stage}`:", ""] + [f"- {describe(c)}." for c in comparisons]
     return out + [""]
 
 
