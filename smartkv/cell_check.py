@@ -23,11 +23,11 @@ KEY = ("sample_id", "seed")
 
 
 def cell_name(cell: tuple) -> str:
-    """`niah@1k d0.1` from (task, prompt length, depth)."""
+    """`niah@1k d0.1` from (task, prompt length, depth): the matched stages' cell name, plus depth."""
+    from smartkv.matched_study import cell_name as task_at_length
+
     task, length, depth = cell
-    n = int(length)
-    size = f"{n // 1024}k" if n % 1024 == 0 else str(n)
-    return f"{task}@{size}" + ("" if pd.isna(depth) else f" d{float(depth):g}")
+    return task_at_length(task, int(length)) + ("" if pd.isna(depth) else f" d{float(depth):g}")
 
 
 def cell_check(rows: pd.DataFrame, target: str, baseline: str, measure: str = "score") -> dict:

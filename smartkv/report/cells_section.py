@@ -34,7 +34,7 @@ def carried_by_one_cell(m: Mapping | None, tests: pd.DataFrame | None = None, sh
     if tests is not None and not tests.empty and {"significant", "measure", "task"} <= set(tests.columns):
         rows = tests[(tests["measure"] == "score") & (tests["task"] == "all") & tests["significant"].astype(bool)]
         significant = set(zip(rows["target"], rows["baseline"]))
-    carried = [c for c in (m or {}).get("comparisons") or []
+    carried = [c for c in m["comparisons"]
                if c.get("top_share") is not None and c["top_share"] >= share and c["n_cells"] > 1
                and (significant is None or (c["target"], c["baseline"]) in significant)]
     if not carried:
