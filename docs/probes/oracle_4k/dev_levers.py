@@ -12,13 +12,16 @@ at the same budget, from one tracked prefill:
 - `window`, `window-pool5`: SnapKV's observation window of the prompt's last 64 queries
   (pooled over 5 neighbours as kvpress's SnapKVPress), then the EMA over decode queries;
 - `per-head`: importance and allocation per KV head (AdaKV-style) instead of per layer;
-- `rotated`: the Hadamard key rotation (a low-tier lever, kept as a control).
+- `rotated`: the Hadamard key rotation (a low-tier lever, kept as a control);
+- `normalized`: ZipCache's accumulated attention over the number of queries that saw the token,
+  added to the same rows afterwards with `add normalized` (the pick is re-read with it).
 
 The rule, fixed before the run: the variant with the most needles found, ties broken by the
 mean answer log-likelihood, is the one `confirm` re-runs on the 90 test needles (probe.py's
 cell) against the committed INT3 and SmartKV rows. Nothing here changes a default.
 
     python docs/probes/oracle_4k/dev_levers.py write docs/probes/oracle_4k/dev_rows.parquet
+    python docs/probes/oracle_4k/dev_levers.py add docs/probes/oracle_4k/dev_rows.parquet normalized
     python docs/probes/oracle_4k/dev_levers.py report docs/probes/oracle_4k/dev_rows.parquet
     python docs/probes/oracle_4k/dev_levers.py confirm docs/probes/oracle_4k/dev_rows.parquet OUT.parquet
     python docs/probes/oracle_4k/dev_levers.py main-dev docs/probes/oracle_4k/dev_rows.parquet docs/probes/oracle_4k/main_dev_rows.parquet > docs/probes/oracle_4k/main_dev_report.md
@@ -58,6 +61,7 @@ LEVERS = {
     "window-pool5": {"signal": "window", "pool": 5},
     "per-head": {"granularity": "head"},
     "rotated": {"key_rotation": True},
+    "normalized": {"signal": "normalized"},  # added after the first seven ran (`add`): it was not in the first batch
 }
 
 
@@ -79,14 +83,33 @@ def _evaluate(sub, runs, rows: pd.DataFrame, meta: dict, split: str) -> pd.DataF
     return df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS]).sort_values(["run", *KEY])
 
 
-def write(out: str) -> None:
-    params, s, sub, spec = _setup()
+def dev_tasks(params: dict, s: dict) -> pd.DataFrame:
+    """The dev needles: seed 100, `PER_DEPTH` per depth, the extra_cells niah layout at 4k."""
     niah = params["extra_cells"]["tasks"][TASK]
     plan = task_plan({"tasks": {TASK: {**niah, "lengths": [LENGTH], "n_per_cell": PER_DEPTH}},
                       "max_new_tokens": params["max_new_tokens"], "longbench": {"enabled": False}})
     tokenizer = load_tokenizer(s["model"])
-    rows = pd.DataFrame([{**x.to_row(), "seed": DEV_SEED, "split": "dev"}
+    return pd.DataFrame([{**x.to_row(), "seed": DEV_SEED, "split": "dev"}
                          for t in plan for x in task_samples(t, tokenizer, DEV_SEED)])
+
+
+def add(path: str, labels: list[str]) -> None:
+    """Evaluate more `LEVERS` on the same dev needles and add their rows to `path`."""
+    params, s, sub, spec = _setup()
+    old = pd.read_parquet(path)
+    unknown = [x for x in labels if x not in LEVERS or x in set(old["run"])]
+    if unknown:
+        sys.exit(f"add: {unknown} are not new labels of LEVERS ({', '.join(LEVERS)})")
+    _, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
+    runs = [dataclasses.replace(spec, label=k, params={**spec.params, **LEVERS[k]}) for k in labels]
+    new = _evaluate(sub, runs, dev_tasks(params, s), meta, "dev")
+    both = pd.concat([old, new], ignore_index=True).sort_values(["run", *KEY]).reset_index(drop=True)
+    atomic_write_parquet(both, Path(path), meta)
+
+
+def write(out: str) -> None:
+    params, s, sub, spec = _setup()
+    rows = dev_tasks(params, s)
     _, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
     runs = [dataclasses.replace(spec, label=k, params={**spec.params, **v}) for k, v in LEVERS.items()]
     atomic_write_parquet(_evaluate(sub, runs, rows, meta, "dev").reset_index(drop=True), Path(out), meta)
@@ -104,7 +127,7 @@ def report(path: str) -> None:
           "kv_ratio | needle bits | vs default: alone right / default alone right, exact p |")
     print("|---|---|---|---|---|---|---|---|")
     base = dev[dev.run == "default"]
-    for run in LEVERS:
+    for run in [x for x in LEVERS if x in set(dev["run"])]:
         r = dev[dev.run == run]
         t, b = discordant(r, base)
         depth = " / ".join(str(v) for v in r.groupby("depth").score.sum().astype(int).values)
@@ -164,9 +187,12 @@ def main_dev(dev_path: str, out: str) -> None:
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
-    if cmd in ("write", "report") and len(sys.argv) == 3:
+    if cmd == "add" and len(sys.argv) >= 4:
+        add(sys.argv[2], sys.argv[3:])
+    elif cmd in ("write", "report") and len(sys.argv) == 3:
         (write if cmd == "write" else report)(sys.argv[2])
     elif cmd in ("confirm", "main-dev") and len(sys.argv) == 4:
         (confirm if cmd == "confirm" else main_dev)(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: dev_levers.py write|report ROWS.parquet | confirm|main-dev ROWS.parquet OUT.parquet")
+        sys.exit("usage: dev_levers.py write|report ROWS.parquet | add ROWS.parquet LABEL... | "
+                 "confirm|main-dev ROWS.parquet OUT.parquet")
