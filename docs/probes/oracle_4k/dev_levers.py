@@ -17,13 +17,13 @@ at the same budget, from one tracked prefill:
   added to the same rows afterwards with `add normalized` (the pick is re-read with it).
 
 The rule, fixed before the run: the variant with the most needles found, ties broken by the
-mean answer log-likelihood, is the one `confirm` re-runs on the 90 test needles (probe.py's
-cell) against the committed INT3 and SmartKV rows. Nothing here changes a default.
+mean answer log-likelihood, is the pick. Its test-seed figure is not re-run here: probe.py
+already ran `rotated@int3` on the 90 test needles (before this pick, so it is a diagnosis, not
+a confirmation). Nothing here changes a default.
 
     python docs/probes/oracle_4k/dev_levers.py write docs/probes/oracle_4k/dev_rows.parquet
     python docs/probes/oracle_4k/dev_levers.py add docs/probes/oracle_4k/dev_rows.parquet normalized
     python docs/probes/oracle_4k/dev_levers.py report docs/probes/oracle_4k/dev_rows.parquet
-    python docs/probes/oracle_4k/dev_levers.py confirm docs/probes/oracle_4k/dev_rows.parquet OUT.parquet
     python docs/probes/oracle_4k/dev_levers.py main-dev docs/probes/oracle_4k/dev_rows.parquet docs/probes/oracle_4k/main_dev_rows.parquet > docs/probes/oracle_4k/main_dev_report.md
 
 `main-dev` puts the chosen lever beside the default on the main grid's dev needles (seed 100, 30
@@ -35,22 +35,17 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from smartkv import matched_study as ms
 from smartkv.io import atomic_write_parquet, read_parquet_with_meta
 from smartkv.models import load_tokenizer
 from smartkv.stats.paired import mcnemar_exact
-from smartkv.study.driver import TIMING_COLUMNS, evaluate_runs
 from smartkv.study.grid import task_plan, task_samples
-from smartkv.study.runs import smartkv_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe import KEY, LENGTH, MATCHED, TASK, committed, discordant  # noqa: E402
+from probe import KEY, LENGTH, TASK, discordant, evaluate, setup  # noqa: E402
 
 DEV_SEED, PER_DEPTH = 100, 6
 LEVERS = {
@@ -65,24 +60,6 @@ LEVERS = {
 }
 
 
-def _setup():
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    s = ms.settings(params, "extra_cells")
-    sub = {**params, "model": s["model"]}
-    old = committed()
-    budget = float(old.loc[old.run == MATCHED, "budget"].iloc[0])
-    spec = next(r for r in smartkv_runs(sub, {"int3": budget}) if r.label == MATCHED)
-    return params, s, sub, spec
-
-
-def _evaluate(sub, runs, rows: pd.DataFrame, meta: dict, split: str) -> pd.DataFrame:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tasks.parquet"
-        atomic_write_parquet(rows, path, meta)
-        df = evaluate_runs(sub, runs, path, split=split, desc="levers")
-    return df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS]).sort_values(["run", *KEY])
-
-
 def dev_tasks(params: dict, s: dict) -> pd.DataFrame:
     """The dev needles: seed 100, `PER_DEPTH` per depth, the extra_cells niah layout at 4k."""
     niah = params["extra_cells"]["tasks"][TASK]
@@ -95,24 +72,24 @@ def dev_tasks(params: dict, s: dict) -> pd.DataFrame:
 
 def add(path: str, labels: list[str]) -> None:
     """Evaluate more `LEVERS` on the same dev needles and add their rows to `path`."""
-    params, s, sub, spec = _setup()
+    params, s, sub, spec = setup()
     old = pd.read_parquet(path)
     unknown = [x for x in labels if x not in LEVERS or x in set(old["run"])]
     if unknown:
         sys.exit(f"add: {unknown} are not new labels of LEVERS ({', '.join(LEVERS)})")
     _, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
     runs = [dataclasses.replace(spec, label=k, params={**spec.params, **LEVERS[k]}) for k in labels]
-    new = _evaluate(sub, runs, dev_tasks(params, s), meta, "dev")
+    new = evaluate(sub, runs, dev_tasks(params, s), meta, "dev", "levers")
     both = pd.concat([old, new], ignore_index=True).sort_values(["run", *KEY]).reset_index(drop=True)
     atomic_write_parquet(both, Path(path), meta)
 
 
 def write(out: str) -> None:
-    params, s, sub, spec = _setup()
+    params, s, sub, spec = setup()
     rows = dev_tasks(params, s)
     _, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
     runs = [dataclasses.replace(spec, label=k, params={**spec.params, **v}) for k, v in LEVERS.items()]
-    atomic_write_parquet(_evaluate(sub, runs, rows, meta, "dev").reset_index(drop=True), Path(out), meta)
+    atomic_write_parquet(evaluate(sub, runs, rows, meta, "dev", "levers"), Path(out), meta)
 
 
 def chosen(dev: pd.DataFrame) -> str:
@@ -137,29 +114,8 @@ def report(path: str) -> None:
     print(f"\nChosen by the rule (most found, then answer log-lik.): `{chosen(dev)}`.")
 
 
-def confirm(dev_path: str, out: str) -> None:
-    """The chosen lever on the 90 test needles at 4k, against the committed rows of that cell."""
-    params, s, sub, spec = _setup()
-    pick = chosen(pd.read_parquet(dev_path))
-    run = dataclasses.replace(spec, label=f"{pick}@int3", params={**spec.params, **LEVERS[pick]})
-    tasks, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
-    cell = tasks[(tasks.task == TASK) & (tasks.context_length == LENGTH)]
-    new = _evaluate(sub, [run], cell, meta, "test")
-    atomic_write_parquet(new.reset_index(drop=True), Path(out), meta)
-    old = committed()
-    print(f"# `{run.label}` (chosen on dev seed {DEV_SEED}) on the {len(new)} test needles at 4k\n")
-    print(f"`{run.label}` {int(new.score.sum())}/{len(new)}; answer log-lik. {new.answer_logprob.mean():.3f}; "
-          f"kv_ratio {new.kv_ratio.mean():.3f}; by depth "
-          f"{' / '.join(str(v) for v in new.groupby('depth').score.sum().astype(int).values)}\n")
-    for base in ("int3", MATCHED):
-        b_rows = old[old.run == base]
-        t, b = discordant(new, b_rows)
-        print(f"- against committed `{base}` ({int(b_rows.score.sum())}/{len(b_rows)}): {t} / {b} discordant, "
-              f"exact McNemar p {mcnemar_exact(t, b):.3g}")
-
-
 def main_dev(dev_path: str, out: str) -> None:
-    params, s, sub, spec = _setup()
+    params, s, sub, spec = setup()
     pick = chosen(pd.read_parquet(dev_path))
     from smartkv.study.runs import headline_run
 
@@ -167,8 +123,8 @@ def main_dev(dev_path: str, out: str) -> None:
     runs = [head, dataclasses.replace(head, label=pick, params={**head.params, **LEVERS[pick]})]
     tasks, meta = read_parquet_with_meta("data/tasks.parquet")
     rows = tasks[(tasks.split == "dev") & (tasks.task == TASK)]
-    new = _evaluate(params, runs, rows, meta, "dev")
-    atomic_write_parquet(new.reset_index(drop=True), Path(out), meta)
+    new = evaluate(params, runs, rows, meta, "dev", "levers")
+    atomic_write_parquet(new, Path(out), meta)
     base = new[new.run == head.label]
     print(f"# `{pick}` beside the default on the main grid's dev needles (seed {DEV_SEED}, budget "
           f"{head.params['budget']})\n")
@@ -191,8 +147,8 @@ if __name__ == "__main__":
         add(sys.argv[2], sys.argv[3:])
     elif cmd in ("write", "report") and len(sys.argv) == 3:
         (write if cmd == "write" else report)(sys.argv[2])
-    elif cmd in ("confirm", "main-dev") and len(sys.argv) == 4:
-        (confirm if cmd == "confirm" else main_dev)(sys.argv[2], sys.argv[3])
+    elif cmd == "main-dev" and len(sys.argv) == 4:
+        main_dev(sys.argv[2], sys.argv[3])
     else:
         sys.exit("usage: dev_levers.py write|report ROWS.parquet | add ROWS.parquet LABEL... | "
-                 "confirm|main-dev ROWS.parquet OUT.parquet")
+                 "main-dev ROWS.parquet OUT.parquet")

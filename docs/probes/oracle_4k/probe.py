@@ -52,23 +52,36 @@ def committed() -> pd.DataFrame:
     return df[(df.task == TASK) & (df.context_length == LENGTH)]
 
 
-def write(out: str) -> None:
+def setup() -> tuple[dict, dict, dict, object]:
+    """params.yaml, its extra_cells settings, the params the runs see, and the committed
+    `smartkv@int3` spec at INT3's bytes measured in this cell (the probes' common start)."""
     params = yaml.safe_load(Path("params.yaml").read_text())
     s = ms.settings(params, "extra_cells")
     sub = {**params, "model": s["model"]}
     old = committed()
-    budget = float(old.loc[old.run == MATCHED, "budget"].iloc[0])  # INT3's bytes measured in this cell
+    budget = float(old.loc[old.run == MATCHED, "budget"].iloc[0])
     spec = next(r for r in smartkv_runs(sub, {"int3": budget}) if r.label == MATCHED)
+    return params, s, sub, spec
+
+
+def evaluate(sub: dict, runs: list, rows: pd.DataFrame, meta: dict, split: str, desc: str) -> pd.DataFrame:
+    """`runs` on the prompts `rows` as the stages evaluate them (one prefill per prompt), without
+    the timing columns, sorted by run and prompt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tasks.parquet"
+        atomic_write_parquet(rows, path, meta)
+        df = evaluate_runs(sub, runs, path, split=split, desc=desc)
+    df = df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS])
+    return df.sort_values(["run", *KEY]).reset_index(drop=True)
+
+
+def write(out: str) -> None:
+    params, s, sub, spec = setup()
     runs = [dataclasses.replace(spec, label=label, params={**spec.params, **over}, oracle=oracle)
             for label, (over, oracle) in VARIANTS.items()]
     tasks, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
     cell = tasks[(tasks.task == TASK) & (tasks.context_length == LENGTH)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tasks.parquet"
-        atomic_write_parquet(cell, path, meta)
-        df = evaluate_runs(sub, runs, path, split="test", desc="oracle_4k")
-    df = df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS])
-    atomic_write_parquet(df.sort_values(["run", *KEY]).reset_index(drop=True), Path(out), meta)
+    atomic_write_parquet(evaluate(sub, runs, cell, meta, "test", "oracle_4k"), Path(out), meta)
 
 
 def discordant(t: pd.DataFrame, b: pd.DataFrame) -> tuple[int, int]:

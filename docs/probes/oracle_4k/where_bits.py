@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dev_levers import _setup  # noqa: E402
-from probe import LENGTH, TASK  # noqa: E402
+from probe import LENGTH, TASK, setup  # noqa: E402
 
 from smartkv.evaluate import needle_token_span  # noqa: E402
 from smartkv.io import read_parquet_with_meta  # noqa: E402
@@ -39,7 +38,7 @@ def bits(cache, n: int) -> np.ndarray:
 
 @torch.no_grad()
 def main() -> None:
-    params, s, sub, spec = _setup()
+    params, s, sub, spec = setup()
     tasks, _ = read_parquet_with_meta("data/extra_cells_tasks.parquet")
     rows = tasks[(tasks.task == TASK) & (tasks.context_length == LENGTH) & (tasks.depth == DEPTH)
                  & tasks.sample_id.str.endswith("-0")]
