@@ -64,12 +64,10 @@ def cell_checks(df: pd.DataFrame, tests: pd.DataFrame) -> dict:
     smartkv/cell_check.py): whether the win is spread over the grid or carried by one cell."""
     from smartkv.cell_check import CELL, cell_check
 
-    if tests.empty:
-        return {"cells": list(CELL), "comparisons": []}
-    pooled = tests[(tests["measure"] == "score") & (tests["task"] == "all")]
-    acc = df[df["metric"] != "perplexity"] if "metric" in df else df
+    # perplexity rows carry no score, and cell_check pairs scored prompts only
+    pooled = tests[(tests["measure"] == "score") & (tests["task"] == "all")] if not tests.empty else tests
     return {"cells": list(CELL),
-            "comparisons": [cell_check(acc, r.target, r.baseline) for r in pooled.itertuples()],
+            "comparisons": [cell_check(df, r.target, r.baseline) for r in pooled.itertuples()],
             "matched_stages": matched_stage_cells()}
 
 
@@ -84,7 +82,6 @@ def matched_stage_cells() -> dict:
         if not path.is_file():  # the stage has not run (its section is named missing in REPORT)
             continue
         df = pd.read_parquet(path)
-        df = df[df["metric"] != "perplexity"] if "metric" in df else df
         runs = set(df["run"])
         out[stage] = [cell_check(df, r, matched_baseline(r)) for r in sorted(runs) if matched_baseline(r) in runs]
     return out
