@@ -13,6 +13,7 @@ from typing import Mapping
 
 import pandas as pd
 
+from smartkv.report.cells_section import carried_by_one_cell
 from smartkv.stats import PERPLEXITY_TASK, comparison_table, run_memory
 
 SMALL_N = 30  # below this, a paired test has little power for a few-point difference
@@ -65,8 +66,6 @@ def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9)
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
                 ablation_tests: pd.DataFrame | None = None, second_model: Mapping | None = None,
                 extra_cells: Mapping | None = None, cells: Mapping | None = None) -> list[str]:
-    from smartkv.report.cells_section import carried_by_one_cell
-
     out = significant_losses(tests, ablation_tests)
     out += matched_study_limits(second_model, "second_model") + matched_study_limits(extra_cells, "extra_cells")
     out += carried_by_one_cell(cells, tests)
