@@ -25,10 +25,14 @@ one of the oracle's is the candidate; nothing here changes a default.
     python docs/probes/oracle_4k/lookahead.py main-dev docs/probes/oracle_4k/lookahead_rows.parquet docs/probes/oracle_4k/lookahead_main_dev_rows.parquet > docs/probes/oracle_4k/lookahead_main_dev.md
     python docs/probes/oracle_4k/lookahead.py test docs/probes/oracle_4k/lookahead_rows.parquet docs/probes/oracle_4k/lookahead_test_rows.parquet > docs/probes/oracle_4k/lookahead_test.md
 
+    python docs/probes/oracle_4k/lookahead.py main-test docs/probes/oracle_4k/lookahead_rows.parquet docs/probes/oracle_4k/lookahead_main_test_rows.parquet > docs/probes/oracle_4k/lookahead_main_test.md
+
 `main-dev` puts the candidate beside the default on the main grid's dev needles (seed 100, 1k and
 2k, `data/tasks.parquet`) at the headline budget: a lever must not buy 4k by losing the lengths
 the main study runs. `test` then runs the candidate and the default once on the 90 test needles
 at 4k that tuning never saw (`data/extra_cells_tasks.parquet`), paired with committed INT3.
+`main-test` does the same for the main study's `smartkv@int3` spec on its 210 test needles (1k
+and 2k, `data/tasks.parquet`), with the cell-by-cell check (`smartkv.cell_check`) beside committed INT3.
 """
 
 from __future__ import annotations
@@ -136,6 +140,36 @@ def test(dev_path: str, out: str) -> None:
     print(f"\n`{pick}` against `default` (both run here): {t} / {b}, exact p {mcnemar_exact(t, b):.3g}.")
 
 
+def main_test(dev_path: str, out: str) -> None:
+    import json
+
+    from smartkv.cell_check import cell_check, describe
+    from smartkv.study.match import budgets
+    from smartkv.study.runs import smartkv_runs
+
+    pick = candidate(pd.read_parquet(dev_path))
+    if pick is None:
+        sys.exit("main-test: no candidate on the dev rows (no k within one needle of the oracle)")
+    params = setup()[0]
+    _install(["default", pick])
+    matched = budgets(json.loads(Path("metrics/matched_budgets.json").read_text()), "test")
+    specs = [r for r in smartkv_runs(params, matched) if r.label == "smartkv@int3"]
+    runs = [dataclasses.replace(r, label=lab, oracle=lab != "default") for lab in ("default", pick) for r in specs]
+    tasks, meta = read_parquet_with_meta("data/tasks.parquet")
+    new = evaluate(params, runs, tasks[(tasks.split == "test") & (tasks.task == "niah")], meta, "test", "lookahead")
+    atomic_write_parquet(new, Path(out), meta)
+    base = pd.read_parquet("data/baselines.parquet")
+    int3 = base[(base.run == "int3") & (base.task == "niah") & (base.split == "test")]
+    print(f"# `{pick}` on the main study's {len(int3)} test needles (`smartkv@int3`'s spec and bytes), "
+          f"paired with committed INT3 ({int(int3.score.sum())}/{len(int3)})\n")
+    _pair_table(new, ["default", pick], int3, "context_length")
+    t, b = discordant(new[new.run == pick], new[new.run == "default"])
+    print(f"\n`{pick}` against `default` (both run here): {t} / {b}, exact p {mcnemar_exact(t, b):.3g}.\n")
+    both = pd.concat([new, int3], ignore_index=True)
+    for label in ("default", pick):
+        print("- " + describe(cell_check(both, label, "int3")))
+
+
 def report(path: str) -> None:
     dev = pd.read_parquet(path)
     print(f"# Lookahead importance at 4k on dev seed {DEV_SEED} ({dev.sample_id.nunique()} needles, INT3's bytes)\n")
@@ -161,7 +195,7 @@ if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd in ("write", "report") and len(sys.argv) == 3:
         (write if cmd == "write" else report)(sys.argv[2])
-    elif cmd in ("main-dev", "test") and len(sys.argv) == 4:
-        (main_dev if cmd == "main-dev" else test)(sys.argv[2], sys.argv[3])
+    elif cmd in ("main-dev", "test", "main-test") and len(sys.argv) == 4:
+        {"main-dev": main_dev, "test": test, "main-test": main_test}[cmd](sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: lookahead.py write|report ROWS.parquet | main-dev|test DEV_ROWS.parquet OUT.parquet")
+        sys.exit("usage: lookahead.py write|report ROWS.parquet | main-dev|test|main-test DEV_ROWS.parquet OUT.parquet")
