@@ -97,20 +97,25 @@ def chosen(dev: pd.DataFrame) -> str:
     return g.sort_values(["correct", "ll"], ascending=False).index[0]
 
 
-def report(path: str) -> None:
-    dev = pd.read_parquet(path)
-    print(f"# Ranking levers at 4k on dev seed {DEV_SEED} ({dev.sample_id.nunique()} needles, INT3's bytes)\n")
+def dev_table(dev: pd.DataFrame, labels) -> None:
+    """The dev rows' table: each of `labels` (in that order, those present) against `default`."""
     print("| run | correct | correct by depth (0.1 / 0.3 / 0.5 / 0.7 / 0.9) | answer log-lik. | KL from FP16 | "
           "kv_ratio | needle bits | vs default: alone right / default alone right, exact p |")
     print("|---|---|---|---|---|---|---|---|")
     base = dev[dev.run == "default"]
-    for run in [x for x in LEVERS if x in set(dev["run"])]:
+    for run in [x for x in labels if x in set(dev["run"])]:
         r = dev[dev.run == run]
         t, b = discordant(r, base)
         depth = " / ".join(str(v) for v in r.groupby("depth").score.sum().astype(int).values)
         print(f"| `{run}` | {int(r.score.sum())}/{len(r)} | {depth} | {r.answer_logprob.mean():.3f} | "
               f"{r.kl_fp16.mean():.4f} | {r.kv_ratio.mean():.3f} | {r.needle_bits.mean():.2f} | "
               f"{t} / {b}, {mcnemar_exact(t, b):.3g} |")
+
+
+def report(path: str) -> None:
+    dev = pd.read_parquet(path)
+    print(f"# Ranking levers at 4k on dev seed {DEV_SEED} ({dev.sample_id.nunique()} needles, INT3's bytes)\n")
+    dev_table(dev, LEVERS)
     print(f"\nChosen by the rule (most found, then answer log-lik.): `{chosen(dev)}`.")
 
 

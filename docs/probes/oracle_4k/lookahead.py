@@ -49,7 +49,7 @@ from smartkv.io import atomic_write_parquet, read_parquet_with_meta
 from smartkv.stats.paired import mcnemar_exact
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dev_levers import DEV_SEED, dev_tasks  # noqa: E402
+from dev_levers import DEV_SEED, dev_table, dev_tasks  # noqa: E402
 from probe import KEY, discordant, evaluate, setup  # noqa: E402
 
 STEPS = {"default": None, "lookahead-1": 1, "lookahead-2": 2, "lookahead-4": 4, "lookahead-8": 8,
@@ -88,6 +88,13 @@ def candidate(dev: pd.DataFrame) -> str | None:
     return near[0] if near else None
 
 
+def _candidate_or_exit(dev_path: str, cmd: str) -> str:
+    pick = candidate(pd.read_parquet(dev_path))
+    if pick is None:
+        sys.exit(f"{cmd}: no candidate on the dev rows (no k within one needle of the oracle)")
+    return pick
+
+
 def _pair_table(new: pd.DataFrame, labels: list[str], base: pd.DataFrame, by: str) -> None:
     print(f"| run | found | by {by} | answer log-lik. | KL from FP16 | kv_ratio | vs `{base.run.iloc[0]}`: "
           "alone right / it alone right, exact p |")
@@ -103,9 +110,7 @@ def _pair_table(new: pd.DataFrame, labels: list[str], base: pd.DataFrame, by: st
 def main_dev(dev_path: str, out: str) -> None:
     from smartkv.study.runs import headline_run
 
-    pick = candidate(pd.read_parquet(dev_path))
-    if pick is None:
-        sys.exit("main-dev: no candidate on the dev rows (no k within one needle of the oracle)")
+    pick = _candidate_or_exit(dev_path, "main-dev")
     params = setup()[0]
     _install(["default", pick])
     head = headline_run(params)
@@ -121,9 +126,7 @@ def main_dev(dev_path: str, out: str) -> None:
 def test(dev_path: str, out: str) -> None:
     from probe import committed
 
-    pick = candidate(pd.read_parquet(dev_path))
-    if pick is None:
-        sys.exit("test: no candidate on the dev rows (no k within one needle of the oracle)")
+    pick = _candidate_or_exit(dev_path, "test")
     params, s, sub, spec = setup()
     _install(["default", pick])
     runs = [dataclasses.replace(spec, label="default", oracle=False), dataclasses.replace(spec, label=pick, oracle=True)]
@@ -147,9 +150,7 @@ def main_test(dev_path: str, out: str) -> None:
     from smartkv.study.match import budgets
     from smartkv.study.runs import smartkv_runs
 
-    pick = candidate(pd.read_parquet(dev_path))
-    if pick is None:
-        sys.exit("main-test: no candidate on the dev rows (no k within one needle of the oracle)")
+    pick = _candidate_or_exit(dev_path, "main-test")
     params = setup()[0]
     _install(["default", pick])
     matched = budgets(json.loads(Path("metrics/matched_budgets.json").read_text()), "test")
@@ -175,17 +176,7 @@ def report(path: str) -> None:
     print(f"# Lookahead importance at 4k on dev seed {DEV_SEED} ({dev.sample_id.nunique()} needles, INT3's bytes)\n")
     print("`lookahead-k`: the prefill's statistics plus the attention of the first k FP16 decode queries; "
           "`oracle`: of the whole FP16 generation. The answer is read through the quantized cache in every run.\n")
-    print("| run | correct | correct by depth (0.1 / 0.3 / 0.5 / 0.7 / 0.9) | answer log-lik. | KL from FP16 | "
-          "kv_ratio | needle bits | vs default: alone right / default alone right, exact p |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = dev[dev.run == "default"]
-    for run in [x for x in STEPS if x in set(dev["run"])]:
-        r = dev[dev.run == run]
-        t, b = discordant(r, base)
-        depth = " / ".join(str(v) for v in r.groupby("depth").score.sum().astype(int).values)
-        print(f"| `{run}` | {int(r.score.sum())}/{len(r)} | {depth} | {r.answer_logprob.mean():.3f} | "
-              f"{r.kl_fp16.mean():.4f} | {r.kv_ratio.mean():.3f} | {r.needle_bits.mean():.2f} | "
-              f"{t} / {b}, {mcnemar_exact(t, b):.3g} |")
+    dev_table(dev, STEPS)
     pick = candidate(dev)
     print("\nThe rule (smallest k within one needle of the oracle): "
           + (f"`{pick}`." if pick else "no k up to 8 comes within one needle of the oracle."))
