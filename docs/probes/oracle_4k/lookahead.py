@@ -50,7 +50,7 @@ from smartkv.stats.paired import mcnemar_exact
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dev_levers import DEV_SEED, dev_table, dev_tasks  # noqa: E402
-from probe import KEY, discordant, evaluate, setup  # noqa: E402
+from probe import KEY, LENGTH, TASK, committed, discordant, evaluate, setup  # noqa: E402
 
 STEPS = {"default": None, "lookahead-1": 1, "lookahead-2": 2, "lookahead-4": 4, "lookahead-8": 8,
          "oracle": 0}  # label -> FP16 decode steps read (0: the whole generation; None: no oracle)
@@ -116,7 +116,7 @@ def main_dev(dev_path: str, out: str) -> None:
     head = headline_run(params)
     runs = [dataclasses.replace(head, label="default", oracle=False), dataclasses.replace(head, label=pick, oracle=True)]
     tasks, meta = read_parquet_with_meta("data/tasks.parquet")
-    new = evaluate(params, runs, tasks[(tasks.split == "dev") & (tasks.task == "niah")], meta, "dev", "lookahead")
+    new = evaluate(params, runs, tasks[(tasks.split == "dev") & (tasks.task == TASK)], meta, "dev", "lookahead")
     atomic_write_parquet(new, Path(out), meta)
     print(f"# `{pick}` beside the default on the main grid's dev needles (seed {DEV_SEED}, budget "
           f"{head.params['budget']})\n")
@@ -124,14 +124,12 @@ def main_dev(dev_path: str, out: str) -> None:
 
 
 def test(dev_path: str, out: str) -> None:
-    from probe import committed
-
     pick = _candidate_or_exit(dev_path, "test")
     params, s, sub, spec = setup()
     _install(["default", pick])
     runs = [dataclasses.replace(spec, label="default", oracle=False), dataclasses.replace(spec, label=pick, oracle=True)]
     tasks, meta = read_parquet_with_meta("data/extra_cells_tasks.parquet")
-    cell = tasks[(tasks.task == "niah") & (tasks.context_length == 4096)]
+    cell = tasks[(tasks.task == TASK) & (tasks.context_length == LENGTH)]
     new = evaluate(sub, runs, cell, meta, "test", "lookahead")
     atomic_write_parquet(new, Path(out), meta)
     int3 = committed()
@@ -157,10 +155,10 @@ def main_test(dev_path: str, out: str) -> None:
     specs = [r for r in smartkv_runs(params, matched) if r.label == "smartkv@int3"]
     runs = [dataclasses.replace(r, label=lab, oracle=lab != "default") for lab in ("default", pick) for r in specs]
     tasks, meta = read_parquet_with_meta("data/tasks.parquet")
-    new = evaluate(params, runs, tasks[(tasks.split == "test") & (tasks.task == "niah")], meta, "test", "lookahead")
+    new = evaluate(params, runs, tasks[(tasks.split == "test") & (tasks.task == TASK)], meta, "test", "lookahead")
     atomic_write_parquet(new, Path(out), meta)
     base = pd.read_parquet("data/baselines.parquet")
-    int3 = base[(base.run == "int3") & (base.task == "niah") & (base.split == "test")]
+    int3 = base[(base.run == "int3") & (base.task == TASK) & (base.split == "test")]
     print(f"# `{pick}` on the main study's {len(int3)} test needles (`smartkv@int3`'s spec and bytes), "
           f"paired with committed INT3 ({int(int3.score.sum())}/{len(int3)})\n")
     _pair_table(new, ["default", pick], int3, "context_length")
