@@ -179,3 +179,19 @@ def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
     assert any(x.startswith("The extra cells (niah@4k (n = 20))") for x in out)
     assert "dvc repro extra_cells" in "\n".join(extra_cells_section(None))
     assert "`default` (the main study's model)" in "\n".join(extra_cells_section(m))
+
+
+def test_the_summary_of_findings_states_a_matched_stage_s_loss_and_its_inconclusive_cells():
+    # a loss at 4k (SmartKV alone right 0, int3 alone right 12) next to a cell that cannot tell
+    from smartkv.report.sections import summary_of_findings
+
+    df = pd.concat([_frame([0] * 12 + [1] * 8, [1] * 20, 4096),
+                    _frame([1, 0, 1], [0, 1, 1], 1024).assign(sample_id=lambda d: d["sample_id"] + "k")],
+                   ignore_index=True)
+    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
+    text = "\n".join(summary_of_findings(None, {"extra_cells": m}))
+    line = next(x for x in text.splitlines() if "(`extra_cells`)" in x)
+    assert "`smartkv@int3` vs `int3`: pooled **significantly worse** (0.435 vs 0.957, n = 23, 1 / 13 discordant" in line
+    assert "niah@4k **significantly worse** (0.400 vs 1.000, n = 20, 0 / 12 discordant, Holm p < 0.001)" in line
+    assert "niah@1k inconclusive (0.667 vs 0.667, n = 3, 1 / 1 discordant, Holm p = 1.000)" in line
+    assert "second_model" not in text  # a stage that has not run adds no bullet

@@ -48,6 +48,15 @@ def matched_score_tests(tests: pd.DataFrame | None) -> pd.DataFrame:
     return t.reset_index(drop=True)
 
 
+def matched_stage_scores(m: dict | None) -> list[dict]:
+    """A matched-comparison stage's accuracy comparisons (metrics/extra_cells.json, second_model.json),
+    pooled first, then per cell, each with `outcome` from its Holm-adjusted verdict."""
+    words = {"target better": WIN, "target worse": LOSS}
+    rows = [dict(c, outcome=words.get(c.get("verdict"), INCONCLUSIVE))
+            for c in (m or {}).get("comparisons", []) if c.get("measure") == "score"]
+    return sorted(rows, key=lambda c: (c["target"], c["task"] != "all"))
+
+
 def comparison_counts(tests: pd.DataFrame | None) -> dict:
     t = matched_score_tests(tests)
     return {k: (t[t["outcome"] == k] if len(t) else t) for k in (WIN, LOSS, INCONCLUSIVE)}

@@ -37,6 +37,11 @@ def summary_of_findings(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
         out += [_cmp_sentence(r) for r in t.to_dict("records") if r["outcome"] != f.INCONCLUSIVE]
     else:
         out.append("No matched comparisons were run.")
+    for stage, where in (("extra_cells", "At 4k tokens and on RULER multikey (`extra_cells`)"),
+                         ("second_model", "On the second model family (`second_model`)")):
+        sentence = matched_stage_sentence(metrics.get(stage), where)
+        if sentence:
+            out.append(sentence)
     h = f.hypothesis(metrics.get("sensitivity"))
     if h:
         out.append(hypothesis_sentence(h))
@@ -49,6 +54,34 @@ def summary_of_findings(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
         out.append(f"The headline run's teacher-forced throughput is {r:.2f} × FP16's on this machine"
                    + (" (slower)." if r < 1 else "."))
     return [f"- {x}" for x in out] + [""]
+
+
+def _p_relation(p) -> str:
+    """`= 0.450` or `< 0.001`, for a p value inside a sentence."""
+    text = _p(p)
+    return f"< {text[1:]}" if text.startswith("<") else f"= {text}"
+
+
+def matched_stage_sentence(m: dict | None, where: str) -> str | None:
+    """One bullet for a matched-comparison stage: each SmartKV run against its baseline pooled over
+    the stage's cells, then cell by cell, with the Holm-adjusted verdict, so a loss or an
+    inconclusive cell there is as visible as the main study's wins."""
+    rows = f.matched_stage_scores(m)
+    if not rows:
+        return None
+    word = {f.WIN: "**significantly better**", f.LOSS: "**significantly worse**", f.INCONCLUSIVE: "inconclusive"}
+    parts = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = [r for r in rows if r["target"] == target]
+        said = []
+        for r in mine:
+            where_ = "pooled" if r["task"] == "all" else r["task"]
+            disc = ("" if r.get("n_target_only") is None
+                    else f", {int(r['n_target_only'])} / {int(r['n_baseline_only'])} discordant")
+            said.append(f"{where_} {word[r['outcome']]} ({r['target_mean']:.3f} vs {r['baseline_mean']:.3f}, "
+                        f"n = {int(r['n_pairs'])}{disc}, Holm p {_p_relation(r['p_holm'])})")
+        parts.append(f"`{target}` vs `{mine[0]['baseline']}`: " + "; ".join(said))
+    return f"{where}, model `{m['model']}`, accuracy: " + ". ".join(parts) + "."
 
 
 def hypothesis_sentence(h: dict) -> str:
