@@ -18,9 +18,15 @@ def _ci(d, lo, hi, digits=3) -> str:
     return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def _p_relation(p) -> str:
+    """`= 0.450` or `< 0.001`, for a p value inside a sentence."""
+    text = _p(p)
+    return f"< {text[1:]}" if text.startswith("<") else f"= {text}"
+
+
 def _cmp_sentence(r) -> str:
     head = f"`{r['target']}` ({r['target_kv_ratio']:.3f} × FP16) vs `{r['baseline']}` ({r['baseline_kv_ratio']:.3f})"
-    stat = f"Δ accuracy {_ci(r['mean_diff'], r['ci_lo'], r['ci_hi'])}, n = {int(r['n_pairs'])}, Holm p = {_p(r['p_holm'])}"
+    stat = f"Δ accuracy {_ci(r['mean_diff'], r['ci_lo'], r['ci_hi'])}, n = {int(r['n_pairs'])}, Holm p {_p_relation(r['p_holm'])}"
     word = {f.WIN: "**SmartKV is significantly better**", f.LOSS: "**SmartKV is significantly worse**",
             f.INCONCLUSIVE: "inconclusive"}[r["outcome"]]
     return f"{head}: {word} ({stat})."
@@ -54,12 +60,6 @@ def summary_of_findings(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
         out.append(f"The headline run's teacher-forced throughput is {r:.2f} × FP16's on this machine"
                    + (" (slower)." if r < 1 else "."))
     return [f"- {x}" for x in out] + [""]
-
-
-def _p_relation(p) -> str:
-    """`= 0.450` or `< 0.001`, for a p value inside a sentence."""
-    text = _p(p)
-    return f"< {text[1:]}" if text.startswith("<") else f"= {text}"
 
 
 def matched_stage_sentence(m: dict | None, where: str) -> str | None:
@@ -132,7 +132,7 @@ def per_task_lines(tests: pd.DataFrame | None) -> list[str]:
         return [f"Per task, none of the {len(t)} accuracy comparisons survives Holm: every per-task "
                 "difference is inconclusive.", ""]
     return [f"Per task, {len(sig)} of {len(t)} accuracy comparisons survive Holm:", ""] + [
-        f"- {r.task}: `{r.target}` vs `{r.baseline}` {r.verdict} (Δ = {r.mean_diff:+.3f}, Holm p = {_p(r.p_holm)})"
+        f"- {r.task}: `{r.target}` vs `{r.baseline}` {r.verdict} (Δ = {r.mean_diff:+.3f}, Holm p {_p_relation(r.p_holm)})"
         for r in sig.itertuples()] + [""]
 
 
