@@ -71,11 +71,11 @@ def main(params: dict) -> None:
     n = int(summary[summary["run"] == HEADLINE]["n_samples"].sum()) if len(summary) else 0
     figures = {cap: str(PLOTS / f"{stem}.png") for cap, stem in FIGURES.items() if (PLOTS / f"{stem}.png").exists()}
     config = {k: get(params, k, None) for k in ("model", "dtype", "seeds", "split", "tasks", "longbench", "budget", "budgets",
-                                                "decay", "realloc_freq", "smartkv", "baselines", "ablations")}
+                                                "decay", "realloc_freq", "smartkv", "baselines", "ablations", "stats")}
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
     # the slides' metrics, and the matched-comparison stages' and the sweeps' (which the slides do not show)
-    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "sweeps", "cells"))
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "sweeps", "cells", "budgets"))
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)

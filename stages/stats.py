@@ -1,13 +1,14 @@
 """Stage `stats`: summaries over seeds, paired tests at matched memory, metrics and a markdown table.
 
 Reads data/{baselines,peers,smartkv,ablations}.parquet (and data/{second_model,extra_cells}.parquet
-for the cell check only). Writes
+for the cell check and the budget bounds only). Writes
 - data/summary.parquet (run x task: mean ± std over seeds), data/tests.parquet (paired tests of
   each baseline against its matched SmartKV run, per measure, pooled and per task);
 - metrics/main.json (per run: mean of per-task means, pooled mean, KV memory), metrics/tasks.json
   (per run x task), metrics/significance.json, metrics/ablations.json, metrics/power.json (exact
   McNemar power), metrics/cells.json (each matched comparison cell by cell: does one cell of
-  the grid carry it?): deterministic, identical on a re-run;
+  the grid carry it?), metrics/budgets.json (every SmartKV row's kv_ratio against its budget:
+  within [budget − memory_tolerance, budget]?): deterministic, identical on a re-run;
 - metrics/main_table.md: the per-task table, the matched comparisons and the power line.
 """
 
@@ -71,6 +72,19 @@ def cell_checks(df: pd.DataFrame, tests: pd.DataFrame) -> dict:
             "matched_stages": matched_stage_cells()}
 
 
+def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: float) -> dict:
+    """metrics/budgets.json: every SmartKV row against its budget, per stage (smartkv/stats/budget_bounds.py)."""
+    from smartkv.stats.budget_bounds import budget_bounds
+
+    stages = {"smartkv": main_raw, "ablations": abl_raw}
+    for stage in MATCHED_STAGES:
+        path = DATA / f"{stage}.parquet"
+        if path.is_file():
+            stages[stage] = pd.read_parquet(path)
+    out = {stage: budget_bounds(df, slack) for stage, df in stages.items()}
+    return {"slack": float(slack), "all_within": all(v["all_within"] for v in out.values()), "stages": out}
+
+
 def matched_stage_cells() -> dict:
     """The same check on the matched-comparison stages' rows (`smartkv@<b>` against `b`)."""
     from smartkv.cell_check import cell_check
@@ -124,7 +138,8 @@ def main(params: dict) -> None:
     split = study_split(params)
     main_raw = read_results("baselines", "peers", "smartkv", split=split)
     main_df = length_strata(main_raw)
-    abl_df = length_strata(read_results("ablations", split=split))
+    abl_raw = read_results("ablations", split=split)
+    abl_df = length_strata(abl_raw)
     summary = summarize(main_df)
     ov = overall(main_df)
     tests = matched_tests(main_df, ov, settings)
@@ -164,6 +179,7 @@ def main(params: dict) -> None:
     atomic_write_json(METRICS / "ablations.json", abl)
     atomic_write_text(METRICS / "main_table.md", main_table(summary, tests, power))
     atomic_write_json(METRICS / "cells.json", cell_checks(main_raw, tests))
+    atomic_write_json(METRICS / "budgets.json", smartkv_budget_bounds(main_raw, abl_raw, settings["memory_tolerance"]))
     log.info("main table:\n%s", markdown_table(summary))
 
 
