@@ -73,8 +73,8 @@ def cell_checks(df: pd.DataFrame, tests: pd.DataFrame) -> dict:
 
 
 def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: float) -> dict:
-    """metrics/budgets.json: every SmartKV row against its budget, per stage (smartkv/stats/budget_bounds.py)."""
-    from smartkv.stats.budget_bounds import budget_bounds
+    """metrics/budgets.json: every SmartKV row against its budget, per stage (smartkv/budget_bounds.py)."""
+    from smartkv.budget_bounds import budget_bounds
 
     stages = {"smartkv": main_raw, "ablations": abl_raw}
     for stage in MATCHED_STAGES:

@@ -1,5 +1,5 @@
 """The study's targets in REPORT (smartkv/report/goals.py) and the budget bounds behind them
-(smartkv/stats/budget_bounds.py): met only with Δ >= 0 and a CI that rules out a loss > margin."""
+(smartkv/budget_bounds.py): met only with Δ >= 0 and a CI that rules out a loss > margin."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from smartkv.report.goals import goal_rows, goals_section, judge
-from smartkv.stats.budget_bounds import budget_bounds
+from smartkv.budget_bounds import budget_bounds
 
 
 def _test(target, baseline, diff, lo, hi, task="all", measure="score", **kw) -> dict:
