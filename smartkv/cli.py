@@ -81,6 +81,7 @@ def cmd_generate(args) -> int:
 
     from smartkv.methods.budget_check import check_budget_reachable
     from smartkv.methods.registry import build_cache, config_dict
+    from smartkv.last_query import attend_last_query
     from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
 
     if args.threads:
@@ -90,7 +91,8 @@ def cmd_generate(args) -> int:
     ids, mask = encode(tok, [prompt], device=model.device)
     # The cache ends holding prompt + new tokens - 1 (the last token is never fed back).
     check_budget_reachable(args.method, params, model.config, ids.shape[1] + args.max_new_tokens - 1, model.dtype)
-    pre = prefill(model, ids, mask)
+    # the fork ranks from every prompt query, as `model.generate` with this cache would
+    pre = attend_last_query(model, prefill(model, ids, mask))
     cache, _ = fork(pre, RunSpec(args.method, args.method, params), model)
     new, seconds = decode(model, pre, cache, args.max_new_tokens, do_sample=args.sample, seed=args.seed)
     text = tok.decode(new[0], skip_special_tokens=True)

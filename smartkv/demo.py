@@ -65,12 +65,13 @@ def run_demo(model, tokenizer, *, length: int = 1024, depth: float = 0.5, seed: 
     """FP16 and SmartKV on one passkey prompt from one shared prefill; answers, bytes and the bits map."""
     import torch
 
+    from smartkv.last_query import attend_last_query
     from smartkv.runner import RunSpec, decode, encode, fork, memory_of, prefill
     from smartkv.tasks import generate_task
 
     sample = generate_task("passkey", tokenizer, n_per_cell=1, lengths=[length], depths=[depth], seed=seed)[0]
     ids, mask = encode(tokenizer, [sample.prompt], device=model.device)
-    pre = prefill(model, ids, mask)
+    pre = attend_last_query(model, prefill(model, ids, mask))  # rank from every prompt query
     out = {"prompt_tokens": int(ids.shape[1]), "passkey": sample.answers[0], "runs": {}}
     runs = [RunSpec("fp16", "fp16"), RunSpec("smartkv", "smartkv", {"budget": budget, **(smartkv_params or {})})]
     for run in runs:
