@@ -106,6 +106,21 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def machine_name(device: str = "cpu") -> str:
+    """The GPU's name on a CUDA device, else the CPU's model name (and its core count)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def provenance(config: dict, repo_dir: str | os.PathLike = _REPO_ROOT, revision: bool = False) -> dict:
     """Config and library versions; `revision=True` adds the git revision (for documents such
     as REPORT.md that nothing downstream hashes; it is "-dirty" inside `dvc exp run`)."""

@@ -15,8 +15,8 @@ their caches. The statistics of the kept tokens are exactly those of an FP16 gen
 after one step (`runner.oracle_tracker(model, pre, 1)`, the probe's `lookahead-1`): the
 README's "The missing query" measures what that ranking is worth at 4k tokens.
 
-The command line's `generate` and `demo` fork from such a prefill. The study's stages still
-rank from the prefill without it: they adopt it with their next full re-run (README).
+The study's forks (`smartkv.evaluate`), the command line's `generate`, `demo` and `bench` fork
+from such a prefill.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import torch
 
 from smartkv.cache.base import clear_active_update
-from smartkv.runner import Prefill
+from smartkv.runner import Prefill, positions
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def attend_last_query(model, pre: Prefill) -> Prefill:
                          f"({pre.input_ids.shape[1] - 1} tokens); the cache holds {held}")
     start = time.perf_counter()
     model(input_ids=pre.input_ids[:, -1:], attention_mask=pre.attention_mask, past_key_values=cache,
-          use_cache=True, logits_to_keep=1)
+          position_ids=positions(pre.attention_mask)[:, -1:], use_cache=True, logits_to_keep=1)
     clear_active_update()
     cache.crop(-1)  # the key and value go; what the query added to the kept tokens stays
     pre.seconds += time.perf_counter() - start

@@ -96,15 +96,23 @@ def prepare(s: dict, tokenizer) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
-    """The baselines, then SmartKV at each `match` baseline's measured bytes per cell; one frame."""
+def run_baselines(params: dict, s: dict, tasks_file, cell=None) -> pd.DataFrame:
+    """FP16 and the `runs` baselines on the section's prompts (of one cell when given)."""
+    from smartkv.study.driver import evaluate_runs
+
+    sub = {**params, "model": s["model"]}
+    return evaluate_runs(sub, s["runs"], tasks_file, split="test", desc=f"{s['model']} baselines", cell=cell)
+
+
+def run_smartkv(params: dict, s: dict, tasks_file, base: pd.DataFrame, cell=None) -> pd.DataFrame:
+    """SmartKV at each `match` baseline's bytes measured per (task, length) on `base`, the
+    baselines' rows of every cell, on the section's prompts (of one cell when given)."""
     from smartkv.study.driver import evaluate_runs
     from smartkv.study.match import budgets, measure
     from smartkv.study.labels import matched_baseline
     from smartkv.study.runs import smartkv_runs
 
     sub = {**params, "model": s["model"]}
-    base = evaluate_runs(sub, s["runs"], tasks_file, split="test", desc=f"{s['model']} baselines")
     matched = budgets(measure(base, s["match"]), "test")
     lost = [x for x in s["match"] if x not in matched]
     if lost:
@@ -112,9 +120,8 @@ def run(params: dict, s: dict, tasks_file) -> pd.DataFrame:
     # the matched runs alone (the headline and the Pareto sweep are the main study's)
     runs = [r for r in smartkv_runs(sub, matched) if matched_baseline(r.label)]
     if not runs:
-        return base
-    ours = evaluate_runs(sub, runs, tasks_file, split="test", desc=f"{s['model']} smartkv")
-    return pd.concat([base, ours], ignore_index=True)
+        return base.iloc[:0]
+    return evaluate_runs(sub, runs, tasks_file, split="test", desc=f"{s['model']} smartkv", cell=cell)
 
 
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
@@ -163,17 +170,6 @@ def accuracy(df: pd.DataFrame) -> dict:
             "n": n, "correct": k, "accuracy": k / n, "ci95": [float(lo), float(hi)],
             "kv_ratio": float(g["kv_ratio"].mean())}
     return out
-
-
-def write(df: pd.DataFrame, results, timings, config: dict) -> None:
-    """Results and wall clock apart (as every model stage writes them: smartkv.study.driver)."""
-    from smartkv.io import atomic_write_parquet, provenance
-    from smartkv.study.driver import split_timings
-
-    res, tim = split_timings(df)
-    prov = provenance(config)
-    atomic_write_parquet(res, results, prov)
-    atomic_write_parquet(tim, timings, prov)
 
 
 def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:

@@ -71,6 +71,13 @@ def encode(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` numbers a left-padded row: from its first real token (pads get 1,
+    which no real token attends). Unpadded rows get 0, 1, 2, ... as without them."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay: float = 0.9,
             obs_window: int = 64, track: bool = True, keep: tuple[str, ...] | None = None) -> Prefill:
     """Run the prompt minus its last token through an FP16 cache that tracks importance (float32:
@@ -87,8 +94,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, decay:
     tracker = ImportanceTracker(decay, obs_window, keep) if track else None
     cache = KVCache([FP16Layer() for _ in range(n_layers(model.config))], "prefill", None, tracker)
     start = time.perf_counter()
+    # numbered as generate numbers the row, so a padded row's prefill is the row's own
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
+          position_ids=positions(attention_mask)[:, :-1], logits_to_keep=1)
     clear_active_update()
     return Prefill(cache, input_ids, attention_mask, time.perf_counter() - start)
 

@@ -2,7 +2,7 @@
 
 Experiments are queued with `dvc exp run --queue -S split=dev -S decay=0.85,0.9,0.95 smartkv`
 (see README) and run with `dvc queue start -j N`. Each finished experiment is a commit
-holding its params, `metrics/smartkv.json` and, git-tracked, `data/smartkv.parquet`;
+holding its params, `metrics/smartkv.json` and, git-tracked, `data/smartkv/<cell>.parquet`;
 `dvc exp show --json` lists them. Only dev-seed experiments count as evidence for choosing
 a default (test seeds report, never choose). For each swept parameter, the summary takes
 the experiments whose other swept parameters sit at the current `params.yaml` values (one
@@ -51,7 +51,7 @@ from smartkv.study.params import get
 
 SWEPT = ("budget", "decay", "realloc_freq", "smartkv.allocation")
 METRICS_FILE = "metrics/smartkv.json"
-RESULTS_FILE = "data/smartkv.parquet"
+RESULTS_DIR = "data/smartkv"  # one file per cell (smartkv/study/cells.py)
 PROMPT_KEY = ("task", "sample_id", "seed", "context_length")
 # Per-prompt measures compared with the current value (score: 0/1 needle rows; nll: perplexity rows).
 MEASURES = ("score", "answer_logprob", "kl_fp16", "nll")
@@ -68,10 +68,18 @@ def dvc_experiments(repo: str | Path = ".") -> list[dict]:
 
 
 def git_rows(repo: str | Path = ".") -> RowsAt:
-    """rev -> that commit's `data/smartkv.parquet`, or None where the commit or the file is absent."""
+    """rev -> the union of that commit's `data/smartkv/<cell>.parquet`, or None where the commit or
+    the files are absent."""
+    def show(rev: str, path: str) -> bytes | None:
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True)
+        return proc.stdout if proc.returncode == 0 and proc.stdout else None
+
     def rows_at(rev: str) -> pd.DataFrame | None:
-        proc = subprocess.run(["git", "show", f"{rev}:{RESULTS_FILE}"], cwd=repo, capture_output=True)
-        return pd.read_parquet(io.BytesIO(proc.stdout)) if proc.returncode == 0 and proc.stdout else None
+        ls = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{RESULTS_DIR}"], cwd=repo, capture_output=True,
+                            text=True)
+        names = [n for n in ls.stdout.split() if n.endswith(".parquet")] if ls.returncode == 0 else []
+        blobs = [b for b in (show(rev, f"{RESULTS_DIR}/{n}") for n in names) if b]
+        return pd.concat([pd.read_parquet(io.BytesIO(b)) for b in blobs], ignore_index=True) if blobs else None
     return rows_at
 
 

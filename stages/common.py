@@ -23,10 +23,15 @@ DATA = Path("data")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 TASKS_FILE = DATA / "tasks.parquet"
-RESULTS = {"baselines": DATA / "baselines.parquet", "peers": DATA / "peers.parquet",
-           "smartkv": DATA / "smartkv.parquet", "ablations": DATA / "ablations.parquet"}
-# Wall-clock timings of the model stages: run-varying, read only by the `latency` stage.
-TIMINGS = {name: DATA / "timings" / f"{name}.parquet" for name in RESULTS}
+PEERS_FILE = DATA / "peers.parquet"
+# The model stages' results, cell by cell (smartkv/study/cells.py): part -> the `cells` group that
+# names its files, data/<part>/<cell>.parquet (wall clock: data/timings/<part>/<cell>.parquet).
+# The peers (one kvpress process) still write one file.
+CELL_PARTS = {"baselines": "main", "smartkv": "main", "ablations": "main",
+              "extra_cells/baselines": "extra_cells", "extra_cells/smartkv": "extra_cells",
+              "second_model/baselines": "second_model", "second_model/smartkv": "second_model"}
+PARTS = (*CELL_PARTS, "peers")
+TIMINGS_PEERS = DATA / "timings" / "peers.parquet"
 MATCHED_BUDGETS = METRICS / "matched_budgets.json"
 
 log = logging.getLogger("stages")
@@ -54,24 +59,66 @@ def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
     return run
 
 
-def write_results(df, stage: str, config: dict) -> None:
-    """A model stage's rows: results to data/<stage>.parquet, wall clock to data/timings/."""
+def cell_arg() -> str:
+    """A cell stage's one command-line argument: its cell's name (dvc.yaml passes `${item}`)."""
+    from smartkv.study.params import ParamError
+
+    if len(sys.argv) != 2:
+        raise ParamError(f"usage: python -m {Path(sys.argv[0]).stem} <cell>: one cell name of params.yaml's `cells` "
+                         f"list (got {sys.argv[1:]!r})")
+    return sys.argv[1]
+
+
+def cell_file(part: str, cell: str, timings: bool = False) -> Path:
+    return (DATA / "timings" if timings else DATA) / part / f"{cell}.parquet"
+
+
+def part_files(part: str, params: dict, timings: bool = False) -> list[Path]:
+    """The files that hold a part's rows: one per cell listed in params, in the list's order."""
+    from smartkv.study.cells import cell_list
+
+    if part == "peers":
+        return [TIMINGS_PEERS if timings else PEERS_FILE]
+    return [cell_file(part, c.name, timings) for c in cell_list(params, CELL_PARTS[part])]
+
+
+def row_provenance(device: str = "cpu") -> dict[str, str]:
+    """What made a results row: the code's revision, the machine, the torch build."""
+    import torch
+
+    from smartkv.io import git_revision, machine_name
+
+    return {"revision": code_revision(git_revision()), "machine": machine_name(device), "torch": torch.__version__}
+
+
+def write_results(df, part: str, cell: str, config: dict, device: str = "cpu") -> None:
+    """One cell of a model stage: results (with their provenance per row) to data/<part>/<cell>.parquet,
+    wall clock to data/timings/<part>/<cell>.parquet."""
     from smartkv.io import atomic_write_parquet, provenance
     from smartkv.study.driver import split_timings
 
     results, timings = split_timings(df)
-    prov = provenance(config)
-    atomic_write_parquet(results, RESULTS[stage], prov)
-    atomic_write_parquet(timings, TIMINGS[stage], prov)
-    log.info("wrote %s: %d rows (%d runs); timings in %s", RESULTS[stage], len(results),
-             results["run"].nunique(), TIMINGS[stage])
+    results = results.assign(**row_provenance(device))
+    prov = provenance(config | {"cell": cell})
+    atomic_write_parquet(results, cell_file(part, cell), prov)
+    atomic_write_parquet(timings, cell_file(part, cell, timings=True), prov)
+    log.info("wrote %s: %d rows (%d runs); timings in %s", cell_file(part, cell), len(results),
+             results["run"].nunique() if len(results) else 0, cell_file(part, cell, timings=True))
 
 
-def read_results(*names: str, split: str | None = None):
-    """Per-sample results of the named model stages, on one split's seeds."""
+def read_results(*parts: str, split: str | None = None, params: dict | None = None):
+    """Per-sample results of the named parts (the union of their cells), on one split's seeds."""
     from smartkv.study.driver import read_results as read
 
-    return read([RESULTS[n] for n in names], split)
+    from smartkv.study.params import ParamError
+
+    params = load_params() if params is None else params
+    files = [part_files(p, params) for p in parts]
+    missing = [f for fs in files for f in fs if not f.is_file()]
+    if missing:
+        raise ParamError(f"{len(missing)} cell file(s) not written yet, e.g. {missing[0]}: run the stages that write "
+                         "them first (`dvc repro`, or `dvc status` to see which)")
+    return read(files, split)
 
 
 # What `dvc repro` itself rewrites before this stage runs: not a change to the code or params

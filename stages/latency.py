@@ -15,7 +15,7 @@ import pandas as pd
 
 from smartkv.study.params import study_split
 from smartkv.study.labels import HEADLINE
-from stages.common import METRICS, PLOTS, TIMINGS, stage_main
+from stages.common import METRICS, PLOTS, part_files, stage_main
 
 
 @stage_main
@@ -24,7 +24,8 @@ def main(params: dict) -> None:
     from smartkv.plots import latency_bars, write_plot_data
 
     split = study_split(params)
-    frames = [read_parquet_with_meta(path)[0] for path in TIMINGS.values()]
+    frames = [read_parquet_with_meta(path)[0] for part in ("baselines", "smartkv", "ablations")
+              for path in part_files(part, params, timings=True)]
     t = pd.concat(frames, ignore_index=True)
     t = t[(t["split"] == split) & t["tokens_per_s"].notna()]
     # The headline run appears once (the ablations stage does not re-run it).

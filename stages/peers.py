@@ -25,7 +25,7 @@ from pathlib import Path
 from smartkv.kvpress_peers import PRESSES, PeerSpec
 from smartkv.study.params import (PARAMS_FILE, ParamError, check_positive_int, device_setting, get, is_num,
                                   load_params, model_settings, study_split)
-from stages.common import DATA, TASKS_FILE, TIMINGS
+from stages.common import DATA, TASKS_FILE, TIMINGS_PEERS
 
 PEERS_FILE = DATA / "peers.parquet"
 log = logging.getLogger("stages.peers")
@@ -143,7 +143,7 @@ def run(params: dict) -> None:
     # wall clock apart (data/timings/peers.parquet), so the results' hash depends on content only
     results, timings = split_timings(df)
     atomic_write_parquet(results, PEERS_FILE, meta)
-    atomic_write_parquet(timings, TIMINGS["peers"], meta)
+    atomic_write_parquet(timings, TIMINGS_PEERS, meta)
     log.info("wrote %s: %d rows (%d peers x %d samples)", PEERS_FILE, len(df), len(specs), len(df) // len(specs))
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from smartkv.study import get
 from smartkv.models import load_tokenizer
+from smartkv.study.cells import check_cover
 from smartkv.study.grid import longbench_plan, task_plan, task_samples
 from smartkv.study.params import model_settings, seeds_by_split
 from stages.common import TASKS_FILE, stage_main
@@ -43,6 +44,8 @@ def main(params: dict) -> None:
         log.debug("%s seed %d: %s -> %d samples", split, seed, "longbench" if t is lb else t["name"], len(samples))
     df = pd.DataFrame(rows)
     config = {k: get(params, k, None) for k in ("model", "seeds", "tasks", "longbench", "max_new_tokens")}
+    # the model stages run cell by cell: the cell list must cover this grid, before any model work
+    check_cover(params, "main", {(str(t), int(n)) for t, n in zip(df["task"], df["context_length"])})
     atomic_write_parquet(df, TASKS_FILE, provenance(config))
     log.info("wrote %s: %d samples (%s)", TASKS_FILE, len(df),
              ", ".join(f"{k} {v}" for k, v in df["split"].value_counts().sort_index().items()))

@@ -1,4 +1,5 @@
-"""Stage `smartkv`: every SmartKV run of the study, one tracked prefill per prompt shared by all.
+"""Stage `smartkv@<cell>`: every SmartKV run of the study on one cell, one tracked prefill per
+prompt shared by all (`python -m stages.smartkv_runs <cell>`, one DVC stage per cell of `cells.main`).
 
 - the headline run at `budget`, SmartKV at each matched baseline's measured memory
   (`smartkv@<baseline>`) and the Pareto sweep over `budgets`, on the `split` seeds;
@@ -10,9 +11,9 @@ The ablations share this stage because they share its prefill: each prompt's tra
 (the statistics every run reads, and the oracle's FP16 generation) is paid once, not once per
 stage. Their params (`budget`, `decay`, `realloc_freq`, `smartkv`) are the headline's anyway.
 
--> data/smartkv.parquet and data/ablations.parquet (+ data/timings/ of each), and
-metrics/smartkv.json (per-run means, read by `dvc exp show` and the sweeps stage). A budget
-below a context's floor gives rows with `error` set.
+-> data/smartkv/<cell>.parquet and data/ablations/<cell>.parquet (+ data/timings/ of each); the
+stats stage writes metrics/smartkv.json (per-run means over every cell, read by `dvc exp show`
+and the sweeps stage). A budget below a context's floor gives rows with `error` set.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ from __future__ import annotations
 import json
 
 from smartkv.study import get
-from smartkv.study.driver import evaluate_runs, run_metrics
+from smartkv.study.cells import find
+from smartkv.study.driver import evaluate_runs
 from smartkv.study.match import budgets
-from smartkv.study.params import ParamError, model_settings, seed_subset, study_split
+from smartkv.study.params import ParamError, device_setting, model_settings, seed_subset, study_split
 from smartkv.study.runs import ablation_runs, smartkv_runs
-from stages.common import MATCHED_BUDGETS, METRICS, TASKS_FILE, stage_main, write_results
+from stages.common import MATCHED_BUDGETS, TASKS_FILE, cell_arg, stage_main, write_results
 
 
 @stage_main
 def main(params: dict) -> None:
-    from smartkv.io import atomic_write_json
-
     model_settings(params)
+    cell = find(params, "main", cell_arg())
     split = study_split(params)
     if not MATCHED_BUDGETS.is_file():
         raise ParamError(f"{MATCHED_BUDGETS} not found: run the match stage first (`dvc repro match`)")
@@ -44,14 +45,15 @@ def main(params: dict) -> None:
     # `ablations_seeds` bounds the ablations on the test split; a dev sweep (one seed by
     # default) runs them on every dev seed.
     only = seed_subset(params, "ablations_seeds") if split == "test" else None
-    df = evaluate_runs(params, runs + ablations, TASKS_FILE, split=split, desc="smartkv",
-                       run_seeds=None if only is None else {r.label: only for r in ablations})
+    df = evaluate_runs(params, runs + ablations, TASKS_FILE, split=split, desc=f"smartkv {cell.name}",
+                       run_seeds=None if only is None else {r.label: only for r in ablations}, cell=cell)
     is_ablation = df["run"].isin({r.label for r in ablations})
     shared = {k: get(params, k, None) for k in ("model", "dtype", "split", "budget", "smartkv", "decay", "realloc_freq")}
-    write_results(df[~is_ablation].reset_index(drop=True), "smartkv", shared | {"budgets": get(params, "budgets")})
-    write_results(df[is_ablation].reset_index(drop=True), "ablations",
-                  shared | {k: get(params, k, None) for k in ("ablations", "ablations_seeds")})
-    atomic_write_json(METRICS / "smartkv.json", run_metrics(df[~is_ablation]))
+    device = device_setting(params)
+    write_results(df[~is_ablation].reset_index(drop=True), "smartkv", cell.name,
+                  shared | {"budgets": get(params, "budgets")}, device)
+    write_results(df[is_ablation].reset_index(drop=True), "ablations", cell.name,
+                  shared | {k: get(params, k, None) for k in ("ablations", "ablations_seeds")}, device)
 
 
 if __name__ == "__main__":

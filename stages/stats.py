@@ -21,6 +21,7 @@ import pandas as pd
 
 from smartkv.study.params import stats_settings, study_split
 from smartkv.study.labels import HEADLINE
+from smartkv.study.driver import run_metrics
 from stages.common import DATA, METRICS, read_results, stage_main
 
 log = logging.getLogger("stages.stats")
@@ -78,11 +79,33 @@ def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: 
 
     stages = {"smartkv": main_raw, "ablations": abl_raw}
     for stage in MATCHED_STAGES:
-        path = DATA / f"{stage}.parquet"
-        if path.is_file():
-            stages[stage] = pd.read_parquet(path)
+        stages[stage] = read_results(f"{stage}/baselines", f"{stage}/smartkv")
     out = {stage: budget_bounds(df, slack) for stage, df in stages.items()}
     return {"slack": float(slack), "all_within": all(v["all_within"] for v in out.values()), "stages": out}
+
+
+def rows_provenance(params: dict) -> dict:
+    """metrics/provenance.json: per results part, which revisions, machines and torch builds made
+    its rows (and in which cells), so a table that mixes them says so."""
+    from stages.common import PARTS, part_files
+    from smartkv.io import read_parquet_with_meta
+
+    cols = ("revision", "machine", "torch")
+    out = {}
+    for part in PARTS:
+        groups: dict[tuple, dict] = {}
+        for path in part_files(part, params):
+            df, _ = read_parquet_with_meta(path)
+            for col in cols:
+                if col not in df:
+                    df[col] = "not recorded"
+            for key, g in df.groupby(list(cols), sort=True):
+                e = groups.setdefault(tuple(key), {"rows": 0, "cells": []})
+                e["rows"] += int(len(g))
+                e["cells"].append(path.stem)
+        out[part] = [{**dict(zip(cols, k)), **v} for k, v in sorted(groups.items())]
+    mixed = lambda c: sorted({e[c] for v in out.values() for e in v})  # noqa: E731
+    return {"parts": out, "revisions": mixed("revision"), "machines": mixed("machine")}
 
 
 def matched_stage_cells() -> dict:
@@ -92,10 +115,7 @@ def matched_stage_cells() -> dict:
 
     out = {}
     for stage in MATCHED_STAGES:
-        path = DATA / f"{stage}.parquet"
-        if not path.is_file():  # the stage has not run (its section is named missing in REPORT)
-            continue
-        df = pd.read_parquet(path)
+        df = read_results(f"{stage}/baselines", f"{stage}/smartkv")
         runs = set(df["run"])
         out[stage] = [cell_check(df, r, matched_baseline(r)) for r in sorted(runs) if matched_baseline(r) in runs]
     return out
@@ -164,6 +184,9 @@ def main(params: dict) -> None:
     atomic_write_parquet(abl_tests, DATA / "ablation_tests.parquet", prov)
 
     atomic_write_json(METRICS / "main.json", {"runs": overall_json(ov)})
+    atomic_write_json(METRICS / "provenance.json", rows_provenance(params))
+    # per-run means of the smartkv cells, for `dvc exp show` and the sweeps stage
+    atomic_write_json(METRICS / "smartkv.json", run_metrics(read_results("smartkv", split=split)))
     atomic_write_json(METRICS / "power.json", power)
     atomic_write_json(METRICS / "tasks.json", strip_timing(metrics_json(summary)))
     sig = strip_timing(metrics_json(summary.iloc[0:0], tests if not tests.empty else None))

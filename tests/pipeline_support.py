@@ -13,6 +13,7 @@ side by side instead of one after the other.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,11 @@ TINY = REPO / "tests" / "fixtures" / "params_tiny.yaml"
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
+# Stage names as dvc.yaml writes them; a `foreach` stage runs as `<name>@<item>`, one per cell.
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
-          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "second_model", "extra_cells"]
+          "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "section_tasks",
+          "extra_cells_baselines", "extra_cells_smartkv", "second_model_baselines", "second_model_smartkv",
+          "section_tests"]
 
 
 def run(cmd: list, cwd: Path) -> str:
@@ -38,13 +42,19 @@ def run(cmd: list, cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
+def ran_cells(out: str) -> list[str]:
+    """Every stage `dvc repro` ran, foreach items by their full name (`baselines@niah-160-1of2`)."""
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
 def ran_stages(out: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in out}
+    return {name.split("@")[0] for name in ran_cells(out)} & set(STAGES)
 
 
 def stale_stages(status: str) -> set[str]:
     """Stages `dvc status` names (a line "<stage>:" for each stage whose deps, params or outs changed)."""
-    return {line.strip()[:-1] for line in status.splitlines() if line.strip()[:-1] in STAGES and line.strip().endswith(":")}
+    names = {line.strip()[:-1].split("@")[0] for line in status.splitlines() if line.strip().endswith(":")}
+    return names & set(STAGES)
 
 
 def git(*args: str, cwd: Path) -> str:

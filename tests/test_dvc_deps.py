@@ -88,6 +88,7 @@ def _python_stages() -> dict[str, tuple[str, list[str]]]:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage: one body for every cell
         match = re.search(r"python -m (stages\.\w+)", stage["cmd"])
         if match:
             deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]

@@ -16,6 +16,12 @@ from pathlib import Path
 import pytest
 from pipeline_support import DVC, git, ran_stages, run
 
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json", "profile.json", "second_model.json",
            "extra_cells.json", "cells.json"]
@@ -24,8 +30,20 @@ FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret",
            "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
         "profile.csv"]
-RESULTS = ["tasks", "baselines", "peers", "smartkv", "ablations", "summary", "tests", "ablation_summary",
-           "ablation_tests", "second_model", "second_model_tasks", "extra_cells", "extra_cells_tasks"]
+RESULTS = ["tasks", "peers", "summary", "tests", "ablation_summary", "ablation_tests", "second_model_tasks",
+           "extra_cells_tasks"]
+# The model stages' cells (params_tiny.yaml `cells`): part -> its cell files' names
+CELLS = {"baselines": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
+         "smartkv": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
+         "ablations": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
+         "extra_cells/baselines": ["niah-192", "passkey-128"], "extra_cells/smartkv": ["niah-192", "passkey-128"],
+         "second_model/baselines": ["niah-160"], "second_model/smartkv": ["niah-160"]}
+
+
+def cells_of(repo: Path, part: str):
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(repo / "data" / part / f"{c}.parquet") for c in CELLS[part]], ignore_index=True)
 
 
 @pytest.mark.slow
@@ -35,7 +53,18 @@ def test_pipeline_end_to_end(origin: Path):
     tracked = set(git("ls-files", cwd=repo).split())
     for name in RESULTS:
         assert f"data/{name}.parquet" in tracked
-    assert {f"data/timings/{s}.parquet" for s in ("baselines", "smartkv", "ablations")} <= tracked
+    for part, cells in CELLS.items():
+        assert {f"data/{part}/{c}.parquet" for c in cells} <= tracked, part
+        assert {f"data/timings/{part}/{c}.parquet" for c in cells} <= tracked, part
+        rows = cells_of(repo, part)
+        # every row says what made it: the committed code's revision, the machine, the torch build
+        assert len(rows) and {"revision", "machine", "torch"} <= set(rows.columns), part
+        assert rows["revision"].str.fullmatch(r"[0-9a-f]{40}").all() and (rows["machine"] != "").all(), part
+    # the two shards of niah-160 split its prompts, and their union is every prompt once
+    shards = [set(pd_read(repo / f"data/baselines/niah-160-{i}of2.parquet")["sample_id"]) for i in (1, 2)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    prov = json.loads((repo / "metrics/provenance.json").read_text())
+    assert len(prov["revisions"]) == 1 and "results rows come from 1 revision(s)" in (repo / "REPORT.md").read_text()
 
     for name in METRICS:
         assert json.loads((repo / "metrics" / name).read_text()), name
@@ -57,13 +86,13 @@ def test_pipeline_end_to_end(origin: Path):
     assert main["smartkv@int4"]["kv_ratio"] <= matched["test"]["int4"]["kv_ratio"] + 1e-6
     import pandas as pd
 
-    sk = pd.read_parquet(repo / "data/smartkv.parquet")
+    sk = cells_of(repo, "smartkv")
     assert set(sk["split"]) == {"test"} and set(sk["seed"]) == {0, 1}
     assert json.loads(sk.loc[sk["run"] == "smartkv@int4", "config"].iloc[0])["budget"] == \
         matched["test"]["int4"]["kv_ratio"]
     assert set(sk.loc[sk["run"] == "smartkv@int4", "matched_to"]) == {"int4"}
     assert not {"tokens_per_s", "decode_s", "prefill_s"} & set(sk.columns)
-    bl = pd.read_parquet(repo / "data/baselines.parquet")
+    bl = cells_of(repo, "baselines")
     assert set(bl["split"]) == {"dev", "test"}  # baselines cover both, so no split change re-runs them
 
     second = json.loads((repo / "metrics/second_model.json").read_text())
@@ -125,12 +154,13 @@ def test_pipeline_end_to_end(origin: Path):
     # A model stage re-run from scratch reproduces its results byte for byte (no timestamp, no
     # timing inside): so nothing downstream re-runs except the reader of the timings (and the
     # report, which embeds its figure).
-    before = {p: (repo / p).read_bytes() for p in ["data/smartkv.parquet", *(f"metrics/{m}" for m in DETERMINISTIC)]}
-    timings = (repo / "data/timings/smartkv.parquet").read_bytes()
-    run([DVC, "repro", "--force", "--single-item", "smartkv"], repo)
+    cell = "data/smartkv/niah-160-2of2.parquet"
+    before = {p: (repo / p).read_bytes() for p in [cell, *(f"metrics/{m}" for m in DETERMINISTIC)]}
+    timings = (repo / "data/timings/smartkv/niah-160-2of2.parquet").read_bytes()
+    run([DVC, "repro", "--force", "--single-item", "smartkv@niah-160-2of2"], repo)
     out = run([DVC, "repro"], repo)
     assert ran_stages(out) == {"latency", "report", "slides"}, out[-2000:]
     for path, data in before.items():
         assert (repo / path).read_bytes() == data, f"{path} changed on a re-run"
-    assert (repo / "data/timings/smartkv.parquet").read_bytes() != timings  # the clock did move
+    assert (repo / "data/timings/smartkv/niah-160-2of2.parquet").read_bytes() != timings  # the clock did move
     git("checkout", "--", ".", cwd=repo)  # leave origin as committed

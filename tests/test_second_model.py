@@ -105,11 +105,12 @@ def test_report_section_reads_the_metrics_and_names_a_missing_file():
 
 
 def test_stage_refuses_a_bad_stats_value_before_any_model_work(monkeypatch, capsys):
-    from stages import second_model as stage
+    from stages import section as stage
 
     bad = copy.deepcopy(PARAMS)
     bad["stats"]["alpha"] = 2
     monkeypatch.setattr("stages.common.load_params", lambda: bad)
+    monkeypatch.setattr("sys.argv", ["section", "tasks", "second_model"])
     monkeypatch.setattr(sm, "prepare", lambda *a, **k: pytest.fail("prepared prompts despite a bad stats value"))
     with pytest.raises(SystemExit) as exit_:
         stage.main()
@@ -195,3 +196,20 @@ def test_the_summary_of_findings_states_a_matched_stage_s_loss_and_its_inconclus
     assert "niah@4k **significantly worse** (0.400 vs 1.000, n = 20, 0 / 12 discordant, Holm p < 0.001)" in line
     assert "niah@1k inconclusive (0.667 vs 0.667, n = 3, 1 / 1 discordant, Holm p = 1.000)" in line
     assert "second_model" not in text  # a stage that has not run adds no bullet
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["section"], "usage: python -m stages.section"),
+    (["section", "baselines", "second_model"], "usage: python -m stages.section"),
+    (["section", "tests", "third_model"], "usage: python -m stages.section"),
+    (["section", "baselines", "second_model", "niah-999"], "cells.second_model: no cell 'niah-999'; allowed: niah-"),
+])
+def test_a_section_step_with_bad_arguments_exits_2_with_one_line(monkeypatch, capsys, argv, needle):
+    from stages import section as stage
+
+    monkeypatch.setattr("stages.common.load_params", lambda: copy.deepcopy(PARAMS))
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -131,11 +131,11 @@ def test_stage_exits_2_with_one_line(tmp_path, params):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "matched_budgets.json").write_text("{}")
     env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}
-    proc = subprocess.run([sys.executable, "-m", "stages.smartkv_runs"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "stages.smartkv_runs", p["cells"]["main"][0]], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert lines == ["error: params.yaml: budget=1.5 must be a fraction of FP16 memory in (0, 1]"], proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: params.yaml: budget=1.5 must be a fraction of FP16 memory in (0, 1]"], \
+        proc.stderr
     assert not (tmp_path / "data").exists()
 
 

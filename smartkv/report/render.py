@@ -32,6 +32,20 @@ def _pooled(tests: pd.DataFrame | None) -> pd.DataFrame | None:
     return tests[tests["task"] == "all"] if tests is not None and "task" in tests else tests
 
 
+def rows_provenance_lines(prov: dict | None) -> list[str]:
+    """Which revisions and machines made the results rows (metrics/provenance.json): a table that
+    mixes several says so here."""
+    if not prov:
+        return []
+    out = [f"- results rows come from {len(prov['revisions'])} revision(s) and {len(prov['machines'])} machine(s):"]
+    for part, entries in prov["parts"].items():
+        for e in entries:
+            cells = e["cells"] if len(e["cells"]) <= 4 else e["cells"][:3] + [f"... {len(e['cells'])} cells"]
+            out.append(f"  - `{part}`: {e['rows']} rows, revision `{str(e['revision'])[:10]}`, {e['machine']}, "
+                       f"torch {e['torch']} ({', '.join(cells)})")
+    return out
+
+
 def render_report(
     summary: pd.DataFrame,
     tests: pd.DataFrame,
@@ -99,6 +113,7 @@ def render_report(
         f"- git revision: `{provenance.get('git_revision', 'unknown')}`",
         f"- created: {provenance.get('created', 'unknown')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        *rows_provenance_lines(metrics.get("provenance")),
         "",
         "<details><summary>resolved config</summary>",
         "",

@@ -17,6 +17,7 @@ import pandas as pd
 if TYPE_CHECKING:  # the kvpress peers stage reads tasks with this module under another transformers
     from smartkv.runner import RunSpec
 
+from smartkv.study.cells import Cell
 from smartkv.study.params import ParamError, model_settings, placement
 from smartkv.study.labels import matched_baseline
 
@@ -56,9 +57,10 @@ def split_of_seeds(path: str | Path) -> dict[int, str]:
 
 def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, split: str | None,
                   desc: str, seeds: list[int] | None = None,
-                  run_seeds: dict[str, list[int]] | None = None) -> pd.DataFrame:
+                  run_seeds: dict[str, list[int]] | None = None, cell: Cell | None = None) -> pd.DataFrame:
     """Every run on every prepared sample of `split` (None: every seed), seed by seed; only
-    `seeds` of them when given, and a run named in `run_seeds` only on its seeds there.
+    `seeds` of them when given, only `cell`'s prompts when given (smartkv/study/cells.py), and a
+    run named in `run_seeds` only on its seeds there.
 
     One row per (run, sample, seed), in a stable order (seed, task, sample, run order);
     with the timing columns, which `split_timings` takes apart before writing.
@@ -76,6 +78,14 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
         tasks = {s: v for s, v in tasks.items() if s in seeds}
     if not tasks:
         raise ParamError(f"{tasks_file} has no samples for split {split!r}: re-run the prepare stage")
+    if cell is not None:
+        mine = cell.take([(seed, x) for seed, v in sorted(tasks.items()) for x in v], sample=lambda p: p[1])
+        if not mine:
+            raise ParamError(f"cells: {cell.name} has no prompts in {tasks_file} (split {split!r}): "
+                             "the cell list and the task grid disagree")
+        tasks = {}
+        for seed, x in mine:
+            tasks.setdefault(seed, []).append(x)
     splits = split_of_seeds(tasks_file)
     torch.manual_seed(0)
     model, tokenizer = load_model(model_name, dtype=dtype, **placement(params))
@@ -129,11 +139,20 @@ def split_timings(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df.drop(columns=timing), df[keys + timing].copy()
 
 
-def read_results(paths: list[str | Path], split: str | None = None) -> pd.DataFrame:
-    """Per-sample results of several stages, restricted to one split's seeds."""
+def read_cells(paths: list[str | Path]) -> pd.DataFrame:
+    """One stage's rows from the files of its cells: each is sorted (seed, task, sample, run order)
+    and the cells partition the prompts, so a stable sort on (seed, task, sample) of their union is
+    the order one stage-wide run writes."""
     from smartkv.io import read_parquet_with_meta
 
     df = pd.concat([read_parquet_with_meta(p)[0] for p in paths], ignore_index=True)
+    return df.sort_values(["seed", "task", "sample_id"], kind="stable").reset_index(drop=True)
+
+
+def read_results(stages: list[list[str | Path]], split: str | None = None) -> pd.DataFrame:
+    """Per-sample results of several stages (each given as its cell files, or one file), one
+    stage after the other, restricted to one split's seeds."""
+    df = pd.concat([read_cells(files) for files in stages], ignore_index=True)
     return df if split is None else df[df["split"] == split].reset_index(drop=True)
 
 
