@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()+b'$(TORCH)').hexdigest()[:12])")
 
-.PHONY: setup venv-kvpress test test-fast repro sweeps bench demo clean-venv plots-template
+.PHONY: setup venv-kvpress test test-fast repro cells sweeps bench demo clean-venv plots-template
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,17 @@ test:
 test-fast: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
-# dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH
+# dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH.
+# `make repro` runs every stale stage (dvc repro --single-item, one cell at a time, in dependency order)
+# with its estimated minutes and the study's ETA; `make cells MINUTES=50` runs stale stages while
+# 50 minutes allow and commits each one as it finishes (scripts/run_cells.py; ONLY='glob ...' to pick).
+MINUTES ?= 50
+ONLY ?=
 repro: setup venv-kvpress
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/run_cells.py
+
+cells: setup venv-kvpress
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/run_cells.py --minutes $(MINUTES) --commit $(if $(ONLY),--only $(ONLY))
 
 # after `dvc queue start` has finished: the sweeps summary of every finished experiment
 sweeps: setup

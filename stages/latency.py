@@ -24,7 +24,7 @@ def main(params: dict) -> None:
     from smartkv.plots import latency_bars, write_plot_data
 
     split = study_split(params)
-    frames = [read_parquet_with_meta(path)[0] for part in ("baselines", "smartkv", "ablations")
+    frames = [read_parquet_with_meta(path)[0] for part in ("baselines", "smartkv", "ablations", "peers")
               for path in part_files(part, params, timings=True)]
     t = pd.concat(frames, ignore_index=True)
     t = t[(t["split"] == split) & t["tokens_per_s"].notna()]

@@ -37,11 +37,12 @@ def rows_provenance_lines(prov: dict | None) -> list[str]:
     mixes several says so here."""
     if not prov:
         return []
+    short = lambda r: r[:10] + ("-dirty" if r.endswith("-dirty") else "") if len(r) >= 40 else r  # noqa: E731
     out = [f"- results rows come from {len(prov['revisions'])} revision(s) and {len(prov['machines'])} machine(s):"]
     for part, entries in prov["parts"].items():
         for e in entries:
             cells = e["cells"] if len(e["cells"]) <= 4 else e["cells"][:3] + [f"... {len(e['cells'])} cells"]
-            out.append(f"  - `{part}`: {e['rows']} rows, revision `{str(e['revision'])[:10]}`, {e['machine']}, "
+            out.append(f"  - `{part}`: {e['rows']} rows, revision `{short(e['revision'])}`, {e['machine']}, "
                        f"torch {e['torch']} ({', '.join(cells)})")
     return out
 
