@@ -163,7 +163,8 @@ def memory_of(cache) -> dict:
     and `breakdown`: kv_bytes by part (smartkv.cache.base.MEMORY_PARTS)."""
     if hasattr(cache, "memory_report"):
         rep = cache.memory_report()
-        return {k: rep[k] for k in ("kv_bytes", "fp16_kv_bytes", "ratio", "tracker_bytes", "mean_bits", "breakdown")}
+        return {k: rep[k] for k in ("kv_bytes", "fp16_kv_bytes", "ratio", "tracker_bytes", "mean_bits", "breakdown",
+                                    "reallocations")}
     from smartkv.methods.hf_quantized import hf_cache_nbytes
 
     rep = hf_cache_nbytes(cache)

@@ -146,3 +146,28 @@ def test_calibration_pilot_uses_dev_seeds_only(model):
     table = pilot_table(df)
     assert table["n"].tolist() == [4]
     assert table["forced_exact"].iloc[0] == pytest.approx(df["forced_exact"].mean())
+
+
+def test_one_spec_under_two_labels_runs_once_and_serves_both(model, samples, monkeypatch):
+    """The headline at INT3's bytes is `smartkv@int3`: the same spec, computed once per sample."""
+    import smartkv.evaluate as ev
+
+    calls = []
+    real = ev._one_run
+    monkeypatch.setattr(ev, "_one_run", lambda *a, **k: calls.append(a[4].label) or real(*a, **k))
+    twin = RunSpec("smartkv@int3", "smartkv", {"budget": 0.5}, "smartkv")
+    df = evaluate(model, TOK, samples[:1], [SMARTKV, twin, RunSpec("int4", "uniform", {"bits": 4})], progress=False)
+    assert calls == ["smartkv", "int4"]
+    a, b = (df[df["run"] == r].iloc[0] for r in ("smartkv", "smartkv@int3"))
+    same = [c for c in df.columns if c not in ("run",)]
+    assert a[same].astype(str).tolist() == b[same].astype(str).tolist()
+
+
+def test_smartkv_rows_count_their_reallocations(model, samples):
+    """memory_of passes the cache's count on: the first allocation at least, for every SmartKV row;
+    a cache without allocation (FP16, uniform) counts none."""
+    df = evaluate(model, TOK, samples, [SMARTKV, RUNS[0], RUNS[1]], progress=False)
+    assert (df.loc[df["run"] == "smartkv", "reallocations"] >= 1).all()
+    ppl = df[(df["run"] == "smartkv") & (df["task"] == "perplexity")]
+    assert (ppl["reallocations"] > 1).all()  # 40 scored tokens in forwards of 16 cross realloc_freq
+    assert (df.loc[df["run"] != "smartkv", "reallocations"] == 0).all()
