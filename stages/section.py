@@ -58,7 +58,12 @@ def tests(params: dict, s: dict) -> None:
 
     section = s["section"]
     stats = stats_settings(params)
-    df = read_results(f"{section}/baselines", f"{section}/smartkv", params=params)
+    from smartkv.io import read_parquet_with_meta
+    from smartkv.stats.clusters import attach_passage_clusters
+
+    # prompts that share a passage are one cluster: the tests count clusters (smartkv/stats/clusters.py)
+    tasks, _ = read_parquet_with_meta(tasks_file(section))
+    df = attach_passage_clusters(read_results(f"{section}/baselines", f"{section}/smartkv", params=params), tasks)
     t = ms.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
                  margin=stats["noninferiority_margin"], family=ms.SECTIONS[section])
     m = ms.metrics(df, t, s)

@@ -22,7 +22,7 @@ import pandas as pd
 from smartkv.study.params import stats_settings, study_split
 from smartkv.study.labels import HEADLINE
 from smartkv.study.driver import run_metrics
-from stages.common import DATA, METRICS, read_results, stage_main
+from stages.common import DATA, METRICS, TASKS_FILE, read_results, stage_main
 
 log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
@@ -151,14 +151,17 @@ def overall_json(ov: pd.DataFrame) -> dict:
 
 @stage_main
 def main(params: dict) -> None:
-    from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance
+    from smartkv.io import atomic_write_json, atomic_write_parquet, atomic_write_text, provenance, read_parquet_with_meta
+    from smartkv.stats.clusters import attach_passage_clusters
     from smartkv.stats import length_strata, main_table, markdown_table, metrics_json, overall, power_report, summarize
 
     settings = stats_settings(params)
     split = study_split(params)
-    main_raw = read_results("baselines", "peers", "smartkv", split=split)
+    # prompts that share a passage are one cluster: every test counts clusters (smartkv/stats/clusters.py)
+    tasks, _ = read_parquet_with_meta(TASKS_FILE)
+    main_raw = attach_passage_clusters(read_results("baselines", "peers", "smartkv", split=split), tasks)
     main_df = length_strata(main_raw)
-    abl_raw = read_results("ablations", split=split)
+    abl_raw = attach_passage_clusters(read_results("ablations", split=split), tasks)
     abl_df = length_strata(abl_raw)
     summary = summarize(main_df)
     ov = overall(main_df)

@@ -1,6 +1,7 @@
 """A `git clone` of the tiny study (`origin`, tests/pipeline_support.py) (slow): it is up to date
 (`dvc status` clean); `dvc exp run -S budget=0.3 smartkv` there leaves prepare, baselines and match as
-they are and makes stale exactly what reads the headline run; `dvc plots show` works offline. It
+they are and makes stale exactly what reads the headline run; `dvc plots show` works offline; a
+`dvc repro` killed mid-stage resumes with the cells that had not finished. It
 reads origin only (a clone copies its commits), so it runs beside tests/test_pipeline.py, which
 re-runs a stage in origin's working tree, and beside tests/test_pipeline_sweeps.py (its own clone).
 """
@@ -39,3 +40,50 @@ def test_clone_is_up_to_date_and_an_experiment_stales_only_its_readers(origin: P
     html = run([DVC, "plots", "show", "-o", tmp_path / "html"], clone) and (tmp_path / "html/index.html").read_text()
     assert "<script src=" not in html and "cdn.jsdelivr" not in html
     assert html.count("vegaEmbed(") >= 3 and "vega-embed" in html  # the three data plots and the library
+
+
+@pytest.mark.slow
+def test_a_repro_killed_mid_stage_resumes_without_redoing_finished_cells(origin: Path, tmp_path: Path):
+    """Kill `dvc repro` of the smartkv cells once the first cell has landed in dvc.lock; the next
+    `dvc repro` re-runs only the cells that had not finished."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+    from pipeline_support import BIN, ran_cells
+
+    clone = tmp_path / "resume"
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["budget"] = 0.35  # every smartkv cell goes stale, nothing upstream of them
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cells = [f"smartkv@{c}" for c in params["cells"]["main"]]
+
+    def landed() -> set[str]:
+        """Cells whose dvc.lock entry already records the new budget."""
+        lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+        return {c for c in cells if lock.get(c, {}).get("params", {}).get("params.yaml", {}).get("budget") == 0.35}
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "SMARTKV_LOG": "WARNING", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([str(DVC), "repro", "smartkv"], cwd=clone, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not landed() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the next cell is running (or about to)
+    proc.wait()
+    finished = landed()
+    assert finished and finished != set(cells), f"the kill came too late or too early: {finished}"
+    for lock in (clone / ".dvc/tmp").glob("*lock*"):  # a killed dvc leaves its locks behind
+        lock.unlink()
+
+    out = run([DVC, "repro", "smartkv"], clone)
+    again = [c for c in ran_cells(out) if c.startswith("smartkv@")]
+    assert set(again) == set(cells) - finished, (again, finished)
+    assert landed() == set(cells)
+    assert all(re.search(rf"Stage '{re.escape(c)}' didn't change, skipping", out) for c in finished), out[-2000:]

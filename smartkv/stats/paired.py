@@ -12,7 +12,9 @@ t-test with its t-interval and the Wilcoxon signed-rank test (Wilcoxon 1945), ex
 there are at most 50 non-zero differences and no ties, normal-approximated otherwise.
 
 Every comparison also gets a cluster-bootstrap 95% CI of the mean difference (see
-`bootstrap.py`) and the non-inferiority verdict against a margin (see `equivalence.py`).
+`bootstrap.py`) and the non-inferiority verdict against a margin (see `equivalence.py`). Where
+prompts share passages (fewer clusters than pairs), the primary p is the cluster-level sign-flip
+test instead (`clusters.py`), and the prompt-level p is kept as `p_prompts`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from smartkv.stats.bootstrap import N_RESAMPLES, cluster_bootstrap_ci
+from smartkv.stats.clusters import cluster_sign_test
 from smartkv.stats.equivalence import noninferiority
 
 KEY = ("task", "sample_id", "seed")
@@ -132,6 +135,12 @@ def compare(
         primary = "wilcoxon" if math.isnan(c["p_t"]) and not math.isnan(c["p_wilcoxon"]) else "paired_t"
         row.update(test=primary, p=c["p_wilcoxon"] if primary == "wilcoxon" else c["p_t"], **c)
     lo, hi, k = cluster_bootstrap_ci(d, clusters, seed, n_resamples, alpha)
+    if d.size and k < d.size:
+        # prompts share passages: the test counts clusters, not prompts (`clusters.py`); the
+        # prompt-level p stays beside it for reference
+        p, k_signed, method = cluster_sign_test(d, clusters, seed)
+        row.update(test=f"cluster_sign_flip_{method}", p_prompts=row["p"], p=p,
+                   note=(row["note"] + "; " if row["note"] else "") + f"{k} clusters ({k_signed} with a nonzero sum)")
     row.update(ci_lo=lo, ci_hi=hi, n_clusters=k, margin=math.nan if margin is None else margin,
                **noninferiority(lo, hi, margin, spec.higher_is_better))
     return row

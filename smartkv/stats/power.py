@@ -86,18 +86,23 @@ def n_for_power(discordance: float, effect: float = 0.10, alpha: float = 0.05, p
 
 def power_report(tests, effect: float = 0.10, alpha: float = 0.05, target_power: float = 0.8,
                  discordance_grid=(0.1, 0.2, 0.3, 0.5)) -> dict:
-    """`metrics/power.json`: for every pooled (task = "all") exact-McNemar comparison, its n,
+    """`metrics/power.json`: for every pooled (task = "all") 0/1 comparison, its n (and clusters),
     observed discordance rate, the power to detect `effect` at that n and rate (the rate
     raised to `effect` where lower: a smaller rate cannot hold such a difference), and the
-    n that reaches `target_power`; the same for the median comparison ("design"), and the
+    n of independent clusters that reaches `target_power`; the same for the median comparison ("design"), and the
     n needed across a grid of discordance rates for planning. Numbers only at the leaves."""
-    rows = tests[(tests["task"] == "all") & (tests["test"] == "mcnemar_exact")] if len(tests) else tests
+    binary = tests["test"].isin(["mcnemar_exact"]) | tests["test"].str.startswith("cluster_sign_flip") \
+        if len(tests) else None
+    rows = tests[(tests["task"] == "all") & binary & tests["n_target_only"].notna()] if len(tests) else tests
     out: dict = {"effect": effect, "alpha": alpha, "target_power": target_power, "comparisons": {}}
 
-    def entry(n: int, observed: float) -> dict:
+    def entry(n: int, observed: float, clusters: int | None = None) -> dict:
         rate = min(1.0, max(observed, effect))
-        return {"n_pairs": n, "discordance_observed": observed, "discordance_assumed": rate,
-                "power": mcnemar_power(n, rate, effect, alpha),
+        # Prompts that share a passage are not independent: the power is computed on the
+        # clusters, as if each were one pair (the bound a fully correlated cluster sets).
+        units = n if clusters is None else min(n, clusters)
+        return {"n_pairs": n, "n_clusters": units, "discordance_observed": observed, "discordance_assumed": rate,
+                "power": mcnemar_power(units, rate, effect, alpha),
                 "n_for_target_power": n_for_power(rate, effect, alpha, target_power)}
 
     for t in rows.to_dict("records"):
@@ -105,11 +110,14 @@ def power_report(tests, effect: float = 0.10, alpha: float = 0.05, target_power:
         if n < 1:
             continue
         key = f"{t['target']}_vs_{t['baseline']}"
-        out["comparisons"][key] = entry(n, (t["n_target_only"] + t["n_baseline_only"]) / n)
+        k = t.get("n_clusters")
+        out["comparisons"][key] = entry(n, (t["n_target_only"] + t["n_baseline_only"]) / n,
+                                        int(k) if k is not None and not np.isnan(k) else None)
     if out["comparisons"]:
         vals = list(out["comparisons"].values())
         out["design"] = entry(int(np.median([v["n_pairs"] for v in vals])),
-                              float(np.median([v["discordance_observed"] for v in vals])))
+                              float(np.median([v["discordance_observed"] for v in vals])),
+                              int(np.median([v["n_clusters"] for v in vals])))
     out["n_for_target_power_by_discordance"] = {
         f"{r:.2f}": n_for_power(r, effect, alpha, target_power) for r in discordance_grid if r >= effect}
     return out

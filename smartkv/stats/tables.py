@@ -8,7 +8,7 @@ import pandas as pd
 
 from smartkv.stats.summary import PERPLEXITY_TASK, run_memory
 
-TEST_LEAVES = ["n_pairs", "n_unpaired", "n_clusters", "n_target_only", "n_baseline_only", "target_mean",
+TEST_LEAVES = ["n_pairs", "n_unpaired", "n_clusters", "p_prompts", "n_target_only", "n_baseline_only", "target_mean",
                "baseline_mean", "mean_diff", "ci_lo", "ci_hi", "p", "p_holm", "p_t", "p_wilcoxon",
                "significant", "noninferior", "equivalent", "margin", "target_kv_ratio", "baseline_kv_ratio",
                "target_kv_bytes", "baseline_kv_bytes"]
@@ -154,8 +154,9 @@ def main_table(summary: pd.DataFrame, tests: pd.DataFrame, power: dict) -> str:
         md.append("")
     d = power.get("design")
     if d:
-        md += ["## Power", f"At the median comparison (n = {d['n_pairs']} pairs, discordance "
-               f"{d['discordance_observed']:.2f}, taken as {d['discordance_assumed']:.2f}), the exact McNemar test has power {d['power']:.2f} to detect a "
+        md += ["## Power", f"At the median comparison (n = {d['n_pairs']} pairs in {d.get('n_clusters', d['n_pairs'])} "
+               f"independent clusters, discordance {d['discordance_observed']:.2f}, taken as "
+               f"{d['discordance_assumed']:.2f}), the exact test on its clusters has power {d['power']:.2f} to detect a "
                f"{power['effect']:.2f} difference at alpha {power['alpha']}; {power['target_power']:.0%} power "
-               f"needs n = {d['n_for_target_power']} independent pairs (more with clustered prompts).", ""]
+               f"needs n = {d['n_for_target_power']} independent clusters (passages, not prompts).", ""]
     return "\n".join(md)
