@@ -24,7 +24,7 @@ KEY = ("sample_id", "seed")
 
 def cell_name(cell: tuple) -> str:
     """`niah@1k d0.1` from (task, prompt length, depth): the matched stages' cell name, plus depth."""
-    from smartkv.matched_study import cell_name as task_at_length
+    from smartkv.matched_tests import cell_name as task_at_length
 
     task, length, depth = cell
     return task_at_length(task, int(length)) + ("" if pd.isna(depth) else f" d{float(depth):g}")

@@ -15,6 +15,9 @@ headline rests on:
 4. exact McNemar per comparison, pooled and per cell, Holm within each family, as the stats
    stage does for the main study.
 
+The tests, metrics and tables of step 4 live in `smartkv/matched_tests.py`, so that the
+cells of steps 2 and 3 (model work) do not depend on the statistics code.
+
 Two stages use it. `second_model`: Gemma-3-270M, a second model family (one KV head of 256
 dimensions, 18 layers of which 5 in 6 attend over a 512-token sliding window), where the main
 study's SmolLM2-135M has 3 KV heads of 64 dimensions on 30 full-attention layers. `extra_cells`:
@@ -25,8 +28,6 @@ and `dvc exp run -S second_model.model=...` re-runs only that one.
 """
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 
@@ -122,95 +123,6 @@ def run_smartkv(params: dict, s: dict, tasks_file, base: pd.DataFrame, cell=None
     if not runs:
         return base.iloc[:0]
     return evaluate_runs(sub, runs, tasks_file, split="test", desc=f"{s['model']} smartkv", cell=cell)
-
-
-def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
-          margin: float = 0.05, family: str = SECTIONS["second_model"]) -> pd.DataFrame:
-    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length); Holm per (family, measure)."""
-    from smartkv.stats import apply_holm, measures_in, paired_tests
-    from smartkv.study.labels import matched_label
-
-    # every cell named as the accuracy table names it (`niah@4k`), even a task at one length
-    strata = df[df["error"] == ""].copy()
-    strata["task"] = [cell_name(t, n) for t, n in zip(strata["task"], strata["context_length"])]
-    frames = []
-    for measure in measures_in(strata):
-        for b in match:
-            target = matched_label(b)
-            if target not in set(strata["run"]):
-                continue
-            t = paired_tests(strata, target, [b], measure=measure, per_task=True, seed=seed, alpha=alpha,
-                             margin=margin if measure == "score" else None)
-            t["family"] = [f"{family} [{measure}{'' if task == 'all' else ', per cell'}]" for task in t["task"]]
-            frames.append(t)
-    if not frames:
-        return pd.DataFrame()
-    return apply_holm(pd.concat(frames, ignore_index=True), alpha)
-
-
-def cell_name(task: str, length: int) -> str:
-    """A cell's label, as the per-length tests name it: `niah@4k`, `ruler_multikey@1k`, `niah@160`."""
-    n = int(length)
-    return f"{task}@{n // 1024}k" if n % 1024 == 0 else f"{task}@{n}"
-
-
-def accuracy(df: pd.DataFrame) -> dict:
-    """{run: {cell: {n, correct, accuracy, ci95, kv_ratio}}} over the rows that have a score;
-    cells (`cell_name`) in task order, then by length."""
-    from smartkv.plot_labels import wilson_interval
-
-    out: dict = {}
-    ok = df[(df["error"] == "") & df["score"].notna()]
-    tasks = list(dict.fromkeys(ok["task"]))
-    ok = ok.assign(_t=ok["task"].map(tasks.index)).sort_values(["_t", "context_length"], kind="stable")
-    for (run, task, length), g in ok.groupby(["run", "task", "context_length"], sort=False):
-        k, n = int((g["score"] == 1).sum()), int(len(g))
-        lo, hi = wilson_interval(k, n)
-        out.setdefault(str(run), {})[cell_name(str(task), int(length))] = {
-            "n": n, "correct": k, "accuracy": k / n, "ci95": [float(lo), float(hi)],
-            "kv_ratio": float(g["kv_ratio"].mean())}
-    return out
-
-
-def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
-    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row."""
-    keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "target_mean", "baseline_mean",
-            "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
-            "target_kv_ratio", "baseline_kv_ratio"]
-
-    def clean(v):
-        if isinstance(v, float) and math.isnan(v):
-            return None
-        return v.item() if hasattr(v, "item") else v
-
-    rows = [] if t.empty else [{k: clean(r[k]) for k in keep if k in r} for r in t.to_dict("records")]
-    return {"model": s["model"], "seeds": s["seeds"], "accuracy": accuracy(df), "comparisons": rows}
-
-
-def table(m: dict) -> str:
-    """metrics/<section>_table.md: FP16 per cell, then each matched comparison (bold = Holm-significant)."""
-    acc = m["accuracy"]
-    names = list(dict.fromkeys(c for runs in acc.values() for c in runs))
-    head = "| run | " + " | ".join(names) + " | KV x FP16 |"
-    lines = [f"Model: `{m['model']}`, test seeds {m['seeds']}. Accuracy (correct / n) per task and prompt "
-             "length (`niah@4k`: 4,096 prompt tokens).", "", head, "|" + " --- |" * (len(names) + 2)]
-    for run, by in acc.items():
-        cells = [f"{by[c]['correct']}/{by[c]['n']}" if c in by else "" for c in names]
-        kv = sum(v["kv_ratio"] * v["n"] for v in by.values()) / sum(v["n"] for v in by.values())
-        lines.append(f"| {run} | " + " | ".join(cells) + f" | {kv:.3f} |")
-    lines += ["", "| SmartKV | baseline | where | measure | t / b | discordant t / b | KV x FP16 t / b | Holm p | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in m["comparisons"]:
-        disc = "" if r.get("n_target_only") is None else f"{int(r['n_target_only'])} / {int(r['n_baseline_only'])}"
-        p = r.get("p_holm")
-        ptxt = "" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-        verdict = r.get("verdict", "")
-        if verdict and verdict != "inconclusive":
-            ptxt, verdict = f"**{ptxt}**", f"**{verdict}**"
-        lines.append(f"| {r['target']} | {r['baseline']} | {r['task']} | {r['measure']} | "
-                     f"{r['target_mean']:.3f} / {r['baseline_mean']:.3f} | {disc} | "
-                     f"{r['target_kv_ratio']:.3f} / {r['baseline_kv_ratio']:.3f} | {ptxt} | {verdict} |")
-    return "\n".join(lines) + "\n"
 
 
 def n_prompts(s: dict) -> int:

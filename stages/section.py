@@ -1,6 +1,7 @@
-"""The matched-comparison sections (`extra_cells`, `second_model`), in four stages per section.
+"""The matched-comparison sections (`extra_cells`, `second_model`): their prompts and model cells.
 
-`python -m stages.section <step> <section> [<cell>]`, the steps in the order they run:
+`python -m stages.section <step> <section> [<cell>]`, the steps in the order they run (the fourth,
+the tests, is `stages.section_tests`, apart so that the model cells never depend on statistics code):
 
 - `tasks <section>`: the section's prompts with its model's tokenizer -> data/<section>_tasks.parquet;
 - `baselines <section> <cell>`: FP16 and `<section>.runs` on one cell of `cells.<section>`
@@ -8,7 +9,7 @@
 - `smartkv <section> <cell>`: each `<section>.match` baseline's bytes measured per (task, length)
   over every baselines cell, SmartKV at exactly those bytes on one cell
   -> data/<section>/smartkv/<cell>.parquet;
-- `tests <section>`: exact McNemar with Holm on the union of the cells -> metrics/<section>.json,
+- `python -m stages.section_tests <section>`: the tests on the union of the cells -> metrics/<section>.json,
   metrics/<section>_table.md.
 
 Wall clock goes to data/timings/<section>/... beside each cell (smartkv/matched_study.py has the rest).
@@ -23,10 +24,10 @@ from smartkv import matched_study as ms
 from smartkv.study import get
 from smartkv.study.cells import check_cover, find
 from smartkv.study.params import ParamError, device_setting, model_settings, stats_settings
-from stages.common import DATA, METRICS, read_results, stage_main, write_results
+from stages.common import DATA, read_results, stage_main, write_results
 
 log = logging.getLogger("stages.section")
-STEPS = {"tasks": 1, "baselines": 2, "smartkv": 2, "tests": 1}  # step -> arguments after it
+STEPS = {"tasks": 1, "baselines": 2, "smartkv": 2}  # step -> arguments after it
 
 
 def tasks_file(section: str):
@@ -53,29 +54,11 @@ def prepare(params: dict, s: dict) -> None:
     log.info("%s: %s, %d prompts (%d per seed)", section, s["model"], len(df), ms.n_prompts(s))
 
 
-def tests(params: dict, s: dict) -> None:
-    from smartkv.io import atomic_write_json, atomic_write_text
-
-    section = s["section"]
-    stats = stats_settings(params)
-    from smartkv.io import read_parquet_with_meta
-    from smartkv.stats.clusters import attach_passage_clusters
-
-    # prompts that share a passage are one cluster: the tests count clusters (smartkv/stats/clusters.py)
-    tasks, _ = read_parquet_with_meta(tasks_file(section))
-    df = attach_passage_clusters(read_results(f"{section}/baselines", f"{section}/smartkv", params=params), tasks)
-    t = ms.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
-                 margin=stats["noninferiority_margin"], family=ms.SECTIONS[section])
-    m = ms.metrics(df, t, s)
-    atomic_write_json(METRICS / f"{section}.json", m)
-    atomic_write_text(METRICS / f"{section}_table.md", ms.table(m))
-
-
 @stage_main
 def main(params: dict) -> None:
     args = sys.argv[1:]
     if not args or args[0] not in STEPS or len(args) != 1 + STEPS[args[0]] or args[1] not in ms.SECTIONS:
-        raise ParamError(f"usage: python -m stages.section tasks|tests <section> | baselines|smartkv <section> <cell>, "
+        raise ParamError(f"usage: python -m stages.section tasks <section> | baselines|smartkv <section> <cell>, "
                          f"<section> one of {', '.join(ms.SECTIONS)} (got {args!r})")
     step, section = args[0], args[1]
     model_settings(params)
@@ -83,8 +66,6 @@ def main(params: dict) -> None:
     s = ms.settings(params, section)
     if step == "tasks":
         return prepare(params, s)
-    if step == "tests":
-        return tests(params, s)
     cell = find(params, section, args[2])
     file = tasks_file(section)
     if step == "baselines":

@@ -14,6 +14,7 @@ import pytest
 
 from smartkv.study import load_params
 from smartkv import matched_study as sm
+from smartkv import matched_tests as mt
 from smartkv.study.params import ParamError
 
 PARAMS = load_params()
@@ -63,7 +64,7 @@ def test_tests_count_discordant_pairs_and_adjust():
     b = [0] * 12 + [1] + [1] * 7
     df = pd.concat([_frame(t[:10], b[:10], 1024), _frame(t[10:], b[10:], 2048).assign(
         sample_id=lambda d: d["sample_id"] + "x")], ignore_index=True)
-    out = sm.tests(df, ["int3"])
+    out = mt.tests(df, ["int3"])
     pooled = out[(out["task"] == "all") & (out["measure"] == "score")].iloc[0]
     assert (pooled["n_target_only"], pooled["n_baseline_only"], pooled["n_pairs"]) == (12, 1, 20)
     assert pooled["p"] == pytest.approx(2 * (1 + 13) / 2 ** 13)
@@ -76,18 +77,18 @@ def test_tests_count_discordant_pairs_and_adjust():
 
 def test_accuracy_and_table_bold_only_what_holm_keeps():
     df = _frame([1] * 12 + [0] * 8, [0] * 12 + [0] * 8)
-    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "m", "seeds": [0]})
+    m = mt.metrics(df, mt.tests(df, ["int3"]), {"model": "m", "seeds": [0]})
     fp16 = m["accuracy"]["fp16"]["niah@1k"]
     assert (fp16["correct"], fp16["n"], fp16["accuracy"]) == (20, 20, 1.0)
     lo, hi = fp16["ci95"]
     assert 0.8 < lo < 1.0 and hi == pytest.approx(1.0)  # Wilson, not a degenerate [1, 1]
-    text = sm.table(m)
+    text = mt.table(m)
     assert "| fp16 | 20/20 | 1.000 |" in text and "| smartkv@int3 | 12/20 | 0.240 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
     assert "12 / 0" in row and "**target better**" in row
 
     even = _frame([1, 0, 1, 0], [0, 1, 0, 1])
-    row = next(line for line in sm.table(sm.metrics(even, sm.tests(even, ["int3"]), {"model": "m", "seeds": [0]}))
+    row = next(line for line in mt.table(mt.metrics(even, mt.tests(even, ["int3"]), {"model": "m", "seeds": [0]}))
                .splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
     assert "**" not in row and row.rstrip().endswith("| inconclusive |")
 
@@ -96,7 +97,7 @@ def test_report_section_reads_the_metrics_and_names_a_missing_file():
     from smartkv.report.sections import second_model_section
 
     df = _frame([1] * 12 + [0] * 8, [0] * 20)
-    text = "\n".join(second_model_section(sm.metrics(df, sm.tests(df, ["int3"]), {"model": "gemma3-270m",
+    text = "\n".join(second_model_section(mt.metrics(df, mt.tests(df, ["int3"]), {"model": "gemma3-270m",
                                                                                      "seeds": [0]})))
     assert "`gemma3-270m`" in text and "| fp16 | 20/20 | 1.000 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| smartkv@int3 | int3 | all | score"))
@@ -148,16 +149,16 @@ def test_extra_cells_section_runs_the_main_model_on_its_own_grid():
 
 
 def test_cells_are_named_alike_in_accuracy_and_tests():
-    assert [sm.cell_name("niah", n) for n in (1024, 4096, 160)] == ["niah@1k", "niah@4k", "niah@160"]
+    assert [mt.cell_name("niah", n) for n in (1024, 4096, 160)] == ["niah@1k", "niah@4k", "niah@160"]
     df = pd.concat([_frame([1, 1, 0], [0, 1, 0], 4096),
                     _frame([1, 0], [1, 0], 1024).assign(task="ruler_multikey", sample_id=lambda d: d["sample_id"] + "m")],
                    ignore_index=True)
-    t = sm.tests(df, ["int3"], family=sm.SECTIONS["extra_cells"])
+    t = mt.tests(df, ["int3"], family=sm.SECTIONS["extra_cells"])
     assert set(t["task"]) == {"all", "niah@4k", "ruler_multikey@1k"}  # one length per task: still named by cell
     assert all(x.startswith("extra cells: ") for x in t["family"])
-    m = sm.metrics(df, t, {"model": "default", "seeds": [0]})
+    m = mt.metrics(df, t, {"model": "default", "seeds": [0]})
     assert list(m["accuracy"]["fp16"]) == ["niah@4k", "ruler_multikey@1k"]
-    assert "| run | niah@4k | ruler_multikey@1k | KV x FP16 |" in sm.table(m)
+    assert "| run | niah@4k | ruler_multikey@1k | KV x FP16 |" in mt.table(m)
 
 
 def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
@@ -165,7 +166,7 @@ def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
     from smartkv.report.sections import extra_cells_section
 
     df = _frame([0] * 12 + [1] * 8, [1] * 20, 4096)
-    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
+    m = mt.metrics(df, mt.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
     lines = matched_study_limits(m, "extra_cells")
     assert len(lines) == 1 and "**Significant loss** in `extra_cells` (default)" in lines[0] and "(score, all" in lines[0]
     m["accuracy"]["fp16"]["niah@4k"].update(correct=17, accuracy=0.85)
@@ -174,7 +175,7 @@ def test_limitations_carry_a_matched_stage_s_losses_and_weak_fp16_cells():
     # the stats stage's alpha decides, not a literal: 5 / 0 discordant (exact p 0.0625) is a loss at 0.1
     df = _frame([0] * 5 + [1] * 15, [1] * 20, 4096)
     for alpha, listed in ((0.1, True), (0.05, False)):
-        m5 = sm.metrics(df, sm.tests(df, ["int3"], alpha=alpha), {"model": "default", "seeds": [0]})
+        m5 = mt.metrics(df, mt.tests(df, ["int3"], alpha=alpha), {"model": "default", "seeds": [0]})
         assert any("**Significant loss**" in x for x in matched_study_limits(m5, "extra_cells")) is listed
     out = limitations(pd.DataFrame(), None, {"model": "m"}, extra_cells=m)
     assert any(x.startswith("The extra cells (niah@4k (n = 20))") for x in out)
@@ -189,7 +190,7 @@ def test_the_summary_of_findings_states_a_matched_stage_s_loss_and_its_inconclus
     df = pd.concat([_frame([0] * 12 + [1] * 8, [1] * 20, 4096),
                     _frame([1, 0, 1], [0, 1, 1], 1024).assign(sample_id=lambda d: d["sample_id"] + "k")],
                    ignore_index=True)
-    m = sm.metrics(df, sm.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
+    m = mt.metrics(df, mt.tests(df, ["int3"]), {"model": "default", "seeds": [0]})
     text = "\n".join(summary_of_findings(None, {"extra_cells": m}))
     line = next(x for x in text.splitlines() if "(`extra_cells`)" in x)
     assert "`smartkv@int3` vs `int3`: pooled **significantly worse** (0.435 vs 0.957, n = 23, 1 / 13 discordant" in line
@@ -201,7 +202,7 @@ def test_the_summary_of_findings_states_a_matched_stage_s_loss_and_its_inconclus
 @pytest.mark.parametrize("argv, needle", [
     (["section"], "usage: python -m stages.section"),
     (["section", "baselines", "second_model"], "usage: python -m stages.section"),
-    (["section", "tests", "third_model"], "usage: python -m stages.section"),
+    (["section", "tasks", "third_model"], "usage: python -m stages.section"),
     (["section", "baselines", "second_model", "niah-999"], "cells.second_model: no cell 'niah-999'; allowed: niah-"),
 ])
 def test_a_section_step_with_bad_arguments_exits_2_with_one_line(monkeypatch, capsys, argv, needle):

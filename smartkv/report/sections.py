@@ -233,9 +233,9 @@ MATCHED_METHOD = ("teacher-forced as in the main study. FP16 comes first, since 
 
 
 def matched_section(m: dict | None, stage: str, lead: str) -> list[str]:
-    """A matched-comparison stage's results (metrics/<stage>.json) as `smartkv.matched_study.table`
+    """A matched-comparison stage's results (metrics/<stage>.json) as `smartkv.matched_tests.table`
     renders them for metrics/<stage>_table.md, after `lead` (`{model}` is the stage's model)."""
-    from smartkv.matched_study import table
+    from smartkv.matched_tests import table
 
     if not m:
         return [f.missing(stage, stage), ""]
