@@ -65,7 +65,11 @@ def plan() -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
     todo = set(stale)
     for name in stale:
         todo |= {s.addressing for s in nx.ancestors(graph, by_name[name])}  # what reads it
-    order = [s.addressing for s in reversed(list(nx.topological_sort(graph))) if s.addressing in todo]
+    # dependencies first; among stages that do not depend on each other, dvc.yaml's order (cells in
+    # params' order)
+    position = {s.addressing: i for i, s in enumerate(repo.index.stages)}
+    ordered = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: position.get(s.addressing, 0))
+    order = [s.addressing for s in ordered if s.addressing in todo]
     upstream = {n: {s.addressing for s in nx.descendants(graph, by_name[n])} for n in order}
     outs = {n: [str(Path(o.fs_path).relative_to(REPO)) for o in by_name[n].outs] for n in order}
     return order, upstream, outs
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start, done, left = time.perf_counter(), [], []
     for i, name in enumerate(order, 1):
-        minutes, source = est[name]
+        est[name] = minutes, source = estimate(name, costs, speed)  # the cells measured so far inform it
         elapsed = (time.perf_counter() - start) / 60
         if upstream[name] & (set(left) | (set(skipped) if args.only else set())):
             left.append(name)
