@@ -194,8 +194,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (argparse would print its usage block first)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m smartkv", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m smartkv", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate with one KV method and report its measured memory")
