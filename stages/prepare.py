@@ -30,6 +30,8 @@ def main(params: dict) -> None:
     seeds = seeds_by_split(params)
     plan = task_plan(params)
     lb = longbench_plan(params)
+    if not lb:  # the cell list against the planned grid, before any prompt is made (again below, on the prompts)
+        check_cover(params, "main", {(str(t["name"]), int(n)) for t in plan for n in t["lengths"]})
     model_name, _ = model_settings(params)
     tokenizer = load_tokenizer(model_name)
     jobs = [(split, seed, t) for split, ss in seeds.items() for seed in ss for t in plan + ([lb] if lb else [])]

@@ -153,3 +153,46 @@ def test_n_per_cell_per_length(params):
     p["tasks"]["niah"]["n_per_cell"] = [6, 0]
     with pytest.raises(ParamError, match=r"n_per_cell\[1\]"):
         task_plan(p)
+
+
+def _with(params: dict, dotted: str, value):
+    p = copy.deepcopy(params)
+    *path, leaf = dotted.split(".")
+    node = p
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+    return p
+
+
+STAGE_ERRORS = [  # (module and args, params change or raw text, what the one line must name)
+    (["stages.baselines", "niah-1024-1of6"], "budget: [0.3\nseeds: {dev: [1]\n", "not valid YAML: line 2, column 6"),
+    (["stages.prepare"], ("cells.main", ["niah-1024", "perplexity-1024"]),
+     "cells.main does not match the task grid: missing niah-2048"),
+    (["stages.baselines", "niah-999"], None, "cells.main: no cell 'niah-999'; allowed: niah-1024-1of6"),
+    (["stages.baselines"], None, "usage: python -m baselines <cell>"),
+    (["stages.baselines", "niah-1024"], ("cells.main", ["niah-1024", "niah-1024-1of2"]),
+     "cells.main: niah-1024 must be listed whole or as all of its shards"),
+    (["stages.smartkv_runs", "niah-1024-1of6"], ("cells.main", ["niah-1024-x"]),
+     "cells.main: 'niah-1024-x' is not a cell name; allowed: <task>-<length>"),
+    (["stages.section", "baselines", "extra_cells", "niah-4096-1of6"], ("extra_cells.match", ["int7"]),
+     "extra_cells.match: int7 not in extra_cells.runs"),
+    (["stages.section_tests", "second_model"], ("stats.alpha", 2), "stats.alpha=2 must lie in (0, 0.5)"),
+    (["stages.stats"], ("split", "train"), "split='train' must be one of dev, test"),
+]
+
+
+@pytest.mark.parametrize("argv, change, names", STAGE_ERRORS, ids=[" ".join(a) for a, _, _ in STAGE_ERRORS])
+def test_every_stage_refuses_bad_params_in_one_line(tmp_path, params, argv, change, names):
+    if isinstance(change, str):
+        (tmp_path / "params.yaml").write_text(change)
+    else:
+        p = params if change is None else _with(params, *change)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: params.yaml: ") and names in lines[0], lines[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()  # nothing half-written

@@ -29,8 +29,13 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path} not found (run from the repository root)")
-    with path.open(encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            params = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:  # one line: where the YAML breaks, not a traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ParamError(f"not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
     if not isinstance(params, dict):
         raise ParamError("top level must be a mapping of keys to values")
     return params
