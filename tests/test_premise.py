@@ -1,0 +1,98 @@
+"""SmartKV's premise: the tokens attention reads get the bits (issue 35).
+
+The plumbing tests elsewhere pass with a broken ranking (least-attended tokens given the most
+bits) or with no attention signal at all; these tests do not. Each one must fail under the
+mutations `scripts/mutation_check.py` applies (reversed ranking, zeroed tracker):
+
+- planted attention, tiny model: tokens whose tracker statistics are overwritten with high
+  importance hold more bits after the first decode step than the other quantized tokens;
+- the default model on 1k-token passkey prompts: the needle's tokens hold more bits than the
+  haystack's median, and attention-ranked allocation beats `allocation: random` and a reversed
+  ranking on the gold answer's teacher-forced log-likelihood and KL from FP16 (continuous
+  measures: at this budget every variant sometimes finds the key, so 0/1 outcomes carry little).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from smartkv.answer_scores import answer_measures, target_ids
+from smartkv.attention import use_smartkv_attention
+from smartkv.evaluate import needle_bits
+from smartkv.models import tiny_model
+from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, prefill
+
+SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+PROMPT_LEN = 256
+# Two spans in the middle of the prompt: clear of the 4 sink tokens and of the FP16 window at the end.
+PLANTED = torch.tensor(list(range(40, 60)) + list(range(150, 170)))
+EVICTING = (0, 2, 3, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    m = tiny_model("llama", seed=0, **SHAPE)
+    use_smartkv_attention(m)
+    return m
+
+
+def _plant(pre, positions: torch.Tensor, high: float = 1.0, low: float = 1e-3) -> None:
+    """Overwrite every per-head statistic of the prefill's tracker: `high` at `positions`, `low` elsewhere."""
+    for li in pre.cache.tracker.layers.values():
+        for name in ("cumulative", "ema", "window"):
+            stat = getattr(li, name)
+            planted = torch.full_like(stat, low)
+            planted[..., positions] = high
+            setattr(li, name, planted)
+
+
+def _per_token_bits(cache, n: int) -> torch.Tensor:
+    """[layers, n] mean bits of each of the first `n` tokens over heads and K/V."""
+    return torch.stack([layer.bits_map()[0, :, :n].mean(dim=(0, 2)) for layer in cache.layers])
+
+
+@pytest.mark.parametrize("params", [
+    {"budget": 0.3},
+    {"budget": 0.2, "bits": EVICTING},  # below the 2-bit floor's reach: some tokens are evicted at 0 bits
+    {"budget": 0.3, "signal": "window", "realloc_freq": 0},
+], ids=["b0.3", "b0.2-evicting", "b0.3-window-signal"])
+def test_planted_attention_gets_more_bits(model, params):
+    ids = torch.randint(3, 250, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    pre = prefill(model, ids, torch.ones_like(ids))
+    _plant(pre, PLANTED)
+    cache, _ = fork(pre, RunSpec("smartkv", "smartkv", params), model)
+    decode(model, pre, cache, 1)  # the first decode step allocates the prompt
+    n = PROMPT_LEN - 1
+    bits = _per_token_bits(cache, n)
+    planted = torch.zeros(n, dtype=torch.bool)
+    planted[PLANTED] = True
+    quantized = (bits < 16).all(0)  # sinks and the FP16 window hold 16 bits whatever their importance
+    assert bool(quantized[PLANTED].all()), "a planted token sits in the sinks or the FP16 window"
+    assert int((quantized & ~planted).sum()) > 100
+    for layer, row in enumerate(bits):
+        inside, outside = row[planted & quantized], row[~planted & quantized]
+        # by a clear margin: with no signal (or a reversed one) the planted tokens are ordinary tokens
+        assert float(inside.mean()) >= float(outside.mean()) + 0.5, (layer, inside.mean(), outside.mean())
+        # and none of them below the others' median: the planted tokens are the ones upgraded
+        assert float(inside.min()) >= float(outside.median()), (layer, inside.min(), outside.median())
+    if 0 in params.get("bits", ()):
+        assert float(bits[:, ~planted & quantized].min()) == 0.0  # the case evicts: the budget is binding
+    assert cache.memory_report()["budget_met"]
+
+
+def test_moving_the_plant_moves_the_bits(model):
+    """The same prompt with attention planted on two disjoint spans: the bits follow the plant, not the tokens."""
+    ids = torch.randint(3, 250, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    spans = (torch.arange(40, 70), torch.arange(120, 150))
+    bits = []
+    for span in spans:
+        pre = prefill(model, ids, torch.ones_like(ids))
+        _plant(pre, span)
+        cache, _ = fork(pre, RunSpec("smartkv", "smartkv", {"budget": 0.3}), model)
+        decode(model, pre, cache, 1)
+        bits.append(_per_token_bits(cache, PROMPT_LEN - 1).mean(0))
+    a, b = spans
+    assert float(bits[0][a].mean()) >= float(bits[1][a].mean()) + 0.5
+    assert float(bits[1][b].mean()) >= float(bits[0][b].mean()) + 0.5
