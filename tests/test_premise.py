@@ -12,15 +12,14 @@ mutations `scripts/mutation_check.py` applies (reversed ranking, zeroed tracker)
   measures: at this budget every variant sometimes finds the key, so 0/1 outcomes carry little).
 """
 
-import dataclasses
-
 import pytest
 import torch
 
 from smartkv.answer_scores import answer_measures, target_ids
 from smartkv.attention import use_smartkv_attention
 from smartkv.evaluate import needle_bits
-from smartkv.models import tiny_model
+from smartkv.models import load_model, tiny_model
+from smartkv.tasks import generate_task
 from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, prefill
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
@@ -96,3 +95,80 @@ def test_moving_the_plant_moves_the_bits(model):
     a, b = spans
     assert float(bits[0][a].mean()) >= float(bits[1][a].mean()) + 0.5
     assert float(bits[1][b].mean()) >= float(bits[0][b].mean()) + 0.5
+
+
+# --- the default model on passkey prompts -------------------------------------------------------------
+
+# Dev seeds (the study's test seeds are 0-5), 1k tokens, the needle at three depths: six prompts.
+PASSKEY = dict(n_per_cell=1, lengths=[1024], depths=[0.2, 0.5, 0.8])
+SEEDS = (100, 101)
+# The budget where the ranking decides: at 0.2 most tokens sit at the 2-bit floor and the few bytes left
+# go where the ranking says (at 0.25, random allocation came within 0.05 of attention's answer
+# log-likelihood on half of these prompts and beat it on two).
+BUDGET = 0.2
+VARIANTS = ("attention", "random", "reversed")
+
+
+def _mirror(score):
+    """`score` with its ranking reversed over tokens (max + min - s): the least-attended token gets the
+    highest importance, the scale and the heads' totals stay comparable."""
+    def mirrored(*args, **kwargs):
+        s = score(*args, **kwargs)
+        return s.amax(-1, keepdim=True) + s.amin(-1, keepdim=True) - s
+    return mirrored
+
+
+def _fork_variant(model, pre, variant: str):
+    params = {"budget": BUDGET, **({"allocation": "random"} if variant == "random" else {})}
+    cache, _ = fork(pre, RunSpec(variant, "smartkv", params), model)
+    if variant == "reversed":  # this cache's statistics only: no library code changes
+        for li in cache.tracker.layers.values():
+            li.score = _mirror(li.score)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def passkey_runs():
+    """Per variant, one row per prompt: the gold answer's teacher-forced measures and the needle's bits."""
+    torch.set_num_threads(1)  # two cores shared with other work: one thread does not spin waiting on the other
+    model, tok = load_model("default")
+    samples = [s for seed in SEEDS for s in generate_task("passkey", tok, seed=seed, **PASSKEY)]
+    rows = {v: [] for v in VARIANTS}
+    for sample in samples:
+        ids, mask = encode(tok, [sample.prompt])
+        pre = prefill(model, ids, mask, keep=("ema",))  # the one statistic the smartkv variants read
+        target = torch.tensor([target_ids(tok, sample.prompt, " " + sample.answers[0])])
+        ref_cache, _ = fork(pre, RunSpec("fp16", "fp16"), model)
+        ref = torch.log_softmax(forced_logits(model, pre, ref_cache, target)[0], dim=-1)
+        for variant in VARIANTS:
+            cache = _fork_variant(model, pre, variant)
+            logits, _ = forced_logits(model, pre, cache, target)
+            assert cache.memory_report()["budget_met"]
+            rows[variant].append({**answer_measures(logits, target[0], ref),
+                                  **needle_bits(tok, sample, cache, ids.shape[1])})
+    return rows
+
+
+@pytest.mark.slow
+def test_needle_holds_more_bits_than_the_haystack(passkey_runs):
+    """The question reads the passkey, so the allocation should put its bits there: on every prompt the
+    needle's mean bits clear the haystack's median by 0.2 bits (measured: 0.35 to 0.6; a reversed ranking
+    or random allocation: under 0.1)."""
+    for i, row in enumerate(passkey_runs["attention"]):
+        assert row["needle_bits"] >= row["haystack_bits"] + 0.2, (i, row["needle_bits"], row["haystack_bits"])
+
+
+@pytest.mark.slow
+def test_attention_ranking_beats_random_and_reversed(passkey_runs):
+    """Continuous measures, not 0/1 outcomes: the gold answer's mean log-likelihood (teacher-forced) and
+    the KL from FP16's next-token distribution, averaged over the six prompts. Measured at budget 0.2:
+    log-likelihood -0.24 (attention), -0.48 (random), -0.47 (reversed); KL 0.07, 0.25, 0.22."""
+    mean = {v: {m: sum(r[m] for r in rows) / len(rows) for m in ("answer_logprob", "kl_fp16")}
+            for v, rows in passkey_runs.items()}
+    att = mean["attention"]
+    for other in ("random", "reversed"):
+        assert att["answer_logprob"] >= mean[other]["answer_logprob"] + 0.1, (other, mean)
+        assert att["kl_fp16"] <= 0.6 * mean[other]["kl_fp16"], (other, mean)
+        wins = sum(a["answer_logprob"] > o["answer_logprob"]
+                   for a, o in zip(passkey_runs["attention"], passkey_runs[other]))
+        assert wins >= 4, (other, wins)  # on most prompts, not on one outlier
