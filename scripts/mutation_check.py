@@ -86,9 +86,9 @@ def apply(tree: Path, m: Mutation) -> str:
     return text
 
 
-def run_tests(tree: Path, tests: tuple[str, ...], stop_first: bool) -> tuple[int, str | None, float, str]:
-    """pytest on `tests` in `tree` (its smartkv imported, not an installed one): rc, first failing test id,
-    seconds and the output's tail."""
+def run_tests(tree: Path, tests: tuple[str, ...], stop_first: bool) -> tuple[int, list[str], float, str]:
+    """pytest on `tests` in `tree` (its smartkv imported, not an installed one): rc, the failing test ids
+    in the order they ran, seconds and the output's tail."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rfE",
            *(["-x"] if stop_first else []), *tests]
@@ -96,8 +96,9 @@ def run_tests(tree: Path, tests: tuple[str, ...], stop_first: bool) -> tuple[int
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     out = proc.stdout + proc.stderr
-    first = re.search(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.MULTILINE)
-    return proc.returncode, first.group(1) if first else None, seconds, out[-3000:]
+    # "FAILED tests/x.py::name[an id, maybe with spaces] - message" (-rfE: in the order they ran)
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.MULTILINE)
+    return proc.returncode, failed, seconds, out[-3000:]
 
 
 def check_import(tree: Path) -> None:
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"mutations to run (default: all): {', '.join(m.name for m in MUTATIONS)}")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests, and exit")
+    parser.add_argument("-x", "--stop-first", action="store_true",
+                        help="stop each mutation's run at its first failing test (faster; the count is then 1)")
     args = parser.parse_args(argv)
     known = {m.name: m for m in MUTATIONS}
     if args.list:
@@ -130,19 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:  # every mutation's old text is checked before any test runs
             (tree / m.file).write_text(apply(tree, m))
         baseline = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-        rc, first, seconds, tail = run_tests(tree, baseline, stop_first=False)
+        rc, failed, seconds, tail = run_tests(tree, baseline, stop_first=False)
         print(f"baseline (no mutation): {' '.join(baseline)}: rc {rc} in {seconds:.0f} s", flush=True)
         if rc != 0:
             print(tail)
-            print(f"the unmutated tests do not pass (first failure: {first}): no mutation can be judged")
+            print(f"the unmutated tests do not pass (failing: {failed}): no mutation can be judged")
             return 2
         rows = []
         for m in chosen:
             original = apply(tree, m)
             try:
-                rc, first, seconds, tail = run_tests(tree, m.tests, stop_first=True)
+                rc, failed, seconds, tail = run_tests(tree, m.tests, stop_first=args.stop_first)
             finally:
                 (tree / m.file).write_text(original)
+            first = failed[0] if failed else None
             if rc == 1 and first:
                 verdict = "yes"
             elif rc == 0:
@@ -150,15 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             else:  # collection error, interrupted, no tests: not a test catching the mutation
                 verdict = f"error (pytest rc {rc})"
                 print(tail)
-            rows.append((m, verdict, first or "-", seconds))
-            print(f"{m.name}: {verdict} ({first or 'no failure'}, {seconds:.0f} s)", flush=True)
+            rows.append((m, verdict, first or "-", len(failed), seconds))
+            print(f"{m.name}: {verdict} ({len(failed)} failing, first {first or '-'}, {seconds:.0f} s)", flush=True)
 
     print()
-    print("| mutation | what it breaks | file | tests run | caught? | first failing test | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for m, verdict, first, seconds in rows:
-        print(f"| {m.name} | {m.what} | {m.file} | {' '.join(m.tests)} | {verdict} | {first} | {seconds:.0f} |")
-    missed = [m.name for m, verdict, _, _ in rows if verdict != "yes"]
+    print("| mutation | what it breaks | file | tests run | caught? | failing tests | first failing test | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, verdict, first, n_failed, seconds in rows:
+        print(f"| {m.name} | {m.what} | {m.file} | {' '.join(m.tests)} | {verdict} | {n_failed} | `{first}` | {seconds:.0f} |")
+    missed = [m.name for m, verdict, *_ in rows if verdict != "yes"]
     if missed:
         print(f"\nnot caught: {', '.join(missed)}")
         return 1
