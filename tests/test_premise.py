@@ -9,7 +9,10 @@ mutations `scripts/mutation_check.py` applies (reversed ranking, zeroed tracker)
 - the default model on 1k-token passkey prompts: the needle's tokens hold more bits than the
   haystack's median, and attention-ranked allocation beats `allocation: random` and a reversed
   ranking on the gold answer's teacher-forced log-likelihood and KL from FP16 (continuous
-  measures: at this budget every variant sometimes finds the key, so 0/1 outcomes carry little).
+  measures: over six prompts a right/wrong bit per prompt has little power).
+
+The tiny-model tests take about a second; the default-model ones (marked slow) share one module
+fixture, about 40 s on two cores.
 """
 
 import pytest
@@ -17,10 +20,10 @@ import torch
 
 from smartkv.answer_scores import answer_measures, target_ids
 from smartkv.attention import use_smartkv_attention
-from smartkv.evaluate import needle_bits
+from smartkv.evaluate import needle_bits, needle_token_span
 from smartkv.models import load_model, tiny_model
-from smartkv.tasks import generate_task
 from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, prefill
+from smartkv.tasks import generate_task
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 PROMPT_LEN = 256
@@ -137,6 +140,12 @@ def passkey_runs():
     for sample in samples:
         ids, mask = encode(tok, [sample.prompt])
         pre = prefill(model, ids, mask, keep=("ema",))  # the one statistic the smartkv variants read
+        # what the prompt's end (the question) paid each token: the heads' sum, averaged over layers
+        ema = torch.stack([li.score("ema")[0].sum(0) for li in pre.cache.tracker.layers.values()]).mean(0)
+        first, last = needle_token_span(tok, sample)
+        needle = torch.zeros(ema.shape[0], dtype=torch.bool)
+        needle[first : last + 1] = True
+        read = {"needle_attention": float(ema[needle].mean()), "haystack_attention": float(ema[~needle].median())}
         target = torch.tensor([target_ids(tok, sample.prompt, " " + sample.answers[0])])
         ref_cache, _ = fork(pre, RunSpec("fp16", "fp16"), model)
         ref = torch.log_softmax(forced_logits(model, pre, ref_cache, target)[0], dim=-1)
@@ -144,7 +153,7 @@ def passkey_runs():
             cache = _fork_variant(model, pre, variant)
             logits, _ = forced_logits(model, pre, cache, target)
             assert cache.memory_report()["budget_met"]
-            rows[variant].append({**answer_measures(logits, target[0], ref),
+            rows[variant].append({**answer_measures(logits, target[0], ref), **read,
                                   **needle_bits(tok, sample, cache, ids.shape[1])})
     return rows
 
@@ -155,6 +164,8 @@ def test_needle_holds_more_bits_than_the_haystack(passkey_runs):
     needle's mean bits clear the haystack's median by 0.2 bits (measured: 0.35 to 0.6; a reversed ranking
     or random allocation: under 0.1)."""
     for i, row in enumerate(passkey_runs["attention"]):
+        # the premise's condition: the question reads the needle (measured: 7 to 17 times the haystack median)
+        assert row["needle_attention"] >= 3 * row["haystack_attention"], (i, row)
         assert row["needle_bits"] >= row["haystack_bits"] + 0.2, (i, row["needle_bits"], row["haystack_bits"])
 
 
