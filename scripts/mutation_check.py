@@ -96,8 +96,9 @@ def run_tests(tree: Path, tests: tuple[str, ...], stop_first: bool) -> tuple[int
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     out = proc.stdout + proc.stderr
-    # "FAILED tests/x.py::name[an id, maybe with spaces] - message" (-rfE: in the order they ran)
-    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, flags=re.MULTILINE)
+    # "FAILED tests/x.py::name[an id, maybe with spaces] - message" in the summary -rfE adds, in the order they ran
+    summary = out.rpartition("short test summary info")[2]
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", summary, flags=re.MULTILINE)
     return proc.returncode, failed, seconds, out[-3000:]
 
 
