@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()+b'$(TORCH)').hexdigest()[:12])")
 
-.PHONY: setup venv-kvpress test test-fast repro cells sweeps bench demo clean-venv plots-template
+.PHONY: setup venv-kvpress test test-fast mutation-check repro cells sweeps bench demo clean-venv plots-template
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test:
 
 test-fast: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow"
+
+# Break the method on purpose (reversed ranking, zeroed tracker, FP16 window, memory report), one mutation at a
+# time on a temporary copy, and fail unless some test catches each: docs/mutation_check.md
+mutation-check: setup
+	$(PY) scripts/mutation_check.py
 
 # dvc runs the stages as `python -m stages.X`: the venv's python must come first on PATH.
 # `make repro` runs every stale stage (dvc repro --single-item, one cell at a time, in dependency order)

@@ -72,6 +72,38 @@ def test_codes_follow_the_bit_width(model):
     assert b4["scales"] == b2["scales"] > 0
 
 
+@pytest.mark.parametrize("name,params,group", [
+    ("uniform", {"bits": 4}, 32),
+    # group_size 64 > head_dim 32: groups are one head's 32 values (no group straddles two heads)
+    ("smartkv", {"budget": 0.3, "sink_tokens": 4, "window": 8}, 32),  # several widths, FP16 sinks and window
+    ("smartkv", {"budget": 0.3, "bits": (2, 4), "group_size": 16}, 16),
+], ids=["uniform-4", "smartkv-b0.3", "smartkv-g16"])
+def test_bytes_match_the_closed_form(model, name, params, group):
+    """Each part from the geometry and the token counts alone, not from the tensors' sizes: per group of
+    `group` values one FP16 scale and one FP16 zero-point (4 bytes), `bits / 8` bytes per value of codes,
+    a 4-byte int32 index per stored unit where a layer holds several widths, 2 bytes per FP16 value."""
+    cache = build_cache(name, model.config, **params)
+    _generate(model, cache)
+    values = 2 * model.config.num_key_value_heads * model.config.head_dim  # K and V of one token in one layer
+    seq_len = PROMPT_LEN + NEW - 1
+    quantized = fp16_tokens = codes = 0
+    for layer in cache.layers:
+        fp16 = layer.sink_k.shape[-2] + layer.win_k.shape[-2]
+        assert layer.seq_len == seq_len and layer.n_quant == seq_len - fp16
+        quantized, fp16_tokens = quantized + layer.n_quant, fp16_tokens + fp16
+        codes += sum(n * b for b, n in layer.bits_histogram().items() if b != 16) // 8
+    parts = cache.memory_report()["breakdown"]
+    assert parts["scales"] == quantized * (values // group) * (2 + 2)
+    assert parts["codes"] == codes
+    several = name == "smartkv"  # one unit per token and layer (granularity "layer"): one index entry each
+    assert parts.get("index", 0) == (4 * quantized if several else 0)
+    assert parts.get("sinks", 0) + parts.get("window", 0) == fp16_tokens * values * 2
+    if name == "uniform":  # no window, no sinks: every token at 4 bits
+        assert quantized == len(cache.layers) * seq_len and codes == quantized * values * 4 // 8
+    else:
+        assert fp16_tokens > 0 and len({b for layer in cache.layers for b in layer.bits_histogram()}) >= 3
+
+
 def test_layer_without_itemization_reports_other():
     from smartkv.cache.base import KVLayer
 
