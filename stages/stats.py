@@ -84,6 +84,25 @@ def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: 
     return {"slack": float(slack), "all_within": all(v["all_within"] for v in out.values()), "stages": out}
 
 
+# The first revision whose forks rank from the prompt's last query (README, "The missing query").
+LAST_QUERY_REVISION = "1f99189"
+SMARTKV_PARTS = ("smartkv", "ablations", "extra_cells/smartkv", "second_model/smartkv")
+
+
+def has_last_query(revision: str) -> bool:
+    """Whether rows of `revision` rank from the prompt's last query: it descends from LAST_QUERY_REVISION
+    (a repository without that commit, such as a new study's, has only code after it)."""
+    import subprocess
+
+    def git(*args: str) -> int:
+        return subprocess.run(["git", *args], capture_output=True).returncode
+
+    if git("cat-file", "-e", f"{LAST_QUERY_REVISION}^{{commit}}") != 0:
+        return True
+    rev = revision.removesuffix("-dirty")
+    return git("merge-base", "--is-ancestor", LAST_QUERY_REVISION, rev) == 0
+
+
 def rows_provenance(params: dict) -> dict:
     """metrics/provenance.json: per results part, which revisions, machines and torch builds made
     its rows (and in which cells), so a table that mixes them says so."""
@@ -104,6 +123,9 @@ def rows_provenance(params: dict) -> dict:
                 e["rows"] += int(len(g))
                 e["cells"].append(path.stem)
         out[part] = [{**dict(zip(cols, k)), **v} for k, v in sorted(groups.items())]
+        if part in SMARTKV_PARTS:  # which of its cells rank from the prompt's last query
+            for e in out[part]:
+                e["last_query"] = has_last_query(str(e["revision"]))
     mixed = lambda c: sorted({e[c] for v in out.values() for e in v})  # noqa: E731
     return {"parts": out, "revisions": mixed("revision"), "machines": mixed("machine")}
 

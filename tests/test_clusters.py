@@ -63,3 +63,15 @@ def test_results_get_their_prompt_s_passage():
     assert list(out.index) == [5, 6, 7, 8]
     assert out.loc[5, "cluster"] == out.loc[6, "cluster"] != out.loc[7, "cluster"]
     assert out.loc[8, "cluster"] == "niah:s9"  # not among the tasks: its own cluster
+
+
+def test_the_missing_query_limitation_names_the_cells_not_yet_re_run():
+    from smartkv.report.limitations import missing_query_limits
+
+    prov = {"parts": {"smartkv": [{"cells": ["niah-1024-1of2"], "last_query": False},
+                                  {"cells": ["niah-1024-2of2"], "last_query": True}],
+                      "baselines": [{"cells": ["niah-1024-1of2", "niah-1024-2of2"]}]}}
+    [line] = missing_query_limits(prov)
+    assert "`smartkv` niah-1024-1of2" in line and "Re-run with it: `smartkv` niah-1024-2of2" in line
+    prov["parts"]["smartkv"][0]["last_query"] = True
+    assert missing_query_limits(prov) == [] and missing_query_limits(None) == []
