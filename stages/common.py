@@ -86,9 +86,25 @@ def row_provenance(device: str = "cpu") -> dict[str, str]:
     """What made a results row: the code's revision, the machine, the torch build."""
     import torch
 
-    from smartkv.io import git_revision, machine_name
+    from smartkv.io import machine_name
 
-    return {"revision": code_revision(git_revision()), "machine": machine_name(device), "torch": torch.__version__}
+    return {"revision": last_code_revision(), "machine": machine_name(device), "torch": torch.__version__}
+
+
+def last_code_revision() -> str:
+    """The last commit that changed code or params (outputs excluded), "-dirty" when they differ from it.
+
+    Not HEAD: a commit of outputs alone (`make cells` lands one per cell) changes no result, so a cell
+    re-run after it reproduces its rows byte for byte."""
+    import subprocess
+
+    excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+    try:
+        rev = subprocess.run(["git", "log", "-1", "--format=%H", "--", ".", *excluded], capture_output=True,
+                             text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return code_revision(rev) if rev else "unknown"
 
 
 def write_results(df, part: str, cell: str, config: dict, device: str = "cpu") -> None:
