@@ -130,3 +130,22 @@ def test_greedy_keeps_chains_with_non_convex_measured_errors():
     d = dp(imp, COSTS, torch.full((50,), 3), 50 * 34, BITS, errors)
     val = lambda lv: float((imp.double() * errors.double()[lv]).sum())
     assert val(d) <= val(levels) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_equals_brute_force_on_small_instances(seed):
+    """An independent reference: every assignment of widths to 6 units, the cheapest error within budget."""
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    n = 6
+    imp = torch.rand(n, generator=g) ** 3
+    caps = torch.randint(0, 4, (n,), generator=g)
+    available = int(torch.randint(n * COSTS[0], n * COSTS[-1] + 1, (1,), generator=g))
+    w = error_weights(BITS).double()
+    best = min(float((imp.double() * w[list(c)]).sum())
+               for c in itertools.product(range(len(BITS)), repeat=n)
+               if all(k <= int(m) for k, m in zip(c, caps)) and sum(COSTS[k] for k in c) <= available)
+    d = dp(imp, COSTS, caps, available, BITS)
+    assert cost_of(d) <= available and all(int(k) <= int(m) for k, m in zip(d, caps))
+    assert value_of(imp, d) == pytest.approx(best, rel=1e-12, abs=1e-15)

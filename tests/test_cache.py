@@ -332,3 +332,23 @@ def test_a_multi_token_chunk_after_the_prompt_allocates(model):
     for _ in range(2):  # 8 more decoded tokens in chunks of 4: two more re-allocations at realloc_freq=4
         model(input_ids=torch.randint(3, 250, (1, 4)), past_key_values=cache, use_cache=True)
     assert cache.memory_report()["reallocations"] == 3
+
+
+@pytest.mark.parametrize("name, params", [("smartkv", {"budget": 0.3}), ("smartkv", {"budget": 0.15, "bits": (0, 2, 3, 4, 8)}),
+                                          ("uniform", {"bits": 4}), ("kivi", {"bits": 2, "residual_length": 32})])
+def test_memory_holds_after_every_decode_step(model, name, params):
+    """Not only at the end: after each decode step the bytes held are the tensors held, and SmartKV's
+    ratio stays inside its budget (re-allocation every realloc_freq steps included)."""
+    cache = build_cache(name, model.config, **params)
+    ids = prompt()
+    out = model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+    nxt = ids[:, -1:]
+    for step in range(40):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        rep = cache.memory_report()
+        assert rep["seq_len"] == PROMPT_LEN + step
+        assert rep["fp16_kv_bytes"] == 2 * 2 * model.config.num_hidden_layers * 2 * 32 * rep["seq_len"], step
+        assert rep["kv_bytes"] == sum(rep["breakdown"].values()), step
+        if "budget" in params:
+            assert rep["kv_bytes"] <= params["budget"] * rep["fp16_kv_bytes"], (step, rep["ratio"])
