@@ -352,3 +352,23 @@ def test_memory_holds_after_every_decode_step(model, name, params):
         assert rep["kv_bytes"] == sum(rep["breakdown"].values()), step
         if "budget" in params:
             assert rep["kv_bytes"] <= params["budget"] * rep["fp16_kv_bytes"], (step, rep["ratio"])
+
+
+def test_budget_one_is_an_unmodified_dynamic_cache(model):
+    """The reference is transformers' own DynamicCache (float32) through the same attention function,
+    not our FP16 layer: budget 1.0 gives its tokens, and its logits up to FP16 storage's rounding
+    (~3e-5 here; an 8-bit tier would be ~1e-3); it keeps no tracker and quantizes nothing."""
+    from transformers import DynamicCache
+
+    ids = prompt(seed=5)
+    runs = {}
+    for label, cache in (("dynamic", DynamicCache()), ("fp16", build_cache("fp16", model.config)),
+                         ("smartkv", build_cache("smartkv", model.config, budget=1.0))):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        runs[label] = (out.sequences, torch.stack(out.logits), cache)
+    assert torch.equal(runs["dynamic"][0], runs["smartkv"][0])
+    torch.testing.assert_close(runs["smartkv"][1], runs["dynamic"][1], rtol=0, atol=2e-4)
+    torch.testing.assert_close(runs["smartkv"][1], runs["fp16"][1], rtol=0, atol=1e-6)  # the same FP16 values
+    rep = runs["smartkv"][2].memory_report()
+    assert rep["tracker_bytes"] == 0 and rep["ratio"] == 1.0 and set(rep["bits_histogram"]) == {16}
