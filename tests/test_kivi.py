@@ -210,3 +210,45 @@ def test_beam_search_and_assisted_decoding_in_generate():
     assert torch.equal(got, want)
     out = _generate(model, build_cache("kivi", model.config, bits=2), ids, assistant_model=draft)
     assert out.shape == (1, 212)
+
+
+def paper_quantize(x: torch.Tensor, bits: int, group: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIVI's asymmetric quantizer as the paper states it, independent of smartkv.quantize: groups of
+    `group` consecutive values along `axis`, scale = (max - min) / (2^b - 1), code = round((x - min) /
+    scale), read back as code * scale + min. Returns (de-quantized x, each value's step)."""
+    moved = x.float().movedim(axis, -1)
+    shape = moved.shape
+    g = moved.reshape(*shape[:-1], shape[-1] // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    deq = torch.round((g - lo) / step).clamp(0, 2 ** bits - 1) * step + lo
+    return deq.reshape(shape).movedim(-1, axis), step.expand_as(g).reshape(shape).movedim(-1, axis)
+
+
+@pytest.mark.parametrize("bits,group,residual,prefill_len", [(2, 32, 128, 300), (4, 32, 128, 160)])
+def test_kivi_against_its_own_quantizer_from_the_paper(bits, group, residual, prefill_len):
+    """The same schedule checked with a quantizer written here: every quantized key within one of the
+    paper's per-channel steps of it (the layer stores its scale and zero-point in FP16, rounded
+    outward, so not bit for bit), every full-precision one exact. Keys grouped per token instead
+    would miss by many per-channel steps, since the channels are offset from each other."""
+    b, h, d, steps = 1, 2, 64, 140
+    g = torch.Generator().manual_seed(11 + bits)
+    keys = torch.randn(b, h, prefill_len + steps, d, generator=g) * 0.05 + torch.linspace(-4, 4, d)
+    values = torch.randn(b, h, prefill_len + steps, d, generator=g)
+    layer = KIVILayer(bits, group, residual)
+    layer.update(keys[:, :, :prefill_len], values[:, :, :prefill_len])
+    for t in range(prefill_len, prefill_len + steps):
+        got_k, got_v = layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    n = prefill_len + steps
+    nk, nv = layer.n_qkeys, layer.n_qvalues  # what the last step attended over quantized
+    k16, v16 = keys[:, :, :n].half().float(), values[:, :, :n].half().float()
+    want_k, step_k = paper_quantize(k16[:, :, :nk], bits, group, axis=-2)
+    want_v, step_v = paper_quantize(v16[:, :, :nv], bits, group, axis=-1)
+    # keys flush in whole blocks of R; the last step saw its own value and the R before it at full precision
+    assert nk % residual == 0 and nk > 0 and nv == n - residual - 1
+    assert ((got_k[:, :, :nk] - want_k).abs() <= step_k * 1.01).all()
+    assert ((got_v[:, :, :nv] - want_v).abs() <= step_v * 1.01).all()
+    assert torch.equal(got_k[:, :, nk:], k16[:, :, nk:]) and torch.equal(got_v[:, :, nv:], v16[:, :, nv:])
+    # grouped per token, the same keys come back far off the per-channel reference
+    per_token, _ = paper_quantize(k16[:, :, :nk], bits, group, axis=-1)
+    assert (per_token - want_k).abs().mean() > 3 * step_k.mean()
