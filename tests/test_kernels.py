@@ -268,12 +268,13 @@ def _pytorch_quantize(monkeypatch, x, bits, group_size, symmetric):
         return quantize_rows(x, bits, group_size, symmetric=symmetric)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("symmetric", [False, True])
+# every valid (bits, symmetric) pair: symmetric 1-bit rows are refused (the test below)
+WIDTHS = [(b, sym) for b in (1, 2, 3, 4, 5, 8) for sym in (False, True) if not (sym and b == 1)]
+
+
+@pytest.mark.parametrize("bits,symmetric", WIDTHS)
 @pytest.mark.parametrize("length,group_size", [(64, 64), (384, 64), (96, 32), (37, 16), (20, 64), (5, 2)])
 def test_quantize_kernel_equals_pytorch_path_bit_for_bit(kernel, monkeypatch, bits, symmetric, length, group_size):
-    if symmetric and bits == 1:
-        pytest.skip("quantize_rows refuses symmetric 1-bit rows")
     gen = torch.Generator().manual_seed(bits * 100 + length + group_size + int(symmetric))
     x = torch.randn(53, length, generator=gen) * 3 + 1
     x[3] = 2.5  # a constant row: scale falls back to 1
@@ -301,3 +302,9 @@ def test_quantize_kernel_takes_views_and_empty_input(kernel, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got.planes, want.planes)) and torch.equal(got.scale, want.scale)
     empty = quantize_rows(torch.empty(0, 64), 4, 32)
     assert empty.n_rows == 0 and empty.planes[0].shape == (0, 32) and empty.scale.shape == (0, 2)
+
+
+def test_symmetric_one_bit_rows_are_refused():
+    """One bit has no symmetric grid (0 levels either side of zero): the pair the parametrizations leave out."""
+    with pytest.raises(ValueError, match="symmetric quantization needs bits >= 2"):
+        quantize_rows(torch.randn(4, 64), 1, 32, symmetric=True)
