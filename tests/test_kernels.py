@@ -306,5 +306,5 @@ def test_quantize_kernel_takes_views_and_empty_input(kernel, monkeypatch):
 
 def test_symmetric_one_bit_rows_are_refused():
     """One bit has no symmetric grid (0 levels either side of zero): the pair the parametrizations leave out."""
-    with pytest.raises(ValueError, match="symmetric quantization needs bits >= 2"):
+    with pytest.raises(ValueError, match="symmetric quantization needs at least 2 bits"):
         quantize_rows(torch.randn(4, 64), 1, 32, symmetric=True)
