@@ -67,3 +67,24 @@ def test_the_committed_cells_cover_the_committed_grids():
     for group, tasks in (("main", "tasks"), ("extra_cells", "extra_cells_tasks"), ("second_model", "second_model_tasks")):
         df = pd.read_parquet(REPO / "data" / f"{tasks}.parquet")
         check_cover(params, group, {(str(t), int(n)) for t, n in zip(df["task"], df["context_length"])})
+
+
+def test_a_shard_without_prompts_writes_no_rows(tmp_path):
+    """A dev sweep has fewer prompts than the test grid's shards: such a shard is empty, not an error,
+    and the union of a part's cells skips it."""
+    import pandas as pd
+
+    from smartkv.io import atomic_write_parquet, read_parquet_with_meta
+    from smartkv.study.driver import evaluate_runs, read_cells
+
+    tasks, meta = read_parquet_with_meta(REPO / "data" / "tasks.parquet")
+    one = tasks[(tasks["split"] == "dev") & (tasks["task"] == "niah") & (tasks["context_length"] == 2048)].head(1)
+    atomic_write_parquet(one, tmp_path / "tasks.parquet", meta)
+    params = {"model": "default", "dtype": "float32"}
+    empty = evaluate_runs(params, [], tmp_path / "tasks.parquet", split="dev", desc="t", cell=parse("niah-2048-1of2"))
+    assert empty.empty and {"run", "seed", "sample_id", "error"} <= set(empty.columns)
+    atomic_write_parquet(empty, tmp_path / "a.parquet", {})
+    rows = pd.DataFrame({"run": ["x"], "seed": [100], "task": ["niah"], "sample_id": ["s"], "score": [1.0]})
+    atomic_write_parquet(rows, tmp_path / "b.parquet", {})
+    union = read_cells([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert len(union) == 1 and union["score"].dtype == float
