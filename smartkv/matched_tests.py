@@ -64,7 +64,7 @@ def accuracy(df: pd.DataFrame) -> dict:
 
 def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
     """metrics/<section>.json: the model, accuracy per run and cell, every comparison row."""
-    keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "target_mean", "baseline_mean",
+    keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "n_clusters", "target_mean", "baseline_mean",
             "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
             "target_kv_ratio", "baseline_kv_ratio"]
 
