@@ -12,7 +12,7 @@ The ablations share this stage because they share its prefill: each prompt's tra
 stage. Their params (`budget`, `decay`, `realloc_freq`, `smartkv`) are the headline's anyway.
 
 -> data/smartkv/<cell>.parquet and data/ablations/<cell>.parquet (+ data/timings/ of each); the
-stats stage writes metrics/smartkv.json (per-run means over every cell, read by `dvc exp show`
+`smartkv_metrics` stage writes metrics/smartkv.json (per-run means over every cell, read by `dvc exp show`
 and the sweeps stage). A budget below a context's floor gives rows with `error` set.
 """
 

@@ -21,7 +21,6 @@ import pandas as pd
 
 from smartkv.study.params import stats_settings, study_split
 from smartkv.study.labels import HEADLINE
-from smartkv.study.driver import run_metrics
 from stages.common import DATA, METRICS, TASKS_FILE, read_results, stage_main
 
 log = logging.getLogger("stages.stats")
@@ -210,8 +209,6 @@ def main(params: dict) -> None:
 
     atomic_write_json(METRICS / "main.json", {"runs": overall_json(ov)})
     atomic_write_json(METRICS / "provenance.json", rows_provenance(params))
-    # per-run means of the smartkv cells, for `dvc exp show` and the sweeps stage
-    atomic_write_json(METRICS / "smartkv.json", run_metrics(read_results("smartkv", split=split)))
     atomic_write_json(METRICS / "power.json", power)
     atomic_write_json(METRICS / "tasks.json", strip_timing(metrics_json(summary)))
     sig = strip_timing(metrics_json(summary.iloc[0:0], tests if not tests.empty else None))

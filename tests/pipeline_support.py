@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 
 # Stage names as dvc.yaml writes them; a `foreach` stage runs as `<name>@<item>`, one per cell.
-STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "stats",
+STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "smartkv_metrics", "stats",
           "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "section_tasks",
           "extra_cells_baselines", "extra_cells_smartkv", "second_model_baselines", "second_model_smartkv",
           "section_tests"]

@@ -17,8 +17,8 @@ from pipeline_support import DVC, git, ran_stages, run
 def test_queued_dev_experiments_feed_the_sweeps_summary(origin: Path, tmp_path: Path):
     clone = tmp_path / "clone"
     git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    # A dev-seed sweep over decay, queued and run as README says; the smartkv stage alone.
-    run([DVC, "exp", "run", "--queue", "-S", "split=dev", "-S", "decay=0.85,0.9", "smartkv"], clone)
+    # A dev-seed sweep over decay, queued and run as README says: the smartkv cells and their metrics alone.
+    run([DVC, "exp", "run", "--queue", "-S", "split=dev", "-S", "decay=0.85,0.9", "smartkv_metrics"], clone)
     run([DVC, "exp", "run", "--run-all"], clone)
     out = run([DVC, "repro", "--force", "sweeps"], clone)
     assert ran_stages(out) == {"sweeps"}, out[-2000:]
