@@ -65,7 +65,10 @@ def test_a_repro_killed_mid_stage_resumes_without_redoing_finished_cells(origin:
 
     def landed() -> set[str]:
         """Cells whose dvc.lock entry already records the new budget."""
-        lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+        try:
+            lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+        except yaml.YAMLError:  # read while dvc rewrites it: not landed yet
+            return set()
         return {c for c in cells if lock.get(c, {}).get("params", {}).get("params.yaml", {}).get("budget") == 0.35}
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
@@ -73,10 +76,16 @@ def test_a_repro_killed_mid_stage_resumes_without_redoing_finished_cells(origin:
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen([str(DVC), "repro", "smartkv"], cwd=clone, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    def next_cell_running() -> bool:
+        """A smartkv cell's own process runs while dvc waits on it: killing then leaves dvc.lock whole
+        (a kill while dvc writes the lock would truncate it, an interruption no re-run can resume from)."""
+        out = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "stages.smartkv_runs"], capture_output=True)
+        return out.returncode == 0
+
     deadline = time.monotonic() + 900
-    while not landed() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the next cell is running (or about to)
+    while not (landed() and next_cell_running()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the next cell's process is running
     proc.wait()
     finished = landed()
     assert finished and finished != set(cells), f"the kill came too late or too early: {finished}"
