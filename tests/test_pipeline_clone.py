@@ -66,9 +66,12 @@ def test_a_repro_killed_mid_stage_resumes_without_redoing_finished_cells(origin:
     def landed() -> set[str]:
         """Cells whose dvc.lock entry already records the new budget."""
         try:
-            lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
-        except yaml.YAMLError:  # read while dvc rewrites it: not landed yet
+            lock = yaml.safe_load((clone / "dvc.lock").read_text())
+        except yaml.YAMLError:  # read half-written while dvc rewrites it: not landed yet
             return set()
+        if not isinstance(lock, dict):  # read while empty, between dvc's truncate and its write
+            return set()
+        lock = lock.get("stages", {})
         return {c for c in cells if lock.get(c, {}).get("params", {}).get("params.yaml", {}).get("budget") == 0.35}
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
