@@ -1,6 +1,6 @@
 """Sweeps as DVC experiments, on a `git clone` of the tiny study (`origin`, tests/pipeline_support.py)
-(slow): dev-seed experiments queued and run as README says feed the `sweeps` summary, which keeps
-what it recorded once the experiment refs are gone. Its own clone, so it runs beside
+(slow): dev-seed experiments queued and run as docs/study.md ("Sweeps") says feed the `sweeps`
+summary, which keeps what it recorded once the experiment refs are gone. Its own clone, so it runs beside
 tests/test_pipeline.py and tests/test_pipeline_clone.py.
 """
 
@@ -17,7 +17,7 @@ from pipeline_support import DVC, git, ran_stages, run
 def test_queued_dev_experiments_feed_the_sweeps_summary(origin: Path, tmp_path: Path):
     clone = tmp_path / "clone"
     git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    # A dev-seed sweep over decay, queued and run as README says: the smartkv cells and their metrics alone.
+    # A dev-seed sweep over decay, queued and run as docs/study.md says: the smartkv cells and their metrics alone.
     run([DVC, "exp", "run", "--queue", "-S", "split=dev", "-S", "decay=0.85,0.9", "smartkv_metrics"], clone)
     run([DVC, "exp", "run", "--run-all"], clone)
     out = run([DVC, "repro", "--force", "sweeps"], clone)
