@@ -133,8 +133,7 @@ def test_needle_and_key_appear_once_and_phrasings_vary(by_split):
         assert s.prompt.count(needle) == 1
         assert re.findall(r"\d+", s.prompt) == [key]  # the key once, and no other number
         assert re.fullmatch(r"[1-9]\d{4}", key)
-        assert s.prompt.endswith(".\nWhat is the pass key? The pass key is") or s.prompt.endswith(
-            "\nWhat is the pass key? The pass key is")
+        assert s.prompt.endswith("\nWhat is the pass key? The pass key is")
     assert len({s.meta["template"] for s in samples}) == len(TEMPLATES)
     assert len({s.answers[0] for s in samples}) >= 0.95 * len(samples)
 
@@ -182,6 +181,8 @@ def test_bad_requests_fail_clearly():
         make(0, n=1, lengths=[8192])
     with pytest.raises(ValueError, match="layout='block'; allowed: inline, line"):
         make(0, n=1, lengths=[600], layout="block")
+    with pytest.raises(ValueError, match="question='which'; allowed: plain, number"):
+        make(0, n=1, lengths=[600], question="which")
     with pytest.raises(ValueError, match="shorter than a 1000-token prompt"):
         make(0, n=1, lengths=[1000])  # ~5.3 characters a word: 1000 words overflow a 4,700-character slot
 
@@ -190,3 +191,11 @@ def test_line_layout_puts_the_needle_on_its_own_line():
     for s in make(100, n=2, lengths=[600], layout="line"):
         a, b = s.meta["needle_char_span"]
         assert s.prompt[a - 1] == "\n" and s.prompt[b] == "\n"
+
+
+def test_number_question_asks_for_five_digits_and_keeps_the_passage():
+    plain, number = make(100, n=2, lengths=[600]), make(100, n=2, lengths=[600], question="number")
+    for p, q in zip(plain, number):
+        assert q.prompt.endswith("\nWhat is the pass key, a five-digit number? The pass key is")
+        assert (q.answers, q.meta["template"], q.meta["depth_drawn"]) == (p.answers, p.meta["template"], p.meta["depth_drawn"])
+        assert q.meta["passage_span"][0] == p.meta["passage_span"][0]  # the same slot, sized anew

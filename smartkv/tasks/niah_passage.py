@@ -20,6 +20,10 @@ prompt is not a sample"). Here each prompt gets:
   states "the pass key is <key>" once, so the question asks for one thing, and the key's digits
   are the only digits in the prompt.
 
+`question: number` asks for "the pass key, a five-digit number" instead of "the pass key":
+on dev, SmolLM2 otherwise often answers "a key that is used to open doors"
+(docs/probes/independent_prompts/).
+
 The `depths` grid argument is ignored (the task registers with `uses_depth=False`): a cell is a
 length, and `n_per_cell` prompts are drawn per length. The prompt is sized by words to the largest
 passage that fits the token target, so it ends where the words run out, mid-sentence or not.
@@ -53,9 +57,14 @@ TEMPLATES = (
 )
 LAYOUTS = {
     # the needle between two sentences of the passage, inline
-    "inline": (HEADER.rstrip("\n") + "\n", " ", " ", "\nWhat is the pass key? The pass key is"),
+    "inline": (HEADER.rstrip("\n") + "\n", " ", " "),
     # the needle on a line of its own between two sentences
-    "line": (HEADER.rstrip("\n") + "\n", "\n", "\n", "\nWhat is the pass key? The pass key is"),
+    "line": (HEADER.rstrip("\n") + "\n", "\n", "\n"),
+}
+QUESTIONS = {
+    "plain": "What is the pass key? The pass key is",
+    # says what kind of answer is wanted: the default model otherwise often answers "a key that is used to open doors"
+    "number": "What is the pass key, a five-digit number? The pass key is",
 }
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+\S)")
 _WORD = re.compile(r"\S+")
@@ -85,8 +94,9 @@ def _needle_at(cuts: list[int], n_chars: int, depth: float) -> int:
     return min(inside, key=lambda c: (abs(c / n_chars - depth), c))
 
 
-def _assemble(passage: str, cut: int, needle: str, layout: str) -> Haystack:
-    header, before, after, footer = LAYOUTS[layout]
+def _assemble(passage: str, cut: int, needle: str, layout: str, question: str) -> Haystack:
+    header, before, after = LAYOUTS[layout]
+    footer = "\n" + QUESTIONS[question]
     head, tail = passage[:cut], passage[cut:].lstrip()
     prompt = header + head + before
     a = len(prompt)
@@ -97,7 +107,7 @@ def _assemble(passage: str, cut: int, needle: str, layout: str) -> Haystack:
 
 
 def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth: float,
-                 layout: str) -> tuple[Haystack, str, int]:
+                 layout: str, question: str) -> tuple[Haystack, str, int]:
     """(haystack, passage, needle cut): the most words of `slot_text` that fit `target` tokens."""
     word_ends = [m.end() for m in _WORD.finditer(slot_text)]
     cuts = _boundaries(slot_text)
@@ -105,7 +115,7 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
     def build(n: int) -> tuple[Haystack, str, int]:
         passage = slot_text[:word_ends[n - 1]]
         cut = _needle_at(cuts, len(passage), depth)
-        return _assemble(passage, cut, needle, layout), passage, cut
+        return _assemble(passage, cut, needle, layout, question), passage, cut
 
     def fits(n: int) -> bool:
         return count_tokens(tokenizer, build(n)[0].prompt) <= target
@@ -131,9 +141,11 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
 @register_task(TASK, "needle in real text (World English Bible): own passage, depth, key and phrasing per prompt",
                uses_depth=False)
 def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-             per_seed: int = 10, layout: str = "inline") -> list[Sample]:
+             per_seed: int = 10, layout: str = "inline", question: str = "plain") -> list[Sample]:
     if layout not in LAYOUTS:
         raise ValueError(f"{TASK}: layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
+    if question not in QUESTIONS:
+        raise ValueError(f"{TASK}: question={question!r}; allowed: {', '.join(QUESTIONS)}")
     samples = []
     for length in lengths:
         for i in range(n_per_cell):
@@ -146,13 +158,14 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
             passkey = str(rng.randint(10000, 99999))
             template = rng.randrange(len(TEMPLATES))
             needle = TEMPLATES[template].format(key=passkey)
-            hay, passage, cut = build_prompt(tokenizer, length, stream[begin:end], needle, drawn, layout)
+            hay, passage, cut = build_prompt(tokenizer, length, stream[begin:end], needle, drawn, layout, question)
             sample = passkey_sample(TASK, f"{TASK}-s{seed}-L{length}-{i}", hay, passkey, length, cut / len(passage),
                                     target=f" {passkey}")
             span = [begin, begin + len(passage)]
             sample.meta.update({
                 "split": split, "passage_span": span, "books": bible_corpus.split_text(split).books_in(*span),
-                "depth_drawn": drawn, "template": template, "layout": layout, "per_seed": per_seed,
+                "depth_drawn": drawn, "template": template, "layout": layout, "question": question,
+                "per_seed": per_seed,
             })
             sample.cluster = f"{TASK}:{split}:{span[0]}-{span[1]}"
             samples.append(sample)
