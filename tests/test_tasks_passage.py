@@ -1,0 +1,201 @@
+"""`niah_passage`: real-text needle prompts that share no passage (issue 33, "Independent prompts").
+
+Fast: no model; the one-token-per-word tokenizer of test_tasks.py (~5.3 characters a token on
+this corpus, more than the real tokenizers' ~4.1-4.4, so the slots are tested near their limit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from smartkv.scoring import score
+from smartkv.stats.clusters import attach_passage_clusters, passage_cluster
+from smartkv.tasks import TASKS, Sample, generate_task
+from smartkv.tasks import bible_corpus
+from smartkv.tasks.niah_passage import DEPTH_RANGE, TEMPLATES
+from test_tasks import WordTokenizer
+
+TOK = WordTokenizer()
+LENGTHS = [600, 1500, 3000]  # one length of each slot class (1, 2 and 4 units)
+TEST_SEEDS = [0, 1, 2, 3, 4, 5]
+DEV_SEEDS = [100, 101]
+N = 3
+WINDOW = 50
+
+
+def ntok(text: str) -> int:
+    return len(TOK.encode(text))
+
+
+def make(seed: int, n: int = N, lengths=LENGTHS, **kw) -> list[Sample]:
+    return generate_task("niah_passage", TOK, n_per_cell=n, lengths=lengths, depths=[], seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def by_split() -> dict[str, list[Sample]]:
+    return {"test": [s for seed in TEST_SEEDS for s in make(seed)],
+            "dev": [s for seed in DEV_SEEDS for s in make(seed)]}
+
+
+def passage_of(s: Sample) -> str:
+    """The prompt's passage without its needle, white space as in the corpus stream (one space)."""
+    h0, h1 = s.meta["haystack_char_span"]
+    a, b = s.meta["needle_char_span"]
+    return re.sub(r"\s+", " ", s.prompt[h0:a] + " " + s.prompt[b:h1]).strip()
+
+
+def test_registered_without_a_depth_grid():
+    assert TASKS["niah_passage"].uses_depth is False
+    # `depths` is ignored: a grid given or not, the same prompts
+    assert make(3, n=1, lengths=[600]) == generate_task("niah_passage", TOK, n_per_cell=1, lengths=[600],
+                                                        depths=[0.1, 0.5], seed=3)
+
+
+def test_same_seed_same_prompts_other_seed_other_prompts():
+    a = make(0, n=2)
+    assert a == make(0, n=2)
+    b = make(1, n=2)
+    assert {s.prompt for s in a}.isdisjoint(s.prompt for s in b)
+    assert [s.answers for s in a] != [s.answers for s in b]
+    # a prompt depends on (seed, length, i) alone, not on what else the call asks for
+    assert make(0, n=1, lengths=[1500])[0] == [s for s in a if s.context_length == 1500][0]
+
+
+def test_lengths_within_the_tolerance_of_the_other_tasks(by_split):
+    for s in itertools.chain(*by_split.values()):
+        assert 0.97 * s.context_length <= ntok(s.prompt) <= s.context_length
+
+
+def test_no_two_prompts_of_a_split_share_corpus_text(by_split):
+    for split, samples in by_split.items():
+        stream = bible_corpus.split_text(split).text
+        spans = sorted(tuple(s.meta["passage_span"]) for s in samples)
+        assert len(spans) == len(TEST_SEEDS if split == "test" else DEV_SEEDS) * N * len(LENGTHS)
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert end <= start  # disjoint stretches of the split's stream
+        for s in samples:
+            assert s.meta["split"] == split
+            a, b = s.meta["passage_span"]
+            assert passage_of(s) == re.sub(r"\s+", " ", stream[a:b])  # verbatim corpus text around the needle
+        # No 50-character substring of passage text is in two prompts, unless the corpus itself
+        # says it at two places (parallel books: Kings and Chronicles, Matthew and Luke).
+        owner: dict[str, int] = {}
+        shared = set()
+        for k, s in enumerate(samples):
+            text = passage_of(s)
+            for w in {text[j:j + WINDOW] for j in range(len(text) - WINDOW + 1)}:
+                if owner.setdefault(w, k) != k:
+                    shared.add(w)
+        for w in shared:
+            assert stream.count(w) >= 2, w
+        assert len(shared) < 0.01 * len(owner)  # measured: ~0.6% of the test windows, ~0% of dev's
+
+
+def test_dev_and_test_read_disjoint_books(by_split):
+    dev_books = {t for _, t in bible_corpus.split_text("dev").book_starts}
+    test_books = {t for _, t in bible_corpus.split_text("test").book_starts}
+    assert dev_books.isdisjoint(test_books) and len(dev_books | test_books) == 66
+    assert "Matthew" in dev_books and "Genesis" in test_books
+    used = {split: {b for s in samples for b in s.meta["books"]} for split, samples in by_split.items()}
+    assert used["dev"] <= dev_books and used["test"] <= test_books
+    test_passages = {passage_of(s) for s in by_split["test"]}
+    assert all(passage_of(s) not in bible_corpus.split_text("test").text for s in by_split["dev"])
+    assert all(p not in bible_corpus.split_text("dev").text for p in test_passages)
+
+
+def test_depth_is_drawn_in_range_and_the_needle_sits_there(by_split):
+    lo, hi = DEPTH_RANGE
+    samples = list(itertools.chain(*by_split.values()))
+    for s in samples:
+        assert lo <= s.meta["depth_drawn"] <= hi and lo <= s.depth <= hi
+        assert abs(s.depth - s.meta["depth_drawn"]) < 0.1  # the nearest sentence boundary
+        h0, h1 = s.meta["haystack_char_span"]
+        a, b = s.meta["needle_char_span"]
+        passage = (h1 - h0) - (b - a) - 1
+        assert abs((a - h0 - 1) / passage - s.depth) < 0.01
+        assert s.prompt[a - 2] in ".!?\"')]"  # after a sentence end
+    depths = [s.depth for s in samples]
+    assert min(depths) < 0.25 and max(depths) > 0.75 and len(set(depths)) == len(depths)
+
+
+def test_needle_and_key_appear_once_and_phrasings_vary(by_split):
+    samples = list(itertools.chain(*by_split.values()))
+    for s in samples:
+        key = s.answers[0]
+        a, b = s.meta["needle_char_span"]
+        needle = s.prompt[a:b]
+        assert needle == TEMPLATES[s.meta["template"]].format(key=key)
+        assert s.prompt.count(needle) == 1
+        assert re.findall(r"\d+", s.prompt) == [key]  # the key once, and no other number
+        assert re.fullmatch(r"[1-9]\d{4}", key)
+        assert s.prompt.endswith("\nWhat is the pass key? The pass key is")
+    assert len({s.meta["template"] for s in samples}) == len(TEMPLATES)
+    assert len({s.answers[0] for s in samples}) >= 0.95 * len(samples)
+
+
+def test_scored_as_niah_is(by_split):
+    niah = generate_task("niah", TOK, n_per_cell=1, lengths=[600], depths=[0.5], seed=0)[0]
+    for s in itertools.chain(*by_split.values()):
+        key = s.answers[0]
+        assert (s.metric, s.target) == (niah.metric, f" {key}")
+        assert score(s.metric, s.target, s.answers, s.meta) == 1.0
+        assert score(s.metric, f" {key}. Remember it.", s.answers, s.meta) == 1.0
+        assert score(s.metric, " 12345", s.answers, s.meta) == float(key == "12345")
+        json.dumps(s.meta)
+        assert Sample.from_row(s.to_row()) == s
+
+
+def test_every_prompt_is_its_own_cluster(by_split):
+    samples = list(itertools.chain(*by_split.values()))
+    assert len({s.cluster for s in samples}) == len(samples)
+    assert len({passage_cluster(s.task, s.prompt) for s in samples}) == len(samples)
+    tasks = pd.DataFrame([{**s.to_row(), "seed": int(s.sample_id.split("-s")[1].split("-")[0])} for s in samples])
+    results = tasks[["task", "sample_id", "seed"]].assign(score=1.0)
+    assert attach_passage_clusters(results, tasks)["cluster"].nunique() == len(samples)
+    # the same passage with another key would be one cluster: the cluster is the passage
+    s = samples[0]
+    other = s.prompt.replace(s.answers[0], "12345")
+    assert passage_cluster(s.task, other) == passage_cluster(s.task, s.prompt)
+
+
+def test_capacity_holds_the_planned_study():
+    test, dev = bible_corpus.split_text("test"), bible_corpus.split_text("dev")
+    # per_seed 14: test seeds 0-5 hold 14 prompts at each of 1k, 2k, 4k (252); dev seeds 100-101
+    assert test.max_seeds(14) >= 6 and dev.max_seeds(14) >= 2
+    assert test.max_seeds(14) * 14 * 3 >= 200
+    # the default (10) fits the test seeds the generic task tests use (7, 8)
+    assert test.max_seeds(10) >= 9
+
+
+def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match=r"test passages hold 6 seeds at per_seed=14 \(seeds 0..5\)"):
+        make(6, n=1, lengths=[600], per_seed=14)
+    with pytest.raises(ValueError, match="per_seed=2 reserves 2 passages"):
+        make(0, n=3, lengths=[600], per_seed=2)
+    with pytest.raises(ValueError, match="at most 4096 tokens"):
+        make(0, n=1, lengths=[8192])
+    with pytest.raises(ValueError, match="layout='block'; allowed: inline, line"):
+        make(0, n=1, lengths=[600], layout="block")
+    with pytest.raises(ValueError, match="question='which'; allowed: plain, number"):
+        make(0, n=1, lengths=[600], question="which")
+    with pytest.raises(ValueError, match="shorter than a 1000-token prompt"):
+        make(0, n=1, lengths=[1000])  # ~5.3 characters a word: 1000 words overflow a 4,700-character slot
+
+
+def test_line_layout_puts_the_needle_on_its_own_line():
+    for s in make(100, n=2, lengths=[600], layout="line"):
+        a, b = s.meta["needle_char_span"]
+        assert s.prompt[a - 1] == "\n" and s.prompt[b] == "\n"
+
+
+def test_number_question_asks_for_five_digits_and_keeps_the_passage():
+    plain, number = make(100, n=2, lengths=[600]), make(100, n=2, lengths=[600], question="number")
+    for p, q in zip(plain, number):
+        assert q.prompt.endswith("\nWhat is the pass key, a five-digit number? The pass key is")
+        assert (q.answers, q.meta["template"], q.meta["depth_drawn"]) == (p.answers, p.meta["template"], p.meta["depth_drawn"])
+        assert q.meta["passage_span"][0] == p.meta["passage_span"][0]  # the same slot, sized anew
