@@ -100,6 +100,16 @@ def _is_binary(*arrays: np.ndarray) -> bool:
     return all(np.isin(a, (0.0, 1.0)).all() for a in arrays)
 
 
+def clusters_ahead_behind(d: np.ndarray, clusters: Sequence | None) -> tuple[int, int]:
+    """In how many clusters (passages; each prompt its own without clusters) the target's summed
+    difference is above zero, and in how many below: the cell-by-cell count a reader checks a pooled
+    mean against (one passage can carry a pooled win)."""
+    if not d.size:
+        return 0, 0
+    sums = pd.Series(d).groupby(np.asarray(clusters) if clusters is not None else np.arange(d.size)).sum()
+    return int((sums > 0).sum()), int((sums < 0).sum())
+
+
 def compare(
     t: np.ndarray,
     b: np.ndarray,
@@ -141,7 +151,9 @@ def compare(
         p, k_signed, method = cluster_sign_test(d, clusters, seed)
         row.update(test=f"cluster_sign_flip_{method}", p_prompts=row["p"], p=p,
                    note=(row["note"] + "; " if row["note"] else "") + f"{k} clusters ({k_signed} with a nonzero sum)")
-    row.update(ci_lo=lo, ci_hi=hi, n_clusters=k, margin=math.nan if margin is None else margin,
+    ahead, behind = clusters_ahead_behind(d, clusters)
+    row.update(ci_lo=lo, ci_hi=hi, n_clusters=k, clusters_ahead=ahead, clusters_behind=behind,
+               margin=math.nan if margin is None else margin,
                **noninferiority(lo, hi, margin, spec.higher_is_better))
     return row
 
