@@ -1,7 +1,7 @@
 """Does a paired 0/1 win hold across the grid's cells, or does one cell carry it?
 
 The study's NIAH prompts use the classic filler block (`block: classic`, the one layout FP16
-succeeds with at 2k-4k on the default model, README "Tasks and calibration"): every prompt of a
+succeeds with at 2k-4k on the default model, docs/study.md, "Tasks and calibration"): every prompt of a
 cell (task x prompt length x needle depth) has the same haystack and differs from the others in
 its pass key only. Exact McNemar over prompts then answers "on prompts like these", and its n
 counts keys, not haystacks: a method that fails one needle position fails it for every key, so

@@ -13,7 +13,7 @@ query, the way `generate`'s first step folds it), and then its key and value are
 the forks still hold the prompt minus its last token and `generate` still feeds it through
 their caches. The statistics of the kept tokens are exactly those of an FP16 generation cut
 after one step (`runner.oracle_tracker(model, pre, 1)`, the probe's `lookahead-1`): the
-README's "The missing query" measures what that ranking is worth at 4k tokens.
+docs/internals.md, "The missing query", measures what that ranking is worth at 4k tokens.
 
 The study's forks (`smartkv.evaluate`), the command line's `generate`, `demo` and `bench` fork
 from such a prefill.

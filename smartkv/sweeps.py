@@ -1,7 +1,7 @@
 """Sweeps as DVC experiments: read the finished ones and summarize each swept parameter.
 
 Experiments are queued with `dvc exp run --queue -S split=dev -S decay=0.85,0.9,0.95 smartkv`
-(see README) and run with `dvc queue start -j N`. Each finished experiment is a commit
+(see docs/study.md, "Sweeps") and run with `dvc queue start -j N`. Each finished experiment is a commit
 holding its params, `metrics/smartkv.json` and, git-tracked, `data/smartkv/<cell>.parquet`;
 `dvc exp show --json` lists them. Only dev-seed experiments count as evidence for choosing
 a default (test seeds report, never choose). For each swept parameter, the summary takes
@@ -19,7 +19,7 @@ the machine that ran them.
 A paired comparison is only as exact as its pairs: the same prompts through the same code on
 the same machine. Floating-point results move across CPUs (answer log-likelihoods by up to
 ~0.006 nats on the dev set), and a sweep may run with a lighter protocol than the study's
-(other runs of the stage switched off, README "Sweeps"). So each experiment belongs to a
+(other runs of the stage switched off, docs/study.md, "Sweeps"). So each experiment belongs to a
 batch, the commit it was run from and its other params (the protocol), and each value is
 compared with the current value's experiment of its own batch. Repeats of one configuration
 (`reruns`) measure how far float noise alone moves each measure.

@@ -83,7 +83,7 @@ def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: 
     return {"slack": float(slack), "all_within": all(v["all_within"] for v in out.values()), "stages": out}
 
 
-# The first revision whose forks rank from the prompt's last query (README, "The missing query").
+# The first revision whose forks rank from the prompt's last query (docs/internals.md, "The missing query").
 LAST_QUERY_REVISION = "1f99189"
 SMARTKV_PARTS = ("smartkv", "ablations", "extra_cells/smartkv", "second_model/smartkv")
 

@@ -1,7 +1,7 @@
 """Stage `sweeps`: the finished DVC experiments -> metrics/sweeps.json and plots/sweeps.{png,pdf}.
 
 Experiments are not a file DVC can track, so this stage depends only on its code: run it
-with `dvc repro --force sweeps` once the queue has finished (README, "Sweeps"). Its summary
+with `dvc repro --force sweeps` once the queue has finished (docs/study.md, "Sweeps"). Its summary
 is `persist: true` and keeps every experiment it recorded before (experiment refs stay on
 the machine that ran them; the summary travels in git). With no experiments it says so.
 """

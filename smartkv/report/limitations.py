@@ -64,7 +64,7 @@ def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9)
 
 
 def missing_query_limits(provenance: Mapping | None) -> list[str]:
-    """The study's protocol gap (README, "The missing query"), cell by cell: SmartKV rows made before
+    """The study's protocol gap (docs/internals.md, "The missing query"), cell by cell: SmartKV rows made before
     the forks ranked from the prompt's last query (metrics/provenance.json), until every cell is re-run."""
     if not provenance:
         return []
@@ -79,7 +79,7 @@ def missing_query_limits(provenance: Mapping | None) -> list[str]:
     said = "; ".join(f"`{p}` {', '.join(sorted(c))}" for p, c in old.items())
     done = "; ".join(f"`{p}` {', '.join(sorted(c))}" for p, c in new.items()) or "none yet"
     return [f"Some SmartKV rows rank without the prompt's last query (made before it reached the study's forks; "
-            f"README, \"The missing query\"): {said}. They understate the method, most at 4k tokens, and tables "
+            f"docs/internals.md, \"The missing query\"): {said}. They understate the method, most at 4k tokens, and tables "
             f"that pool them with re-run cells mix the two protocols. Re-run with it: {done}."]
 
 
@@ -140,6 +140,6 @@ def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
     else:
         out.append(f"One small model ({first}); results may not transfer to larger models or other architectures.")
     out += missing_query_limits(provenance)
-    out.append("Throughput comes from the model stages' wall clock on the machine that ran them (README, "
+    out.append("Throughput comes from the model stages' wall clock on the machine that ran them (docs/study.md, "
                "\"Cost of the study\"); only ratios between runs of one stage run are meaningful.")
     return out

@@ -34,7 +34,7 @@ def _partner(v: dict) -> str:
 
 def sweeps_section(sweeps: dict | None) -> list[str]:
     if not sweeps:
-        return ["_metrics/sweeps.json is missing: run the sweeps (README, \"Sweeps\")._", ""]
+        return ["_metrics/sweeps.json is missing: run the sweeps (docs/study.md, \"Sweeps\")._", ""]
     if not sweeps.get("params"):
         return [f"_{sweeps.get('note', 'no parameter swept')}._", ""]
     out = ["Each default was chosen on the dev seeds only, one factor at a time (the other swept parameters at "
