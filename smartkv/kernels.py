@@ -110,11 +110,32 @@ def _stage_sources(directory: Path) -> Path:
     return target
 
 
+# torch's file baton (`<build dir>/lock`) is removed by the process that builds; one killed mid-build
+# leaves it behind, and every later process then waits on it forever, silently (it happened: a test
+# run stopped by `timeout` hung a study run for minutes). A build takes under two minutes on 2 cores.
+STALE_LOCK_S = 600
+
+
+def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove `directory/lock` when it is older than `max_age_s` (its builder is gone); True if removed."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    log.warning("smartkv: removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(directory)
     sources = _stage_sources(directory)
     start = time.perf_counter()
     module = load(

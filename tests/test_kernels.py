@@ -308,3 +308,20 @@ def test_symmetric_one_bit_rows_are_refused():
     """One bit has no symmetric grid (0 levels either side of zero): the pair the parametrizations leave out."""
     with pytest.raises(ValueError, match="symmetric quantization needs at least 2 bits"):
         quantize_rows(torch.randn(4, 64), 1, 32, symmetric=True)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_fresh_one_kept(tmp_path):
+    """torch's baton file outlives a build killed mid-way, and every later process would wait on it
+    forever; one older than any build is removed, one that may belong to a live build is not."""
+    import os
+    import time
+
+    from smartkv.kernels import STALE_LOCK_S, clear_stale_lock
+
+    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a live build's
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
