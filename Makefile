@@ -39,9 +39,10 @@ venv-kvpress: $(KVPRESS_STAMP)
 
 # Two xdist workers, whole test files per worker (module fixtures are built once), files in the order
 # tests/conftest.py gives them (the pipeline file first; xdist would otherwise start with the files that
-# hold the most tests). `make test PYTEST_ARGS=` runs in one process.
+# hold the most tests), and prints the 15 slowest tests (the budget is 15 minutes on a fresh clone).
+# `make test PYTEST_ARGS=` runs in one process.
 # The two environments install side by side (-j2): on a fresh clone that is ~1.5 minutes less of set-up.
-PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 test:
 	$(MAKE) --no-print-directory -j2 setup venv-kvpress
 	$(PY) -m pytest -q $(PYTEST_ARGS)
