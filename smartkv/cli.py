@@ -62,6 +62,14 @@ def _load_model(name: str, dtype: str):
         raise UsageError(f"--model {name!r} cannot be loaded: {first}") from None
 
 
+def _evicted_tokens(report: dict) -> float:
+    """Tokens held at 0 bits, averaged over layers: values at 0 bits over the values one token holds
+    in all layers (every token holds the same number of values per layer, evicted or not)."""
+    hist = report.get("bits_histogram", {})
+    values, seq_len = sum(hist.values()), report.get("seq_len", 0)
+    return round(hist.get(0, 0) * seq_len / values, 2) if values and seq_len else 0.0
+
+
 def cmd_generate(args) -> int:
     from smartkv.methods import make_config
 
@@ -113,6 +121,11 @@ def cmd_generate(args) -> int:
         "budget_met": bool(report.get("budget_met", True)),
         "budget_holds_from": report.get("budget_holds_from", 0),
         "budget_note": report.get("budget_note", ""),
+        # what the policy did: re-allocations run, values held at each width (0 = evicted), and the
+        # evicted tokens, averaged over layers (a layer evicts its own tokens)
+        "reallocations": int(report.get("reallocations", 0)),
+        "bits_histogram": {int(b): int(n) for b, n in report.get("bits_histogram", {}).items()},
+        "evicted_tokens": _evicted_tokens(report),
         "prefill_s": pre.seconds,
         "decode_s": seconds,
     }

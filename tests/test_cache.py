@@ -26,7 +26,7 @@ METHODS = [
     ("smartkv", {"budget": 0.3, "allocation": "layer_aware"}),
     ("smartkv", {"budget": 0.3, "allocation": "random"}),
     ("smartkv", {"budget": 0.3, "allocation": "fixed"}),
-    ("smartkv", {"budget": 0.3, "granularity": "head", "kv_split": True, "key_weight": 2.0}),
+    ("smartkv", {"budget": 0.3, "bits": (2, 3, 4, 8), "granularity": "head", "kv_split": True, "key_weight": 2.0}),
     ("smartkv", {"budget": 0.3, "signal": "normalized", "realloc_freq": 0}),
     ("smartkv", {"budget": 0.1, "bits": (0, 2, 4)}),  # below the 2-bit floor: the 0-bit tier evicts
 ]
@@ -114,7 +114,8 @@ def test_budget_one_reproduces_fp16(model):
 def test_low_budget_changes_the_cache(model):
     ids = prompt(seed=4)
     full = build_cache("fp16", model.config)
-    low = build_cache("smartkv", model.config, budget=0.24, key_rotation=False)  # rotation: see test_rotation.py
+    low = build_cache("smartkv", model.config, budget=0.24, bits=(2, 3, 4, 8),  # no 0-bit tier: every token quantized
+                      key_rotation=False)  # rotation: see test_rotation.py
     generate(model, full, ids)
     generate(model, low, ids)
     n = PROMPT_LEN - 1  # the prompt's keys are the same input for both; generated tokens may differ
@@ -131,8 +132,8 @@ def test_batch_with_left_padding(model):
     mask = torch.ones_like(ids)
     mask[1, :60] = 0  # second row is 60 tokens shorter
     ids[1, :60] = 0
-    cache = build_cache("smartkv", model.config, budget=0.3)
-    out = generate(model, cache, ids, mask)  # the default bits (no 0-bit tier) drop the pads: no context, no bytes
+    cache = build_cache("smartkv", model.config, budget=0.3, bits=(2, 3, 4, 8))
+    out = generate(model, cache, ids, mask)  # without a 0-bit tier the pads are dropped: no context, no bytes
     assert out.shape == (2, NEW)
     rep = cache.memory_report()
     assert 0.28 <= rep["ratio"] <= 0.3  # of the real tokens' FP16 bytes (tests/test_left_padding.py)
@@ -222,16 +223,17 @@ def test_prefill_tracking_only_what_runs_read_gives_the_same_signal(model, decay
 
 
 def test_budget_below_floor_is_refused_before_work_and_flagged_inside_generate(model):
+    NO_EVICTION = (2, 3, 4, 8)  # the 2-bit floor: with a 0-bit tier 0.05 is within reach
     from smartkv.allocate import BudgetError
     from smartkv.cache.base import BudgetWarning
     from smartkv.methods.budget_check import check_budget_reachable
 
     # What the user can fix is refused before any work (the CLI and the pipeline call this) ...
     with pytest.raises(BudgetError, match=r"budget 0.05 cannot be met with 201 tokens: the floor there is 0\.\d+"):
-        check_budget_reachable("smartkv", {"budget": 0.05}, model.config, PROMPT_LEN + 1)
-    check_budget_reachable("smartkv", {"budget": 0.3}, model.config, PROMPT_LEN + 1)  # reachable: no error
+        check_budget_reachable("smartkv", {"budget": 0.05, "bits": NO_EVICTION}, model.config, PROMPT_LEN + 1)
+    check_budget_reachable("smartkv", {"budget": 0.3, "bits": NO_EVICTION}, model.config, PROMPT_LEN + 1)  # reachable: no error
     # ... while inside generate the cache holds its floor, warns once and flags it.
-    cache = build_cache("smartkv", model.config, budget=0.05)
+    cache = build_cache("smartkv", model.config, budget=0.05, bits=NO_EVICTION)
     with pytest.warns(BudgetWarning, match="budget 0.05 cannot be met") as caught:
         generate(model, cache, prompt(), new=4)
     assert len([w for w in caught if w.category is BudgetWarning]) == 1
@@ -371,4 +373,4 @@ def test_budget_one_is_an_unmodified_dynamic_cache(model):
     torch.testing.assert_close(runs["smartkv"][1], runs["dynamic"][1], rtol=0, atol=2e-4)
     torch.testing.assert_close(runs["smartkv"][1], runs["fp16"][1], rtol=0, atol=1e-6)  # the same FP16 values
     rep = runs["smartkv"][2].memory_report()
-    assert rep["tracker_bytes"] == 0 and rep["ratio"] == 1.0 and set(rep["bits_histogram"]) == {16}
+    assert rep["tracker_bytes"] == 0 and rep["ratio"] == 1.0 and {b for b, n in rep["bits_histogram"].items() if n} == {16}
