@@ -17,7 +17,7 @@ from smartkv.scoring import score
 from smartkv.stats.clusters import attach_passage_clusters, passage_cluster
 from smartkv.tasks import TASKS, Sample, generate_task
 from smartkv.tasks import bible_corpus
-from smartkv.tasks.niah_passage import DEPTH_RANGE, TEMPLATES
+from smartkv.tasks.niah_passage import CLASSIC, DEPTH_RANGE, TEMPLATES
 from test_tasks import WordTokenizer
 
 TOK = WordTokenizer()
@@ -183,6 +183,10 @@ def test_bad_requests_fail_clearly():
         make(0, n=1, lengths=[600], layout="block")
     with pytest.raises(ValueError, match="question='which'; allowed: plain, number"):
         make(0, n=1, lengths=[600], question="which")
+    with pytest.raises(ValueError, match="phrasing='fancy'; allowed: drawn, classic"):
+        make(0, n=1, lengths=[600], phrasing="fancy")
+    with pytest.raises(ValueError, match="instruction='loud'; allowed: plain, ask"):
+        make(0, n=1, lengths=[600], instruction="loud")
     with pytest.raises(ValueError, match="shorter than a 1000-token prompt"):
         make(0, n=1, lengths=[1000])  # ~5.3 characters a word: 1000 words overflow a 4,700-character slot
 
@@ -199,3 +203,42 @@ def test_number_question_asks_for_five_digits_and_keeps_the_passage():
         assert q.prompt.endswith("\nWhat is the pass key, a five-digit number? The pass key is")
         assert (q.answers, q.meta["template"], q.meta["depth_drawn"]) == (p.answers, p.meta["template"], p.meta["depth_drawn"])
         assert q.meta["passage_span"][0] == p.meta["passage_span"][0]  # the same slot, sized anew
+
+
+def same_draws(p: Sample, q: Sample) -> None:
+    """A format variant keeps the prompt's key, drawn depth, template draw and passage slot."""
+    assert (q.answers, q.meta["template"], q.meta["depth_drawn"]) == (p.answers, p.meta["template"], p.meta["depth_drawn"])
+    assert q.meta["passage_span"][0] == p.meta["passage_span"][0]
+
+
+def test_classic_phrasing_states_the_key_twice_and_keeps_the_draws():
+    drawn, classic = make(100, n=3, lengths=[600, 1500]), make(100, n=3, lengths=[600, 1500], phrasing="classic")
+    for p, q in zip(drawn, classic):
+        same_draws(p, q)
+        key = q.answers[0]
+        a, b = q.meta["needle_char_span"]
+        assert q.prompt[a:b] == CLASSIC.format(key=key) == f"The pass key is {key}. Remember it. {key} is the pass key."
+        assert re.findall(r"\d+", q.prompt) == [key, key]  # the key twice, in the needle alone
+        assert q.meta["phrasing"] == "classic" and p.meta["phrasing"] == "drawn"
+        assert score(q.metric, q.target, q.answers, q.meta) == 1.0
+
+
+def test_ask_instruction_names_the_pass_key_before_the_passage():
+    plain, ask = make(100, n=2, lengths=[600]), make(100, n=2, lengths=[600], instruction="ask")
+    for p, q in zip(plain, ask):
+        same_draws(p, q)
+        h0 = q.meta["haystack_char_span"][0]
+        assert q.prompt[:h0] == ("There is an important info hidden inside a lot of irrelevant text. "
+                                 "Find the pass key hidden in the text below; you will be asked for it.\n")
+        assert p.prompt[:p.meta["haystack_char_span"][0]].endswith("I will quiz you about the important information there.\n")
+        assert q.prompt.endswith("\nWhat is the pass key? The pass key is")
+        assert q.meta["instruction"] == "ask"
+
+
+def test_format_kwargs_combine():
+    for s in make(101, n=2, lengths=[600], layout="line", phrasing="classic", instruction="ask", question="number"):
+        a, b = s.meta["needle_char_span"]
+        assert s.prompt[a - 1] == "\n" == s.prompt[b]
+        assert s.prompt[a:b] == CLASSIC.format(key=s.answers[0])
+        assert s.prompt.startswith("There is an important info hidden inside a lot of irrelevant text. Find the pass key")
+        assert s.prompt.endswith("\nWhat is the pass key, a five-digit number? The pass key is")

@@ -24,6 +24,16 @@ prompt is not a sample"). Here each prompt gets:
 on dev, SmolLM2 otherwise often answers "a key that is used to open doors"
 (docs/probes/independent_prompts/).
 
+Format kwargs piloted for the FP16 calibration (docs/probes/independent_prompts/), each default
+the task as first built. Every variant draws the same passage slot, depth and key per
+(seed, length, i), so variants pair prompt for prompt:
+
+- `phrasing: classic` uses the classic two-statement needle of `niah` ("The pass key is K.
+  Remember it. K is the pass key.") in every prompt instead of a drawn template (the template is
+  still drawn, and recorded, so the keys do not move); the key then appears twice;
+- `instruction: ask` names the pass key in the instruction before the passage, as RULER puts the
+  query there: "... Find the pass key hidden in the text below; you will be asked for it."
+
 The `depths` grid argument is ignored (the task registers with `uses_depth=False`): a cell is a
 length, and `n_per_cell` prompts are drawn per length. The prompt is sized by words to the largest
 passage that fits the token target, so it ends where the words run out, mid-sentence or not.
@@ -55,11 +65,20 @@ TEMPLATES = (
     "The pass key you will be asked about is {key}. Keep it in mind.",
     "Important: the pass key is {key}. Do not forget it.",
 )
+# `phrasing: classic`: the needle the repeated-filler `niah` calibrated at FP16 1.0
+CLASSIC = "The pass key is {key}. Remember it. {key} is the pass key."
+PHRASINGS = ("drawn", "classic")
+INSTRUCTIONS = {
+    "plain": HEADER.rstrip("\n") + "\n",
+    # the question before the passage as well as after it (RULER puts the query in the instruction)
+    "ask": "There is an important info hidden inside a lot of irrelevant text. "
+           "Find the pass key hidden in the text below; you will be asked for it.\n",
+}
 LAYOUTS = {
     # the needle between two sentences of the passage, inline
-    "inline": (HEADER.rstrip("\n") + "\n", " ", " "),
+    "inline": (" ", " "),
     # the needle on a line of its own between two sentences
-    "line": (HEADER.rstrip("\n") + "\n", "\n", "\n"),
+    "line": ("\n", "\n"),
 }
 QUESTIONS = {
     "plain": "What is the pass key? The pass key is",
@@ -94,8 +113,10 @@ def _needle_at(cuts: list[int], n_chars: int, depth: float) -> int:
     return min(inside, key=lambda c: (abs(c / n_chars - depth), c))
 
 
-def _assemble(passage: str, cut: int, needle: str, layout: str, question: str) -> Haystack:
-    header, before, after = LAYOUTS[layout]
+def _assemble(passage: str, cut: int, needle: str, layout: str, question: str,
+              instruction: str = "plain") -> Haystack:
+    header = INSTRUCTIONS[instruction]
+    before, after = LAYOUTS[layout]
     footer = "\n" + QUESTIONS[question]
     head, tail = passage[:cut], passage[cut:].lstrip()
     prompt = header + head + before
@@ -107,7 +128,7 @@ def _assemble(passage: str, cut: int, needle: str, layout: str, question: str) -
 
 
 def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth: float,
-                 layout: str, question: str) -> tuple[Haystack, str, int]:
+                 layout: str, question: str, instruction: str = "plain") -> tuple[Haystack, str, int]:
     """(haystack, passage, needle cut): the most words of `slot_text` that fit `target` tokens."""
     word_ends = [m.end() for m in _WORD.finditer(slot_text)]
     cuts = _boundaries(slot_text)
@@ -115,7 +136,7 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
     def build(n: int) -> tuple[Haystack, str, int]:
         passage = slot_text[:word_ends[n - 1]]
         cut = _needle_at(cuts, len(passage), depth)
-        return _assemble(passage, cut, needle, layout, question), passage, cut
+        return _assemble(passage, cut, needle, layout, question, instruction), passage, cut
 
     def fits(n: int) -> bool:
         return count_tokens(tokenizer, build(n)[0].prompt) <= target
@@ -141,11 +162,16 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
 @register_task(TASK, "needle in real text (World English Bible): own passage, depth, key and phrasing per prompt",
                uses_depth=False)
 def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-             per_seed: int = 10, layout: str = "inline", question: str = "plain") -> list[Sample]:
+             per_seed: int = 10, layout: str = "inline", question: str = "plain", phrasing: str = "drawn",
+             instruction: str = "plain") -> list[Sample]:
     if layout not in LAYOUTS:
         raise ValueError(f"{TASK}: layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
     if question not in QUESTIONS:
         raise ValueError(f"{TASK}: question={question!r}; allowed: {', '.join(QUESTIONS)}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"{TASK}: phrasing={phrasing!r}; allowed: {', '.join(PHRASINGS)}")
+    if instruction not in INSTRUCTIONS:
+        raise ValueError(f"{TASK}: instruction={instruction!r}; allowed: {', '.join(INSTRUCTIONS)}")
     samples = []
     for length in lengths:
         for i in range(n_per_cell):
@@ -157,15 +183,16 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
             drawn = rng.uniform(*DEPTH_RANGE)
             passkey = str(rng.randint(10000, 99999))
             template = rng.randrange(len(TEMPLATES))
-            needle = TEMPLATES[template].format(key=passkey)
-            hay, passage, cut = build_prompt(tokenizer, length, stream[begin:end], needle, drawn, layout, question)
+            needle = (CLASSIC if phrasing == "classic" else TEMPLATES[template]).format(key=passkey)
+            hay, passage, cut = build_prompt(tokenizer, length, stream[begin:end], needle, drawn, layout, question,
+                                             instruction)
             sample = passkey_sample(TASK, f"{TASK}-s{seed}-L{length}-{i}", hay, passkey, length, cut / len(passage),
                                     target=f" {passkey}")
             span = [begin, begin + len(passage)]
             sample.meta.update({
                 "split": split, "passage_span": span, "books": bible_corpus.split_text(split).books_in(*span),
                 "depth_drawn": drawn, "template": template, "layout": layout, "question": question,
-                "per_seed": per_seed,
+                "phrasing": phrasing, "instruction": instruction, "per_seed": per_seed,
             })
             sample.cluster = f"{TASK}:{split}:{span[0]}-{span[1]}"
             samples.append(sample)
