@@ -34,6 +34,9 @@ the task as first built. Every variant draws the same passage slot, depth and ke
 - `instruction: ask` names the pass key in the instruction before the passage, as RULER puts the
   query there: "... Find the pass key hidden in the text below; you will be asked for it."
 
+On dev (seeds 100-101, SmolLM2-135M), `layout: line, phrasing: classic, instruction: ask` found
+10/10 at each of 1k, 2k and 4k; the default found 6/10, 5/10, 7/10 (the probe's README).
+
 The `depths` grid argument is ignored (the task registers with `uses_depth=False`): a cell is a
 length, and `n_per_cell` prompts are drawn per length. The prompt is sized by words to the largest
 passage that fits the token target, so it ends where the words run out, mid-sentence or not.
