@@ -100,7 +100,8 @@ def slide_texts(summary: pd.DataFrame, tests: pd.DataFrame | None, ablation_test
                    "Error: measured from each token's value range, per width 0/2/3/4/8 (0 = evict).",
                    "Allocation: greedy by value per byte (importance × error reduction / bytes) under the budget.",
                    "FP16 sinks and recent window; per-channel key smoothing; re-allocation only demotes."],
-        "pareto": main[:1] + [sec._cmp_sentence(r) for r in t.to_dict("records") if r["outcome"] != f.INCONCLUSIVE][:2],
+        # the primary comparisons, as the report's summary leads with them (sanity checks are not wins)
+        "pareto": [sec._primary_sentence(r, why) for r, why in (sec.primary_comparisons(t) if len(t) else [])][:3],
         "needle": [f"{len(counts[f.WIN])} significant win(s), {len(counts[f.LOSS])} significant loss(es), "
                    f"{len(counts[f.INCONCLUSIVE])} inconclusive at matched memory."],
         "allocation": ["Bits per token and layer on one short needle prompt; the needle is outlined."],
