@@ -171,7 +171,7 @@ def test_cache_spends_the_saving_on_bits():
     ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(0))
     mean_bits = {}
     for fmt in ("fp16", "int8"):
-        cache = build_cache("smartkv", model.config, budget=0.25, group_size=32, scale_format=fmt)
+        cache = build_cache("smartkv", model.config, budget=0.25, bits=(2, 3, 4, 8), group_size=32, scale_format=fmt)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
                            min_new_tokens=4, do_sample=False, pad_token_id=0)
