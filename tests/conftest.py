@@ -52,3 +52,19 @@ def origin(tmp_path_factory, worker_id):
     from pipeline_support import shared_origin
 
     return shared_origin(tmp_path_factory, worker_id)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A small random Llama (4 query / 2 KV heads of 32 dims) with SmartKV's attention function: the model the
+    premise and memory-breakdown tests plant attention in and count bytes on; one per test module."""
+    import torch
+
+    from smartkv.attention import use_smartkv_attention
+    from smartkv.models import tiny_model
+
+    torch.set_num_threads(1)
+    m = tiny_model("llama", seed=0, hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4,
+                   num_key_value_heads=2)
+    use_smartkv_attention(m)
+    return m

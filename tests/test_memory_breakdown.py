@@ -3,14 +3,11 @@
 import pytest
 import torch
 
-from smartkv.attention import use_smartkv_attention
 from smartkv.cache.base import MEMORY_PARTS
 from smartkv.evaluate import breakdown_columns
 from smartkv.methods import build_cache
-from smartkv.models import tiny_model
 from smartkv.runner import memory_of
 
-SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 PROMPT_LEN, NEW = 160, 20
 
 METHODS = [
@@ -27,11 +24,8 @@ METHODS = [
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    m = tiny_model("llama", seed=0, **SHAPE)
-    use_smartkv_attention(m)
-    return m
+def model(tiny_llama):
+    return tiny_llama
 
 
 def _generate(model, cache):

@@ -19,13 +19,11 @@ import pytest
 import torch
 
 from smartkv.answer_scores import answer_measures, target_ids
-from smartkv.attention import use_smartkv_attention
 from smartkv.evaluate import needle_bits, needle_token_span
-from smartkv.models import load_model, tiny_model
+from smartkv.models import load_model
 from smartkv.runner import RunSpec, decode, encode, forced_logits, fork, prefill
 from smartkv.tasks import generate_task
 
-SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 PROMPT_LEN = 256
 # Two spans in the middle of the prompt: clear of the 4 sink tokens and of the FP16 window at the end.
 PLANTED = torch.tensor(list(range(40, 60)) + list(range(150, 170)))
@@ -33,11 +31,8 @@ EVICTING = (0, 2, 3, 4, 8)
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    m = tiny_model("llama", seed=0, **SHAPE)
-    use_smartkv_attention(m)
-    return m
+def model(tiny_llama):
+    return tiny_llama
 
 
 def _plant(pre, positions: torch.Tensor, high: float = 1.0, low: float = 1e-3) -> None:
