@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 COSTS = REPO / "metrics" / "cell_costs.json"
 DEFAULT_MINUTES = {"model": 10.0, "other": 1.5}  # a stage never timed here: a model cell, or a cheap reader
 MODEL_GROUPS = ("baselines", "smartkv", "extra_cells_baselines", "extra_cells_smartkv", "second_model_baselines",
-                "second_model_smartkv", "peers", "attention", "sensitivity", "profile")
+                "second_model_smartkv", "passages_baselines", "passages_smartkv", "section_calibration", "peers",
+                "attention", "sensitivity", "profile")
 
 
 def gflops() -> float:

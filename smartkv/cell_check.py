@@ -20,6 +20,23 @@ from scipy import stats as sps
 
 CELL = ("task", "context_length", "depth")
 KEY = ("sample_id", "seed")
+DEPTH_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)  # centres of the fifths of [0, 1]: a drawn depth's cell
+
+
+def depth_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` with each drawn depth (a task without a depth grid, such as `niah_passage`, whose
+    every prompt draws its own) put in the fifth of [0, 1] it falls in, named by its centre: a
+    cell of one prompt says nothing, a fifth of the depths does."""
+    from smartkv.tasks.registry import TASKS
+
+    if "depth" not in rows.columns:
+        return rows
+    drawn = rows["task"].map(lambda t: t in TASKS and not TASKS[t].uses_depth) & rows["depth"].notna()
+    if not drawn.any():
+        return rows
+    out = rows.copy()
+    out.loc[drawn, "depth"] = [DEPTH_BINS[min(int(d * 5), 4)] for d in out.loc[drawn, "depth"]]
+    return out
 
 
 def cell_name(cell: tuple) -> str:
@@ -38,6 +55,7 @@ def cell_check(rows: pd.DataFrame, target: str, baseline: str, measure: str = "s
     (target-only minus baseline-only prompts), top_cell and top_share (the cell with the largest
     net in the net's direction, and its net over the whole net; > 1 when other cells pull the
     other way)."""
+    rows = depth_cells(rows)
     cols = [c for c in CELL if c in rows.columns]
     sides = []
     for run in (target, baseline):

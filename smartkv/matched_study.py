@@ -3,9 +3,10 @@
 Part of the study layer (it drives `smartkv.study`), kept beside it rather than inside it so that
 the main study's model stages, which depend on `smartkv/study` as a whole, do not depend on it.
 
-A params section (`second_model`, `extra_cells`; `SECTIONS`) names a model, test seeds, a task
-grid, baseline runs and the baselines to match. On test seeds this runs what the main study's
-headline rests on:
+A params section (`second_model`, `extra_cells`, `passages`; `SECTIONS`) names a model, test
+seeds, a task grid, baseline runs and the baselines to match, and optionally dev seeds on which
+FP16 must first reach `fp16_bar` in every (task, length) cell (`calibrate`: the test cells
+depend on its record). On test seeds this runs what the main study's headline rests on:
 
 1. the section's prompts, generated with the model's own tokenizer (lengths are its tokens);
 2. FP16 and the matched baselines (`runs`, labels of `baselines`: FP16 must succeed for a
@@ -23,8 +24,10 @@ dimensions, 18 layers of which 5 in 6 attend over a 512-token sliding window), w
 study's SmolLM2-135M has 3 KV heads of 64 dimensions on 30 full-attention layers. `extra_cells`:
 the main model on the cells the main grid cannot afford on 2 CPU cores with every baseline,
 SmartKV run, ablation and peer (4k-token needles, RULER multikey), with the headline
-comparisons only. Each is its own stage so that the main study's outputs do not depend on it,
-and `dvc exp run -S second_model.model=...` re-runs only that one.
+comparisons only. `passages`: the main model on needles in real text (`niah_passage`), every
+prompt its own passage, depth and key, so that every prompt is an independent sample (issue
+33): the primary comparisons a skeptic counts. Each is its own stage so that the main study's
+outputs do not depend on it, and `dvc exp run -S second_model.model=...` re-runs only that one.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from __future__ import annotations
 import pandas as pd
 
 from smartkv.study.params import ParamError, get, is_int
+from smartkv.tasks.bible_corpus import DEV_SEED_MIN
 
 # The params sections this module reads, with the family name of their tests.
 SECTIONS = {"second_model": "second model: baselines vs matched SmartKV",
-            "extra_cells": "extra cells: baselines vs matched SmartKV"}
-KEYS = ("model", "seeds", "tasks", "runs", "match")
+            "extra_cells": "extra cells: baselines vs matched SmartKV",
+            "passages": "independent passages: baselines vs matched SmartKV"}
+KEYS = ("model", "seeds", "tasks", "runs", "match", "dev_seeds", "fp16_bar")
+FP16_BAR = 0.9  # a (task, length) cell measures a cache only where FP16 gets it right this often, on dev
 
 
 def settings(params: dict, section: str = "second_model") -> dict:
@@ -84,17 +90,49 @@ def settings(params: dict, section: str = "second_model") -> dict:
     outside = [x for x in match if x not in labels]
     if outside:
         raise ParamError(f"{section}.match: {', '.join(outside)} not in {section}.runs ({', '.join(labels)})")
+    dev = sm.get("dev_seeds") or []
+    if not isinstance(dev, list) or not all(is_int(x) and x >= DEV_SEED_MIN for x in dev):
+        raise ParamError(f"{section}.dev_seeds={dev!r} must list dev seeds (>= {DEV_SEED_MIN}), or be left out")
+    bar = sm.get("fp16_bar", FP16_BAR)
+    if isinstance(bar, bool) or not isinstance(bar, (int, float)) or not 0 <= bar <= 1:
+        raise ParamError(f"{section}.fp16_bar={bar!r} must be a fraction in [0, 1]")
     return {"section": section, "model": model, "seeds": [int(s) for s in seeds], "plan": plan,
-            "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match))}
+            "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match)),
+            "dev_seeds": [int(x) for x in dev], "fp16_bar": float(bar)}
 
 
-def prepare(s: dict, tokenizer) -> pd.DataFrame:
-    """The second model's needle prompts, one row per sample and seed (split `test`)."""
+def prepare(s: dict, tokenizer, split: str = "test") -> pd.DataFrame:
+    """The section's prompts, one row per sample and seed: of its test `seeds`, or of its
+    `dev_seeds` (split `dev`, the calibration's)."""
     from smartkv.study.grid import task_samples
 
-    rows = [{**sample.to_row(), "seed": seed, "split": "test"}
-            for seed in s["seeds"] for t in s["plan"] for sample in task_samples(t, tokenizer, seed)]
+    seeds = s["seeds"] if split == "test" else s["dev_seeds"]
+    rows = [{**sample.to_row(), "seed": seed, "split": split}
+            for seed in seeds for t in s["plan"] for sample in task_samples(t, tokenizer, seed)]
     return pd.DataFrame(rows)
+
+
+def calibrate(params: dict, s: dict, dev_tasks_file) -> tuple[pd.DataFrame, dict]:
+    """FP16 on the section's dev prompts, before any test cell runs: (rows, a summary per cell).
+
+    The summary holds FP16's accuracy per (task, length) (`score`, the study's teacher-forced
+    exact match), its n in prompts and in passages (clusters), and whether it reaches `fp16_bar`.
+    A cell under the bar fails the calibration (`failed`): its test prompts would measure the
+    model, not the cache. Change the task's format or drop the cell, and say so."""
+    from smartkv.study.driver import evaluate_runs
+
+    fp16 = [r for r in s["runs"] if r.label == "fp16"]
+    sub = {**params, "model": s["model"]}
+    df = evaluate_runs(sub, fp16, dev_tasks_file, split="dev", desc=f"{s['model']} FP16 on dev")
+    cells = {}
+    for (task, length), g in df.groupby(["task", "context_length"], sort=True):
+        acc = float(g["score"].mean())
+        cells[f"{task}-{int(length)}"] = {
+            "n": int(len(g)), "passages": int(g["cluster"].nunique()) if "cluster" in g else int(len(g)),
+            "fp16": round(acc, 4), "found": int(g["score"].sum()), "passed": bool(acc >= s["fp16_bar"])}
+    summary = {"model": s["model"], "dev_seeds": s["dev_seeds"], "bar": s["fp16_bar"], "cells": cells,
+               "failed": sorted(c for c, v in cells.items() if not v["passed"])}
+    return df, summary
 
 
 def run_baselines(params: dict, s: dict, tasks_file, cell=None) -> pd.DataFrame:

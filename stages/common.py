@@ -29,7 +29,8 @@ PEERS_FILE = DATA / "peers.parquet"
 # The peers (one kvpress process) still write one file.
 CELL_PARTS = {"baselines": "main", "smartkv": "main", "ablations": "main",
               "extra_cells/baselines": "extra_cells", "extra_cells/smartkv": "extra_cells",
-              "second_model/baselines": "second_model", "second_model/smartkv": "second_model"}
+              "second_model/baselines": "second_model", "second_model/smartkv": "second_model",
+              "passages/baselines": "passages", "passages/smartkv": "passages"}
 PARTS = (*CELL_PARTS, "peers")
 TIMINGS_PEERS = DATA / "timings" / "peers.parquet"
 MATCHED_BUDGETS = METRICS / "matched_budgets.json"

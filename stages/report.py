@@ -75,7 +75,8 @@ def main(params: dict) -> None:
     prov = provenance(config, revision=True)
     prov["git_revision"] = code_revision(prov["git_revision"])
     # the slides' metrics, and the matched-comparison stages' and the sweeps' (which the slides do not show)
-    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "sweeps", "cells", "budgets", "provenance"))
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "passages", "passages_calibration", "sweeps",
+                                                      "cells", "budgets", "provenance"))
     text = render_report(summary, tests, abl_summary, figures, setup(params, n), prov,
                          report_dir=".", metrics=metrics, ablation_tests=abl_tests, params=config)
     atomic_write_text(REPORT, text)

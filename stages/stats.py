@@ -26,7 +26,7 @@ from stages.common import DATA, METRICS, TASKS_FILE, read_results, stage_main
 log = logging.getLogger("stages.stats")
 TIMING_KEYS = ("tokens_per_s", "tokens_per_s_median")
 MATCHED = "baselines vs matched SmartKV"
-MATCHED_STAGES = ("second_model", "extra_cells")  # their rows, data/<stage>.parquet, join the cell check
+MATCHED_STAGES = ("second_model", "extra_cells", "passages")  # their rows, data/<stage>.parquet, join the cell check
 ABLATIONS = "ablations vs headline"
 
 
@@ -85,7 +85,7 @@ def smartkv_budget_bounds(main_raw: pd.DataFrame, abl_raw: pd.DataFrame, slack: 
 
 # The first revision whose forks rank from the prompt's last query (docs/internals.md, "The missing query").
 LAST_QUERY_REVISION = "1f99189"
-SMARTKV_PARTS = ("smartkv", "ablations", "extra_cells/smartkv", "second_model/smartkv")
+SMARTKV_PARTS = ("smartkv", "ablations", "extra_cells/smartkv", "second_model/smartkv", "passages/smartkv")
 
 
 def has_last_query(revision: str) -> bool:

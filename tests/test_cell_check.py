@@ -61,3 +61,13 @@ def test_cell_names_and_tasks_without_depth():
     c = cell_check(df, "ours", "base")
     lines = cells_section({"comparisons": [], "matched_stages": {"extra_cells": [c]}})
     assert "In `extra_cells`:" in lines and any(x.startswith("- `ours` vs `base`: ahead in 1 of 1") for x in lines)
+
+
+def test_drawn_depths_fall_in_fifths_and_grid_depths_stay():
+    """`niah_passage` draws each prompt's depth: its cells are the fifths of [0, 1], not one prompt each."""
+    df = _rows({(1024, d): [(1, 0)] for d in (0.05, 0.19, 0.21, 0.55, 0.95)})
+    c = cell_check(df.assign(task="niah_passage"), "ours", "base")
+    assert [(x["cell"], x["n"]) for x in c["cells"]] == [
+        ("niah_passage@1k d0.1", 2), ("niah_passage@1k d0.3", 1), ("niah_passage@1k d0.5", 1), ("niah_passage@1k d0.9", 1)]
+    # a task with a depth grid keeps its depths as they are
+    assert cell_check(df, "ours", "base")["n_cells"] == 5

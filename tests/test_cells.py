@@ -64,8 +64,12 @@ def test_the_committed_cells_cover_the_committed_grids():
     import pandas as pd
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for group, tasks in (("main", "tasks"), ("extra_cells", "extra_cells_tasks"), ("second_model", "second_model_tasks")):
-        df = pd.read_parquet(REPO / "data" / f"{tasks}.parquet")
+    for group, tasks in (("main", "tasks"), ("extra_cells", "extra_cells_tasks"), ("second_model", "second_model_tasks"),
+                         ("passages", "passages_tasks")):
+        path = REPO / "data" / f"{tasks}.parquet"
+        if group == "passages" and not path.exists():
+            pytest.skip("data/passages_tasks.parquet is not committed yet: the passages section has not run")
+        df = pd.read_parquet(path)
         check_cover(params, group, {(str(t), int(n)) for t, n in zip(df["task"], df["context_length"])})
 
 

@@ -24,20 +24,21 @@ def pd_read(path):
 
 METRICS = ["main.json", "tasks.json", "significance.json", "ablations.json", "power.json", "latency.json", "smartkv.json",
            "matched_budgets.json", "errors.json", "profile.json", "second_model.json",
-           "extra_cells.json", "cells.json"]
+           "extra_cells.json", "passages.json", "passages_calibration.json", "cells.json"]
 DETERMINISTIC = [m for m in METRICS if m not in ("latency.json", "profile.json")]  # wall clock
 FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret", "niah_pareto", "memory_breakdown",
            "perplexity_memory", "latency", "sweeps", "errors", "profile_latency", "profile_memory"]
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
         "profile.csv"]
 RESULTS = ["tasks", "peers", "summary", "tests", "ablation_summary", "ablation_tests", "second_model_tasks",
-           "extra_cells_tasks"]
+           "extra_cells_tasks", "passages_tasks", "passages_dev_tasks", "passages_calibration"]
 # The model stages' cells (params_tiny.yaml `cells`): part -> its cell files' names
 CELLS = {"baselines": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "smartkv": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "ablations": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "extra_cells/baselines": ["niah-192", "passkey-128"], "extra_cells/smartkv": ["niah-192", "passkey-128"],
-         "second_model/baselines": ["niah-160"], "second_model/smartkv": ["niah-160"]}
+         "second_model/baselines": ["niah-160"], "second_model/smartkv": ["niah-160"],
+         "passages/baselines": ["niah_passage-160"], "passages/smartkv": ["niah_passage-160"]}
 
 
 def cells_of(repo: Path, part: str):
@@ -112,6 +113,17 @@ def test_pipeline_end_to_end(origin: Path):
     assert {c["task"] for c in extra["comparisons"]} == {"all", "niah@192", "passkey@128"}
     assert "| smartkv@int4 | int4 |" in (repo / "metrics/extra_cells_table.md").read_text()
 
+    # independent passages: FP16 calibrated on the dev seed's passages first, then the test cells
+    cal = json.loads((repo / "metrics/passages_calibration.json").read_text())
+    assert cal["dev_seeds"] == [100] and list(cal["cells"]) == ["niah_passage-160"] and cal["failed"] == []
+    assert cal["cells"]["niah_passage-160"]["n"] == cal["cells"]["niah_passage-160"]["passages"] == 1
+    dev = pd_read(repo / "data/passages_dev_tasks.parquet")
+    test = pd_read(repo / "data/passages_tasks.parquet")
+    assert set(dev["split"]) == {"dev"} and set(test["split"]) == {"test"} and not set(dev["prompt"]) & set(test["prompt"])
+    passages = json.loads((repo / "metrics/passages.json").read_text())
+    assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4"}
+    assert "Independent prompts: needles in real text" in (repo / "REPORT.md").read_text()
+
     prof = json.loads((repo / "metrics/profile.json").read_text())
     assert [b["context"] for b in prof["contexts"]] == [96, 160]
     for b in prof["contexts"]:
@@ -132,7 +144,7 @@ def test_pipeline_end_to_end(origin: Path):
                                           + c["cells_tied"] == c["n_cells"] for c in cells)
     assert "### Cell by cell" in (repo / "REPORT.md").read_text()
     staged = json.loads((repo / "metrics/cells.json").read_text())["matched_stages"]
-    assert set(staged) == {"second_model", "extra_cells"} and all(
+    assert set(staged) == {"second_model", "extra_cells", "passages"} and all(
         c["target"] == "smartkv@" + c["baseline"] for cs in staged.values() for c in cs)
     power = json.loads((repo / "metrics/power.json").read_text())
     assert 0 < power["n_for_target_power_by_discordance"]["0.30"]

@@ -56,7 +56,7 @@ def test_primary_comparisons_take_the_named_baselines_and_the_strongest_peer_per
 
 def test_summary_leads_with_the_primary_comparisons_and_lists_sanity_checks_apart():
     lines = summary_of_findings(_tests(), {})
-    assert lines[0].startswith("- Primary comparisons")
+    assert lines[0].startswith("- Main grid, classic needles")  # the passages' lines lead when that section ran
     assert lines[1].startswith("  - `smartkv@int3`") and "ahead in 3 and behind in 2 of 10 passages" in lines[1]
     assert "`knorm-k0.15`" in lines[3] and "behind in 6 of 10 passages" in lines[3]
     counts = next(x for x in lines if "substantive comparisons" in x)

@@ -242,3 +242,41 @@ def test_format_kwargs_combine():
         assert s.prompt[a:b] == CLASSIC.format(key=s.answers[0])
         assert s.prompt.startswith("There is an important info hidden inside a lot of irrelevant text. Find the pass key")
         assert s.prompt.endswith("\nWhat is the pass key, a five-digit number? The pass key is")
+
+
+PER_CLASS = {1024: 5, 2048: 3, 4096: 1}  # a mapping per_seed: more short prompts than long ones
+
+
+def test_per_length_slots_never_overlap_and_leave_no_reserved_gap():
+    """A per-class `per_seed` gives each (seed, length, i) its own units, packed seed by seed."""
+    spans = []
+    for seed in (0, 1, 2, 100, 101):
+        for length, n in ((600, 5), (1500, 3), (3000, 1)):
+            for i in range(n):
+                spans.append(bible_corpus.slot(seed, length, i, PER_CLASS))
+    for split, n_seeds in (("dev", 2), ("test", 3)):
+        mine = sorted((a, b) for s, a, b in spans if s == split)
+        assert all(b <= a2 for (_, b), (a2, _) in zip(mine, mine[1:])), "two prompts share a unit"
+        # the regions are packed: seed s's units start where seed s-1's end (5 + 3x2 + 1x4 = 15 units)
+        assert mine[-1][1] == n_seeds * 15 * bible_corpus.UNIT_CHARS
+        assert sum(b - a for a, b in mine) == mine[-1][1]
+    assert bible_corpus.seed_units(PER_CLASS) == 15
+    assert bible_corpus.split_text("test").max_seeds(PER_CLASS) == bible_corpus.split_text("test").n_units // 15
+
+
+def test_per_length_slots_generate_distinct_prompts_and_round_trip():
+    samples = make(0, n=1, lengths=[600, 1500, 3000], per_seed=PER_CLASS)
+    assert len({s.cluster for s in samples}) == 3
+    assert samples[0].meta["per_seed"] == {"1024": 5, "2048": 3, "4096": 1}
+    assert all(Sample.from_row(s.to_row()) == s for s in samples)
+
+
+def test_per_length_slots_refuse_what_they_do_not_reserve():
+    with pytest.raises(ValueError, match=r"prompt 1 of length 3000: per_seed=.* reserves 1 passages"):
+        make(0, n=2, lengths=[3000], per_seed=PER_CLASS)
+    with pytest.raises(ValueError, match=r"reserves 0 passages"):
+        make(0, n=1, lengths=[3000], per_seed={1024: 2})
+    with pytest.raises(ValueError, match=r"per_seed=\{512: 2\}.*allowed: length classes 1024, 2048, 4096"):
+        make(0, n=1, lengths=[600], per_seed={512: 2})
+    with pytest.raises(ValueError, match=r"per_seed='ten'; allowed: a positive integer, or a mapping"):
+        make(0, n=1, lengths=[600], per_seed="ten")

@@ -92,7 +92,9 @@ def render_report(
         md += ["### Ablation significance", "Each ablation against the headline `smartkv` run (paired over task, "
                "sample, seed); Δ = headline − ablation, so a positive Δ means the ablated component helps.", "",
                significance_table(ablation_tests)]
-    md += ["## 4k tokens and RULER multikey", *sec.extra_cells_section(metrics.get("extra_cells")),
+    md += ["## Independent prompts: needles in real text",
+           *sec.passages_section(metrics.get("passages"), metrics.get("passages_calibration")),
+           "## 4k tokens and RULER multikey", *sec.extra_cells_section(metrics.get("extra_cells")),
            "## Sweeps (dev seeds)", *sweeps_section(metrics.get("sweeps")),
            "## Attention analysis", *sec.attention_section(metrics.get("attention")),
            "### The hypothesis test", *sec.sensitivity_section(metrics.get("sensitivity")),

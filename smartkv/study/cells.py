@@ -1,6 +1,6 @@
 """Cells of the study: the pieces a model stage runs one at a time, each its own DVC stage.
 
-A model stage (`baselines`, `smartkv`, and the matched sections `extra_cells`, `second_model`)
+A model stage (`baselines`, `smartkv`, and the matched sections `extra_cells`, `second_model`, `passages`)
 runs once per cell of `params.yaml`'s `cells.<stage group>` list (dvc.yaml `foreach`), writes
 `data/<stage>/<cell>.parquet`, and records its own entry in `dvc.lock` when it finishes. So an
 interrupted `dvc repro` keeps every finished cell, and a change to one cell's inputs re-runs
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from smartkv.study.params import ParamError, get
 
 _NAME = re.compile(r"^(?P<task>[a-z][a-z0-9_]*)-(?P<length>[1-9][0-9]*)(-(?P<i>[1-9][0-9]*)of(?P<n>[1-9][0-9]*))?$")
-GROUPS = ("main", "extra_cells", "second_model")
+GROUPS = ("main", "extra_cells", "second_model", "passages")
 
 
 @dataclass(frozen=True)

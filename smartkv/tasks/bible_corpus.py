@@ -20,11 +20,17 @@ distinct wording.
 Slots. A split's books are concatenated (a blank line between books) into one stream, cut into
 units of `UNIT_CHARS` characters: enough for a 1024-token prompt of a tokenizer with up to ~4.6
 characters a token (header and question included). A prompt of up to 1024, 2048 or 4096 tokens
-takes 1, 2 or 4 consecutive units. Each seed owns a region of `per_seed` rounds; round j holds
-the j-th prompt of each length class side by side (1 + 2 + 4 = 7 units). So the passage of
-(seed, length, i) depends on nothing else a run asks for, and no two prompts of a split, of any
-seeds and lengths, share a unit. Seed s of the test split owns region s; dev seed s (>= 100)
-owns region s - 100.
+takes 1, 2 or 4 consecutive units. Each seed owns a region of the stream:
+
+- `per_seed` an integer p: p rounds, round j holding the j-th prompt of each length class side
+  by side (1 + 2 + 4 = 7 units), so 7p units a seed;
+- `per_seed` a mapping {length class: p_c} (a study that wants more short prompts than long
+  ones, whose cost grows with length): p_c prompts of each class, class by class, so
+  sum(p_c x units of c) units a seed, and no unit reserved for a prompt nobody asks for.
+
+So the passage of (seed, length, i) depends on nothing else a run asks for, and no two prompts
+of a split, of any seeds and lengths, share a unit. Seed s of the test split owns region s; dev
+seed s (>= 100) owns region s - 100.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ class SplitText:
     def n_units(self) -> int:
         return len(self.text) // UNIT_CHARS
 
-    def max_seeds(self, per_seed: int) -> int:
-        return self.n_units // (ROUND_UNITS * per_seed)
+    def max_seeds(self, per_seed) -> int:
+        return self.n_units // seed_units(per_seed)
 
     def books_in(self, start: int, end: int) -> list[str]:
         """Titles of the books that [start, end) of the stream overlaps."""
@@ -122,21 +128,55 @@ def length_class(length: int) -> int:
                      f"{max(CLASS_UNITS)} tokens")
 
 
-def slot(seed: int, length: int, i: int, per_seed: int) -> tuple[str, int, int]:
+def per_class(per_seed) -> dict[int, int] | None:
+    """`per_seed` as {length class: prompts a seed may ask for}, or None for an integer (rounds)."""
+    if isinstance(per_seed, bool) or not isinstance(per_seed, (int, dict)):
+        raise ValueError(f"per_seed={per_seed!r}; allowed: a positive integer, or a mapping "
+                         f"{{length class: positive integer}} over classes {', '.join(map(str, CLASS_UNITS))}")
+    if isinstance(per_seed, int):
+        if per_seed < 1:
+            raise ValueError(f"per_seed={per_seed}; allowed: a positive integer")
+        return None
+    out = {}
+    for c, n in per_seed.items():
+        if str(c) not in {str(k) for k in CLASS_UNITS} or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"per_seed={per_seed!r}: {c!r}: {n!r}; allowed: length classes "
+                             f"{', '.join(map(str, CLASS_UNITS))} mapped to integers >= 0")
+        out[int(c)] = n
+    if not any(out.values()):
+        raise ValueError(f"per_seed={per_seed!r} reserves no passage")
+    return out
+
+
+def seed_units(per_seed) -> int:
+    """Units of the stream one seed's region takes."""
+    classes = per_class(per_seed)
+    if classes is None:
+        return ROUND_UNITS * per_seed
+    return sum(n * CLASS_UNITS[c] for c, n in classes.items())
+
+
+def slot(seed: int, length: int, i: int, per_seed) -> tuple[str, int, int]:
     """(split, start, end): the characters of the split's stream that prompt i of (seed, length) may use."""
     split = split_of_seed(seed)
     region = seed - DEV_SEED_MIN if split == "dev" else seed
     if region < 0:
         raise ValueError(f"seed {seed}: the passage task needs seeds >= 0")
-    if not 0 <= i < per_seed:
-        raise ValueError(f"prompt {i} of a length: per_seed={per_seed} reserves {per_seed} passages per "
+    cls = length_class(length)
+    classes = per_class(per_seed)
+    room = per_seed if classes is None else classes.get(cls, 0)
+    if not 0 <= i < room:
+        raise ValueError(f"prompt {i} of length {length}: per_seed={per_seed!r} reserves {room} passages per "
                          "length and seed; raise per_seed (fewer seeds then fit) or lower n_per_cell")
     stream = split_text(split)
     if region >= stream.max_seeds(per_seed):
         first = DEV_SEED_MIN if split == "dev" else 0
         raise ValueError(f"seed {seed}: the {split} passages hold {stream.max_seeds(per_seed)} seeds at "
-                         f"per_seed={per_seed} (seeds {first}..{first + stream.max_seeds(per_seed) - 1})")
-    cls = length_class(length)
-    offset = sum(u for c, u in CLASS_UNITS.items() if c < cls)
-    unit = (region * per_seed + i) * ROUND_UNITS + offset
+                         f"per_seed={per_seed!r} (seeds {first}..{first + stream.max_seeds(per_seed) - 1})")
+    if classes is None:
+        offset = sum(u for c, u in CLASS_UNITS.items() if c < cls)
+        unit = (region * per_seed + i) * ROUND_UNITS + offset
+    else:
+        offset = sum(n * CLASS_UNITS[c] for c, n in classes.items() if c < cls)
+        unit = region * seed_units(per_seed) + offset + i * CLASS_UNITS[cls]
     return split, unit * UNIT_CHARS, (unit + CLASS_UNITS[cls]) * UNIT_CHARS

@@ -40,8 +40,10 @@ On dev (seeds 100-101, SmolLM2-135M), `layout: line, phrasing: classic, instruct
 The `depths` grid argument is ignored (the task registers with `uses_depth=False`): a cell is a
 length, and `n_per_cell` prompts are drawn per length. The prompt is sized by words to the largest
 passage that fits the token target, so it ends where the words run out, mid-sentence or not.
-`per_seed` is how many prompts per length each seed may ask for: it sets the slots, so changing it
-moves every passage, and more per seed means fewer seeds fit (`bible_corpus.slot`).
+`per_seed` is how many prompts per length each seed may ask for: an integer (the same for every
+length), or {length class: n} (1024, 2048, 4096) for a study that wants more short prompts than
+long ones. It sets the slots, so changing it moves every passage, and more per seed means fewer
+seeds fit (`bible_corpus.slot`).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
 @register_task(TASK, "needle in real text (World English Bible): own passage, depth, key and phrasing per prompt",
                uses_depth=False)
 def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-             per_seed: int = 10, layout: str = "inline", question: str = "plain", phrasing: str = "drawn",
+             per_seed: int | dict[int, int] = 10, layout: str = "inline", question: str = "plain", phrasing: str = "drawn",
              instruction: str = "plain") -> list[Sample]:
     if layout not in LAYOUTS:
         raise ValueError(f"{TASK}: layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
@@ -195,7 +197,9 @@ def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: lis
             sample.meta.update({
                 "split": split, "passage_span": span, "books": bible_corpus.split_text(split).books_in(*span),
                 "depth_drawn": drawn, "template": template, "layout": layout, "question": question,
-                "phrasing": phrasing, "instruction": instruction, "per_seed": per_seed,
+                "phrasing": phrasing, "instruction": instruction,
+                # JSON keys are strings: the mapping is recorded so, and round-trips through a parquet row
+                "per_seed": per_seed if isinstance(per_seed, int) else {str(c): n for c, n in per_seed.items()},
             })
             sample.cluster = f"{TASK}:{split}:{span[0]}-{span[1]}"
             samples.append(sample)

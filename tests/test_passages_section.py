@@ -1,0 +1,107 @@
+"""The `passages` section (issue 33): independent real-text needles, calibrated on dev before test.
+
+No model here: the settings, the calibration gate of `python -m stages.section calibrate`, and the
+report's lines. The section end to end runs in tests/test_pipeline.py on the tiny profile.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+
+from smartkv import matched_study as ms
+from smartkv.study import load_params
+from smartkv.study.params import ParamError
+
+PARAMS = load_params()
+
+
+def _with(**over) -> dict:
+    p = copy.deepcopy(PARAMS)
+    p["passages"].update(over)
+    return p
+
+
+def test_committed_section_is_the_primary_comparisons_on_independent_prompts():
+    s = ms.settings(PARAMS, "passages")
+    assert [r.label for r in s["runs"]] == ["fp16", "int3", "kivi-2", "hqq-4"]
+    assert s["match"] == ["int3", "kivi-2", "hqq-4"]
+    assert s["dev_seeds"] and min(s["dev_seeds"]) >= 100 and max(s["seeds"]) < 100
+    (t,) = s["plan"]
+    assert t["name"] == "niah_passage" and t["lengths"] == [1024, 2048, 4096]
+    # at least 200 independent prompts per comparison over the three lengths (issue 33)
+    assert sum(t["n_per_cell"]) * len(s["seeds"]) >= 200
+    assert s["fp16_bar"] == 0.9
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"dev_seeds": [5]}, "must list dev seeds (>= 100)"),
+    ({"dev_seeds": "100"}, "must list dev seeds"),
+    ({"fp16_bar": 1.5}, "fp16_bar=1.5 must be a fraction in [0, 1]"),
+    ({"fp16_bar": True}, "fp16_bar=True must be a fraction"),
+])
+def test_bad_calibration_settings_name_the_key(over, words):
+    with pytest.raises(ParamError) as err:
+        ms.settings(_with(**over), "passages")
+    assert words in str(err.value) and "passages." in str(err.value)
+
+
+def _rows(found: dict) -> pd.DataFrame:
+    """FP16 rows on dev: {length: (correct, n)}."""
+    rows = []
+    for length, (k, n) in found.items():
+        for i in range(n):
+            rows.append({"run": "fp16", "task": "niah_passage", "context_length": length, "sample_id": f"{length}-{i}",
+                         "seed": 100, "cluster": f"p{length}-{i}", "score": float(i < k), "error": ""})
+    return pd.DataFrame(rows)
+
+
+def test_calibration_summary_says_which_cells_pass_the_bar(monkeypatch):
+    monkeypatch.setattr("smartkv.study.driver.evaluate_runs", lambda *a, **k: _rows({1024: (19, 20), 2048: (8, 10)}))
+    _, summary = ms.calibrate(PARAMS, ms.settings(PARAMS, "passages"), "unused.parquet")
+    assert summary["cells"]["niah_passage-1024"] == {"n": 20, "passages": 20, "fp16": 0.95, "found": 19, "passed": True}
+    assert summary["cells"]["niah_passage-2048"]["passed"] is False and summary["failed"] == ["niah_passage-2048"]
+
+
+def test_a_cell_under_the_bar_stops_the_stage_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    from stages import section as stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("stages.common.load_params", lambda: copy.deepcopy(PARAMS))
+    monkeypatch.setattr("sys.argv", ["section", "calibrate", "passages"])
+    monkeypatch.setattr(ms, "prepare", lambda s, tok, split="test": pd.DataFrame({"seed": [100], "split": [split]}))
+    monkeypatch.setattr("smartkv.models.load_tokenizer", lambda name: None)
+    monkeypatch.setattr("smartkv.study.driver.evaluate_runs", lambda *a, **k: _rows({1024: (20, 20), 4096: (3, 4)}))
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "FP16 is under fp16_bar=0.9 on dev in niah_passage-4096" in err and "niah_passage-4096 3/4" in err
+    assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.json"))
+
+
+def _metrics(t_found: int, b_found: int, n: int = 204, ci=(-0.02, 0.08)) -> dict:
+    return {"model": "default", "seeds": [0], "accuracy": {"fp16": {"niah_passage@1k": {"n": n, "correct": n}}},
+            "comparisons": [{"family": "f", "target": "smartkv@int3", "baseline": "int3", "task": "all",
+                             "measure": "score", "n_pairs": n, "n_clusters": n, "target_mean": t_found / n,
+                             "baseline_mean": b_found / n, "mean_diff": (t_found - b_found) / n, "p": 0.5,
+                             "p_holm": 0.5, "ci_lo": ci[0], "ci_hi": ci[1], "verdict": "inconclusive",
+                             "target_kv_ratio": 0.247, "baseline_kv_ratio": 0.25}]}
+
+
+def test_summary_leads_with_the_passages_and_says_a_miss_plainly():
+    from smartkv.report.sections import passages_lines, summary_of_findings
+
+    cal = {"dev_seeds": [100, 101], "bar": 0.9, "cells": {"niah_passage-1024": {"n": 40, "found": 39, "fp16": 0.975}}}
+    ok = passages_lines(_metrics(190, 185), cal)
+    assert "204 needles in 204 distinct passages" in ok[0] and "niah_passage-1024 39/40" in ok[0]
+    assert "meets the ≥ bar" in ok[1] and "0.931 vs 0.907" in ok[1]
+    behind = passages_lines(_metrics(180, 185, ci=(-0.04, 0.01)), cal)[1]
+    assert "**misses the ≥ bar**: behind on the point estimate" in behind
+    wide = passages_lines(_metrics(190, 185, ci=(-0.07, 0.1)), cal)[1]
+    assert "its CI admits a loss of more than 0.05" in wide
+    lines = summary_of_findings(None, {"passages": _metrics(190, 185), "passages_calibration": cal})
+    assert lines[0].startswith("- Primary comparisons, independent prompts")
+    assert passages_lines(None, cal) == []
