@@ -32,6 +32,8 @@ outputs do not depend on it, and `dvc exp run -S second_model.model=...` re-runs
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from smartkv.study.params import ParamError, get, is_int
@@ -41,7 +43,7 @@ from smartkv.tasks.bible_corpus import DEV_SEED_MIN
 SECTIONS = {"second_model": "second model: baselines vs matched SmartKV",
             "extra_cells": "extra cells: baselines vs matched SmartKV",
             "passages": "independent passages: baselines vs matched SmartKV"}
-KEYS = ("model", "seeds", "tasks", "runs", "match", "dev_seeds", "fp16_bar")
+KEYS = ("model", "seeds", "tasks", "runs", "match", "dev_seeds", "fp16_bar", "budgets", "ablations")
 FP16_BAR = 0.9  # a (task, length) cell measures a cache only where FP16 gets it right this often, on dev
 
 
@@ -51,7 +53,7 @@ def settings(params: dict, section: str = "second_model") -> dict:
     `model: null` means the main study's `model` (`extra_cells` runs the main model)."""
     from smartkv.study.grid import task_plan
     from smartkv.study.params import seeds_by_split
-    from smartkv.study.runs import baseline_runs
+    from smartkv.study.runs import ablation_runs, baseline_runs
 
     if section not in SECTIONS:
         raise ValueError(f"section {section!r} is not one of {', '.join(SECTIONS)}")
@@ -96,9 +98,22 @@ def settings(params: dict, section: str = "second_model") -> dict:
     bar = sm.get("fp16_bar", FP16_BAR)
     if isinstance(bar, bool) or not isinstance(bar, (int, float)) or not 0 <= bar <= 1:
         raise ParamError(f"{section}.fp16_bar={bar!r} must be a fraction in [0, 1]")
+    budgets = sm.get("budgets") or []
+    if not isinstance(budgets, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                and 0 < b <= 1 for b in budgets):
+        raise ParamError(f"{section}.budgets={budgets!r} must list fractions in (0, 1] (SmartKV at fixed budgets), "
+                         "or be left out")
+    ablations = sm.get("ablations") or []
+    known = [r.label for r in ablation_runs(params)]
+    if not isinstance(ablations, list) or not all(isinstance(x, str) for x in ablations):
+        raise ParamError(f"{section}.ablations={ablations!r} must list labels of `ablations`, or be left out")
+    unknown = [x for x in ablations if x not in known]
+    if unknown:
+        raise ParamError(f"{section}.ablations: {', '.join(unknown)} not in ablations; known: {', '.join(known)}")
     return {"section": section, "model": model, "seeds": [int(s) for s in seeds], "plan": plan,
             "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match)),
-            "dev_seeds": [int(x) for x in dev], "fp16_bar": float(bar)}
+            "dev_seeds": [int(x) for x in dev], "fp16_bar": float(bar),
+            "budgets": [float(b) for b in dict.fromkeys(budgets)], "ablations": list(dict.fromkeys(ablations))}
 
 
 def prepare(s: dict, tokenizer, split: str = "test") -> pd.DataFrame:
@@ -148,16 +163,21 @@ def run_smartkv(params: dict, s: dict, tasks_file, base: pd.DataFrame, cell=None
     baselines' rows of every cell, on the section's prompts (of one cell when given)."""
     from smartkv.study.driver import evaluate_runs
     from smartkv.study.match import budgets, measure
-    from smartkv.study.labels import matched_baseline
-    from smartkv.study.runs import smartkv_runs
+    from smartkv.study.labels import HEADLINE, budget_label, matched_baseline
+    from smartkv.study.runs import ablation_runs, headline_budget, smartkv_runs
 
-    sub = {**params, "model": s["model"]}
+    sub = {**params, "model": s["model"], "budgets": s["budgets"]}
     matched = budgets(measure(base, s["match"]), "test")
     lost = [x for x in s["match"] if x not in matched]
     if lost:
         raise ParamError(f"{s['section']}.match: no measured bytes for {', '.join(lost)} (see the log)")
-    # the matched runs alone (the headline and the Pareto sweep are the main study's)
-    runs = [r for r in smartkv_runs(sub, matched) if matched_baseline(r.label)]
+    # the matched runs, SmartKV at the section's own `budgets`, and with `ablations` the headline
+    # run they are each compared with (the main study's Pareto sweep is not the section's)
+    head = headline_budget(sub)
+    fixed = ({budget_label(b) for b in s["budgets"]}
+             | ({HEADLINE} if s["ablations"] or any(math.isclose(b, head) for b in s["budgets"]) else set()))
+    runs = [r for r in smartkv_runs(sub, matched) if matched_baseline(r.label) or r.label in fixed]
+    runs += [r for r in ablation_runs(sub) if r.label in s["ablations"]]
     if not runs:
         return base.iloc[:0]
     return evaluate_runs(sub, runs, tasks_file, split="test", desc=f"{s['model']} smartkv", cell=cell)

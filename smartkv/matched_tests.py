@@ -15,23 +15,26 @@ from smartkv.matched_study import SECTIONS
 
 
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
-          margin: float = 0.05, family: str = SECTIONS["second_model"]) -> pd.DataFrame:
-    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length); Holm per (family, measure)."""
+          margin: float = 0.05, family: str = SECTIONS["second_model"], ablations: list[str] = ()) -> pd.DataFrame:
+    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length), then the
+    headline `smartkv` against each of `ablations` (its own family: Δ > 0 means the ablated part
+    helps); Holm per (family, measure)."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
-    from smartkv.study.labels import matched_label
+    from smartkv.study.labels import HEADLINE, matched_label
 
     # every cell named as the accuracy table names it (`niah@4k`), even a task at one length
     strata = df[df["error"] == ""].copy()
     strata["task"] = [cell_name(t, n) for t, n in zip(strata["task"], strata["context_length"])]
     frames = []
+    pairs = [(matched_label(b), b, family) for b in match]
+    pairs += [(HEADLINE, a, family.split(":")[0] + ": headline vs ablations") for a in ablations]
     for measure in measures_in(strata):
-        for b in match:
-            target = matched_label(b)
-            if target not in set(strata["run"]):
+        for target, b, fam in pairs:
+            if target not in set(strata["run"]) or b not in set(strata["run"]):
                 continue
             t = paired_tests(strata, target, [b], measure=measure, per_task=True, seed=seed, alpha=alpha,
                              margin=margin if measure == "score" else None)
-            t["family"] = [f"{family} [{measure}{'' if task == 'all' else ', per cell'}]" for task in t["task"]]
+            t["family"] = [f"{fam} [{measure}{'' if task == 'all' else ', per cell'}]" for task in t["task"]]
             frames.append(t)
     if not frames:
         return pd.DataFrame()

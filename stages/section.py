@@ -44,10 +44,14 @@ def calibration_files(section: str):
 # The params each step's outputs depend on (dvc.yaml lists the same), recorded beside them.
 CONFIG = {"tasks": ("model", "seeds", "max_new_tokens"), "calibrate": ("model", "dtype", "max_new_tokens", "baselines"), "baselines": ("model", "dtype", "baselines"),
           "smartkv": ("model", "dtype", "baselines", "decay", "realloc_freq", "smartkv")}
+# ... and, for a section that runs SmartKV at the headline budget (`ablations`, or `budgets` holding it),
+# these (dvc.yaml lists them for that section's cells only, so `-S budget=...` re-runs no other section)
+HEADLINE_CONFIG = ("budget", "ablations")
 
 
 def config(params: dict, section: str, step: str) -> dict:
-    return {k: get(params, k, None) for k in (section, *CONFIG[step])}
+    keys = CONFIG[step] + (HEADLINE_CONFIG if step == "smartkv" and get(params, f"{section}.ablations", None) else ())
+    return {k: get(params, k, None) for k in (section, *keys)}
 
 
 def prepare(params: dict, s: dict) -> None:

@@ -32,7 +32,7 @@ def main(params: dict) -> None:
     tasks, _ = read_parquet_with_meta(DATA / f"{section}_tasks.parquet")
     df = attach_passage_clusters(read_results(f"{section}/baselines", f"{section}/smartkv", params=params), tasks)
     t = mt.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
-                 margin=stats["noninferiority_margin"], family=ms.SECTIONS[section])
+                 margin=stats["noninferiority_margin"], family=ms.SECTIONS[section], ablations=s["ablations"])
     m = mt.metrics(df, t, s)
     atomic_write_json(METRICS / f"{section}.json", m)
     atomic_write_text(METRICS / f"{section}_table.md", mt.table(m))

@@ -105,3 +105,47 @@ def test_summary_leads_with_the_passages_and_says_a_miss_plainly():
     lines = summary_of_findings(None, {"passages": _metrics(190, 185), "passages_calibration": cal})
     assert lines[0].startswith("- Primary comparisons, independent prompts")
     assert passages_lines(None, cal) == []
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"budgets": [0]}, "passages.budgets=[0] must list fractions in (0, 1]"),
+    ({"budgets": "0.1"}, "must list fractions"),
+    ({"ablations": ["no-such"]}, "passages.ablations: no-such not in ablations; known: random-alloc"),
+])
+def test_bad_extra_runs_name_the_key(over, words):
+    with pytest.raises(ParamError) as err:
+        ms.settings(_with(**over), "passages")
+    assert words in str(err.value)
+
+
+def test_smartkv_step_runs_the_matched_the_fixed_budgets_and_the_ablations_beside_the_headline(monkeypatch):
+    """One tracked prefill per prompt serves them all: they go to evaluate_runs together."""
+    seen = {}
+    monkeypatch.setattr("smartkv.study.driver.evaluate_runs",
+                        lambda params, runs, *a, **k: seen.setdefault("runs", runs) and pd.DataFrame())
+    monkeypatch.setattr("smartkv.study.match.measure", lambda base, labels: "measured")
+    monkeypatch.setattr("smartkv.study.match.budgets", lambda m, split: {"int3": 0.25, "kivi-2": 0.21, "hqq-4": 0.27})
+    ms.run_smartkv(PARAMS, ms.settings(PARAMS, "passages"), "unused.parquet", pd.DataFrame())
+    runs = {r.label: r for r in seen["runs"]}
+    assert set(runs) == {"smartkv", "smartkv@int3", "smartkv@kivi-2", "smartkv@hqq-4", "smartkv-b0.15",
+                         "smartkv-b0.10", "random-alloc"}
+    assert runs["random-alloc"].params["budget"] == runs["smartkv"].params["budget"] == PARAMS["budget"]
+    assert runs["random-alloc"].params["allocation"] == "random" and runs["smartkv-b0.10"].params["budget"] == 0.1
+    # a section without ablations or budgets runs the matched runs alone, as before
+    seen.clear()
+    ms.run_smartkv(PARAMS, ms.settings(_with(ablations=[], budgets=[]), "passages"), "unused.parquet", pd.DataFrame())
+    assert {r.label for r in seen["runs"]} == {"smartkv@int3", "smartkv@kivi-2", "smartkv@hqq-4"}
+
+
+def test_headline_against_random_allocation_is_its_own_family():
+    from smartkv import matched_tests as mt
+
+    rows = []
+    for i in range(12):
+        for run, score in (("smartkv", 1.0), ("random-alloc", float(i < 2)), ("smartkv@int3", 1.0), ("int3", 1.0)):
+            rows.append({"run": run, "task": "niah_passage", "sample_id": f"p{i}", "seed": 0, "context_length": 1024,
+                         "cluster": f"p{i}", "score": score, "kv_ratio": 0.25, "error": ""})
+    t = mt.tests(pd.DataFrame(rows), ["int3"], family=ms.SECTIONS["passages"], ablations=["random-alloc"])
+    abl = t[(t["baseline"] == "random-alloc") & (t["task"] == "all") & (t["measure"] == "score")].iloc[0]
+    assert abl["target"] == "smartkv" and abl["mean_diff"] == pytest.approx(10 / 12)
+    assert abl["family"].startswith("independent passages: headline vs ablations") and abl["verdict"] == "target better"

@@ -121,7 +121,9 @@ def test_pipeline_end_to_end(origin: Path):
     test = pd_read(repo / "data/passages_tasks.parquet")
     assert set(dev["split"]) == {"dev"} and set(test["split"]) == {"test"} and not set(dev["prompt"]) & set(test["prompt"])
     passages = json.loads((repo / "metrics/passages.json").read_text())
-    assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4"}
+    assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4", "smartkv", "smartkv-b0.30", "random-alloc"}
+    assert {(c["target"], c["baseline"]) for c in passages["comparisons"]} == {("smartkv@int4", "int4"),
+                                                                              ("smartkv", "random-alloc")}
     assert "Independent prompts: needles in real text" in (repo / "REPORT.md").read_text()
 
     prof = json.loads((repo / "metrics/profile.json").read_text())
