@@ -16,6 +16,8 @@ from stages.common import DATA, METRICS, PLOTS, code_revision, stage_main
 log = logging.getLogger("stages.report")
 REPORT = "REPORT.md"
 FIGURES = {
+    "Independent prompts (needles in real text, one passage each): each SmartKV run beside the method whose "
+    "bytes it holds, per prompt length": "passages",
     "Accuracy vs measured KV memory for every method (SmartKV's budgets joined as a curve)": "pareto",
     "Needle-in-a-haystack score over context length x needle depth": "needle_heatmaps",
     "SmartKV's precision allocation (bits per token and layer) on a short needle prompt; needle outlined":

@@ -3,7 +3,8 @@
 `python -m stages.section_tests <section>` (`extra_cells`, `second_model`): the rows of every
 `<section>_baselines` and `<section>_smartkv` cell, clustered by passage (smartkv/stats/clusters.py),
 then `smartkv@<b>` against `b` on every paired measure, pooled and per cell, Holm per family
-(smartkv/matched_tests.py) -> metrics/<section>.json, metrics/<section>_table.md.
+(smartkv/matched_tests.py) -> metrics/<section>.json, metrics/<section>_table.md, and one panel per
+comparison in plots/<section>.png (smartkv/plots_sections.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from smartkv import matched_study as ms
 from smartkv import matched_tests as mt
 from smartkv.study.params import ParamError, model_settings, stats_settings
-from stages.common import DATA, METRICS, read_results, stage_main
+from smartkv.plots_sections import section_plot
+from stages.common import DATA, METRICS, PLOTS, read_results, stage_main
 
 
 @stage_main
@@ -36,6 +38,7 @@ def main(params: dict) -> None:
     m = mt.metrics(df, t, s)
     atomic_write_json(METRICS / f"{section}.json", m)
     atomic_write_text(METRICS / f"{section}_table.md", mt.table(m))
+    section_plot(m, PLOTS / section)
 
 
 if __name__ == "__main__":

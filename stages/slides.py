@@ -28,7 +28,7 @@ def main(params: dict) -> None:
     abl_tests, _ = read_parquet_with_meta(DATA / "ablation_tests.parquet")
     n = int(summary[summary["run"] == HEADLINE]["n_samples"].sum()) if len(summary) else 0
     # the matched-comparison stages feed the limitations slide, as they feed REPORT's
-    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "cells"))
+    metrics = load_metrics(METRICS, METRIC_FILES + ("second_model", "extra_cells", "passages", "passages_calibration", "cells"))
     render_slides(summary, tests, abl_tests, metrics, setup(params, n), PLOTS, SLIDES)
     log.info("wrote %s", SLIDES)
 

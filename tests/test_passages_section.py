@@ -149,3 +149,23 @@ def test_headline_against_random_allocation_is_its_own_family():
     abl = t[(t["baseline"] == "random-alloc") & (t["task"] == "all") & (t["measure"] == "score")].iloc[0]
     assert abl["target"] == "smartkv" and abl["mean_diff"] == pytest.approx(10 / 12)
     assert abl["family"].startswith("independent passages: headline vs ablations") and abl["verdict"] == "target better"
+
+
+def test_each_passages_comparison_gets_a_readable_figure_and_slide(tmp_path):
+    from smartkv.plots_sections import section_plot
+    from smartkv.report.slides import passages_slides
+
+    m = _metrics(190, 185)
+    m["accuracy"] = {run: {"niah_passage@1k": {"n": 204, "correct": k, "accuracy": k / 204, "ci95": [k / 204 - 0.05,
+                                                                                                 k / 204 + 0.03],
+                                              "kv_ratio": kv}}
+                     for run, k, kv in (("fp16", 204, 1.0), ("int3", 185, 0.25), ("smartkv@int3", 190, 0.247))}
+    paths = section_plot(m, tmp_path / "passages")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in paths)
+    slides = passages_slides({"passages": m})
+    assert len(slides) == 1
+    texts = [t.get_text() for t in slides[0].texts]
+    assert "Independent prompts: smartkv@int3 vs int3" in texts and "meets the ≥ bar" in " ".join(texts).replace("\n", " ")
+    assert passages_slides({}) == []
+    # a section without comparisons still gets its file, saying so
+    assert section_plot({"model": "m", "accuracy": {}, "comparisons": []}, tmp_path / "empty")[0].is_file()

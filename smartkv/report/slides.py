@@ -34,12 +34,47 @@ def plain(text: str) -> str:
     return re.sub(r"\*\*|`|_", "", text).removeprefix("- ").strip()
 
 
-def _frame(title: str, n: int) -> Figure:
+def _frame(title: str, n: int = 0) -> Figure:
+    """A titled slide; its page number is written once the deck is complete (`_number`)."""
     fig = Figure(figsize=SIZE)
     fig.text(0.04, 0.92, title, fontsize=28, weight="bold", va="center")
     fig.add_artist(Line2D([0.04, 0.96], [0.87, 0.87], color=ACCENT, lw=2))
-    fig.text(0.96, 0.03, f"{n} / 12", fontsize=11, ha="right", color="#666666")
     return fig
+
+
+def _number(slides: list[Figure]) -> None:
+    for i, fig in enumerate(slides, 1):
+        fig.text(0.96, 0.03, f"{i} / {len(slides)}", fontsize=11, ha="right", color="#666666")
+
+
+def _figure_image(fig: Figure, drawn: Figure, rect=(0.12, 0.16, 0.76, 0.68)) -> None:
+    """`drawn` (a matplotlib figure) rendered and placed on the slide at `rect`."""
+    import io
+
+    buf = io.BytesIO()
+    drawn.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+    buf.seek(0)
+    ax = fig.add_axes(rect)
+    ax.imshow(mpimg.imread(buf, format="png"))
+    ax.set_axis_off()
+
+
+def passages_slides(m: Mapping) -> list[Figure]:
+    """One slide per pooled comparison of the independent-prompts section (issue 33: a figure per
+    primary comparison, readable at slide size), its sentence as the caption."""
+    from smartkv.plots_sections import comparison_figure, pairs
+
+    p = m.get("passages")
+    if not p:
+        return []
+    lines = [x.removeprefix("  - ") for x in sec.passages_lines(p, m.get("passages_calibration"))[1:]]
+    out = []
+    for c, line in zip(pairs(p), lines):
+        fig = _frame(f"Independent prompts: {c['target']} vs {c['baseline']}")
+        _figure_image(fig, comparison_figure(p, c))
+        _caption(fig, line)
+        out.append(fig)
+    return out
 
 
 def _bullets(fig: Figure, items: list[str], top: float = 0.82, size: int = 17, left: float = 0.05) -> None:
@@ -123,15 +158,15 @@ def render_slides(summary: pd.DataFrame, tests: pd.DataFrame | None, ablation_te
     fig.text(0.5, 0.6, "SmartKV", fontsize=54, weight="bold", ha="center")
     fig.text(0.5, 0.48, "Attention-guided mixed-precision KV-cache quantization", fontsize=26, ha="center")
     fig.text(0.5, 0.3, "\n".join(plain(x) for x in txt["title"]), fontsize=15, ha="center", color="#444444")
-    fig.text(0.96, 0.03, "1 / 12", fontsize=11, ha="right", color="#666666")
     slides.append(fig)
     for n, (title, key) in enumerate((("The problem", "problem"), ("Key insight", "insight"),
                                       ("Method", "method")), 2):
         fig = _frame(title, n)
         _bullets(fig, txt[key])
         slides.append(fig)
+    slides += passages_slides(metrics)  # the primary comparisons on independent prompts lead the results
     for n, (title, stem, stage, key) in enumerate((
-            ("Main result: accuracy vs measured memory", "pareto", "figures", "pareto"),
+            ("Main grid: accuracy vs measured memory", "pareto", "figures", "pareto"),
             ("Needle in a haystack", "needle_heatmaps", "figures", "needle"),
             ("Where the bits go", "allocation_map", "figures", "allocation"),
             ("Ablations", "ablations", "figures", "ablations"),
@@ -147,8 +182,8 @@ def render_slides(summary: pd.DataFrame, tests: pd.DataFrame | None, ablation_te
     fig = Figure(figsize=SIZE)
     fig.text(0.5, 0.55, "Questions?", fontsize=54, weight="bold", ha="center")
     fig.text(0.5, 0.4, "REPORT.md · dvc repro · python -m smartkv demo", fontsize=18, ha="center", color="#444444")
-    fig.text(0.96, 0.03, "12 / 12", fontsize=11, ha="right", color="#666666")
     slides.append(fig)
+    _number(slides)
 
     with atomic_path(out) as tmp, PdfPages(tmp, metadata={"CreationDate": None}) as pdf:
         for s in slides:
