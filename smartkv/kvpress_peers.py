@@ -11,7 +11,13 @@ The peers (kvpress presses, cited in their own docstrings):
   prompt queries, pooled over neighbouring tokens;
 - StreamingLLM (Xiao et al. 2024, arXiv:2309.17453): attention sinks plus the most recent tokens;
 - ExpectedAttention (Devoto et al. 2025, kvpress): the attention that future queries are
-  expected to pay, from the statistics of the prompt's queries, scaled by value norms.
+  expected to pay, from the statistics of the prompt's queries, scaled by value norms;
+- Knorm (Devoto et al. 2024, arXiv:2406.11430): keep the keys of smallest L2 norm;
+- TOVA (Oren et al. 2024, arXiv:2401.06104): the attention of the last query, averaged over heads.
+
+kvpress's AdaKVPress is not among them: it evicts by masking keys inside kvpress's patched
+attention function and keeps every tensor, so under this protocol it saves no byte that could be
+measured, and its decode needs that patch active.
 
 Protocol: the same as SmartKV's (`smartkv.runner`). The prompt minus its last token is
 prefilled and compressed by the press, so the press sees a prompt that already holds the
@@ -42,7 +48,18 @@ PRESSES: dict[str, str | None] = {
     "snapkv": "SnapKVPress",
     "streaming_llm": "StreamingLLMPress",
     "expected_attention": "ExpectedAttentionPress",
+    "knorm": "KnormPress",
+    "tova": "TOVAPress",
     "none": None,
+}
+# The options a press may be given (kvpress's own dataclass fields), beyond compression_ratio.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "snapkv": ("window_size", "kernel_size"),
+    "streaming_llm": ("n_sink",),
+    "expected_attention": ("n_future_positions", "n_sink", "use_covariance", "use_vnorm"),
+    "knorm": (),
+    "tova": (),
+    "none": (),
 }
 
 FP16_BYTES = 2  # memory is reported as FP16-equivalent bytes, whatever dtype the model runs in
@@ -55,6 +72,7 @@ class PeerSpec:
     label: str
     press: str
     kept: float = 1.0
+    options: tuple[tuple[str, object], ...] = ()  # kvpress's own fields, sorted by name (e.g. window_size)
 
     @property
     def compression_ratio(self) -> float:
@@ -62,18 +80,20 @@ class PeerSpec:
         return round(1.0 - self.kept, 12)
 
     def config(self) -> dict:
-        return {"press": self.press, "kvpress_class": PRESSES[self.press], "kept": self.kept,
-                "compression_ratio": self.compression_ratio}
+        out = {"press": self.press, "kvpress_class": PRESSES[self.press], "kept": self.kept,
+               "compression_ratio": self.compression_ratio}
+        return out | ({"options": dict(self.options)} if self.options else {})
 
 
 def make_press(spec: PeerSpec):
-    """The kvpress press of `spec` with kvpress's own defaults (SnapKV window 64, pooling 5; n_sink 4)."""
+    """The kvpress press of `spec`: its `options`, kvpress's own defaults for the rest (SnapKV
+    window 64, pooling 5; n_sink 4)."""
     cls_name = PRESSES[spec.press]
     if cls_name is None:
         return None
     import kvpress
 
-    return getattr(kvpress, cls_name)(compression_ratio=spec.compression_ratio)
+    return getattr(kvpress, cls_name)(compression_ratio=spec.compression_ratio, **dict(spec.options))
 
 
 def load(model_dir: str, dtype: str = "float32", device: str = "cpu"):

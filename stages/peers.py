@@ -4,6 +4,8 @@ kvpress 0.5.5 pins transformers<5.3, so this stage runs in its own venv (`make v
 
     .venv-kvpress/bin/python -m stages.peers
 
+(The peers chosen on dev, and run on a section's cells, are `stages.peers_tuning`.)
+
 It therefore does not go through `stage_main` (whose error handling imports SmartKV's method
 registry, built on transformers 5.23) and imports only the torch-free or transformers-free parts
 of `smartkv` (see `smartkv.kvpress_peers`). Params: `peers: [{label, press, kept}]` (`press`
@@ -25,7 +27,7 @@ from pathlib import Path
 from smartkv.kvpress_peers import PRESSES, PeerSpec
 from smartkv.study.params import (PARAMS_FILE, ParamError, check_positive_int, device_setting, get, is_num,
                                   load_params, model_settings, study_split)
-from stages.common import DATA, TASKS_FILE, TIMINGS_PEERS
+from stages.common import DATA, METRICS, TASKS_FILE, TIMINGS_PEERS
 
 PEERS_FILE = DATA / "peers.parquet"
 log = logging.getLogger("stages.peers")
@@ -145,6 +147,39 @@ def run(params: dict) -> None:
     atomic_write_parquet(results, PEERS_FILE, meta)
     atomic_write_parquet(timings, TIMINGS_PEERS, meta)
     log.info("wrote %s: %d rows (%d peers x %d samples)", PEERS_FILE, len(df), len(specs), len(df) // len(specs))
+
+
+def _run_specs(params: dict, tasks: dict, specs: list, config: dict, out, timings_out):
+    """`specs` on `tasks` ({seed: samples}) in the kvpress venv; results and wall clock apart."""
+    from smartkv.io import atomic_write_parquet, provenance
+    from smartkv.kvpress_peers import evaluate_peers, load
+    from smartkv.study.driver import split_timings
+
+    name, dtype = model_settings(params)
+    device = device_setting(params)
+    new_tokens = check_positive_int("max_new_tokens", get(params, "max_new_tokens"))
+    if importlib.util.find_spec("kvpress") is None:
+        raise EnvironmentMissing(f"kvpress is not installed for {sys.executable}; run this stage with "
+                                 ".venv-kvpress/bin/python (`make venv-kvpress` makes it)")
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = load(model_dir(name), dtype, device)
+    df = evaluate_peers(model, tokenizer, tasks, specs, max_new_tokens=new_tokens, log=log)
+    order = {s.label: i for i, s in enumerate(specs)}
+    df = df.sort_values(["seed", "task", "sample_id", "run"], key=lambda s: s.map(order) if s.name == "run" else s,
+                        kind="stable").reset_index(drop=True)
+    meta = provenance({"model": name, "dtype": dtype, "device": device, "max_new_tokens": new_tokens, **config,
+                       "peers": [s.config() | {"label": s.label} for s in specs],
+                       "protocol": "question-aware: the whole prompt but its last token is prefilled under the press"})
+    meta["versions"]["kvpress"] = importlib.metadata.version("kvpress")
+    results, timings = split_timings(df)
+    from stages.common import row_provenance
+
+    atomic_write_parquet(results.assign(**row_provenance(device)), out, meta)
+    atomic_write_parquet(timings, timings_out, meta)
+    log.info("wrote %s: %d rows (%d presses)", out, len(df), len(specs))
+    return results
 
 
 def main() -> None:

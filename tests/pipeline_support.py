@@ -30,7 +30,8 @@ DVC = BIN / "dvc"
 STAGES = ["prepare", "baselines", "match", "peers", "attention", "sensitivity", "smartkv", "smartkv_metrics", "stats",
           "figures", "latency", "errors", "profile", "report", "slides", "sweeps", "section_tasks",
           "extra_cells_baselines", "extra_cells_smartkv", "second_model_baselines", "second_model_smartkv",
-          "section_calibration", "passages_baselines", "passages_smartkv", "section_tests"]
+          "section_calibration", "passages_baselines", "passages_smartkv", "peers_tuning", "passages_peers",
+          "section_tests"]
 
 
 def run(cmd: list, cwd: Path) -> str:

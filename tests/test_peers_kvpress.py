@@ -25,6 +25,8 @@ GOOD = [
     {"label": "snapkv-k0.15", "press": "snapkv", "kept": 0.15},
     {"label": "streaming-k0.1", "press": "streaming_llm", "kept": 0.1},
     {"label": "ea-k0.5", "press": "expected_attention", "kept": 0.5},
+    {"label": "knorm-k0.5", "press": "knorm", "kept": 0.5},
+    {"label": "tova-k0.5", "press": "tova", "kept": 0.5},
 ]
 
 

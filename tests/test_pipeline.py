@@ -31,14 +31,15 @@ FIGURES = ["pareto", "needle_heatmaps", "allocation_map", "ablations", "regret",
 CSVS = ["pareto.csv", "latency.csv", "ablations.csv", "niah_pareto.csv", "memory_breakdown.csv", "perplexity_memory.csv",
         "profile.csv"]
 RESULTS = ["tasks", "peers", "summary", "tests", "ablation_summary", "ablation_tests", "second_model_tasks",
-           "extra_cells_tasks", "passages_tasks", "passages_dev_tasks", "passages_calibration"]
+           "extra_cells_tasks", "passages_tasks", "passages_dev_tasks", "passages_calibration", "peers_tuning"]
 # The model stages' cells (params_tiny.yaml `cells`): part -> its cell files' names
 CELLS = {"baselines": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "smartkv": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "ablations": ["niah-160-1of2", "niah-160-2of2", "perplexity-160"],
          "extra_cells/baselines": ["niah-192", "passkey-128"], "extra_cells/smartkv": ["niah-192", "passkey-128"],
          "second_model/baselines": ["niah-160"], "second_model/smartkv": ["niah-160"],
-         "passages/baselines": ["niah_passage-160"], "passages/smartkv": ["niah_passage-160"]}
+         "passages/baselines": ["niah_passage-160"], "passages/smartkv": ["niah_passage-160"],
+         "passages/peers": ["niah_passage-160"]}
 
 
 def cells_of(repo: Path, part: str):
@@ -125,6 +126,18 @@ def test_pipeline_end_to_end(origin: Path):
     assert {(c["target"], c["baseline"]) for c in passages["comparisons"]} == {("smartkv@int4", "int4"),
                                                                               ("smartkv", "random-alloc")}
     assert "Independent prompts: needles in real text" in (repo / "REPORT.md").read_text()
+    # the eviction peers chosen on the dev passages, then the choice and a no-press control on the test cell
+    choice = json.loads((repo / "metrics/peers_choice.json").read_text())
+    assert choice["section"] == "passages" and choice["dev_seeds"] == [100] and list(choice["kept"]) == ["0.50"]
+    assert {c["label"] for c in choice["kept"]["0.50"]["candidates"]} == {"snapkv-w8-k0.50", "snapkv-w16-k0.50",
+                                                                           "knorm-k0.50"}
+    peers = cells_of(repo, "passages/peers")
+    assert list(dict.fromkeys(peers["run"])) == ["kvpress-none", choice["kept"]["0.50"]["chosen"]]
+    fp16 = cells_of(repo, "passages/baselines").query("run == 'fp16'").set_index("sample_id")
+    control = peers.query("run == 'kvpress-none'").set_index("sample_id")
+    # the control is FP16 through kvpress's pipeline: the same answers as the fp16 baseline, row for row
+    assert control["score"].to_dict() == fp16.loc[control.index, "score"].to_dict()
+    assert (control["answer_logprob"] - fp16.loc[control.index, "answer_logprob"]).abs().max() < 1e-3
 
     prof = json.loads((repo / "metrics/profile.json").read_text())
     assert [b["context"] for b in prof["contexts"]] == [96, 160]
