@@ -167,7 +167,7 @@ def build_prompt(tokenizer: Any, target: int, slot_text: str, needle: str, depth
 @register_task(TASK, "needle in real text (World English Bible): own passage, depth, key and phrasing per prompt",
                uses_depth=False)
 def generate(tokenizer: Any, *, n_per_cell: int, lengths: list[int], depths: list[float], seed: int,
-             per_seed: int | dict[int, int] = 10, layout: str = "inline", question: str = "plain", phrasing: str = "drawn",
+             per_seed: int | dict[int, int] = 8, layout: str = "inline", question: str = "plain", phrasing: str = "drawn",
              instruction: str = "plain") -> list[Sample]:
     if layout not in LAYOUTS:
         raise ValueError(f"{TASK}: layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
