@@ -169,3 +169,13 @@ def test_each_passages_comparison_gets_a_readable_figure_and_slide(tmp_path):
     assert passages_slides({}) == []
     # a section without comparisons still gets its file, saying so
     assert section_plot({"model": "m", "accuracy": {}, "comparisons": []}, tmp_path / "empty")[0].is_file()
+
+
+def test_limitations_say_what_the_independent_prompts_lack():
+    from smartkv.report.limitations import passages_limits
+
+    assert "have not run" in passages_limits(None)[0]
+    assert "no eviction peer has run yet" in passages_limits(_metrics(190, 185))[0]
+    with_peer = _metrics(190, 185)
+    with_peer["comparisons"].append(dict(with_peer["comparisons"][0], target="smartkv-b0.15", baseline="snapkv-w16-k0.15"))
+    assert passages_limits(with_peer) == []

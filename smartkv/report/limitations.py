@@ -63,6 +63,21 @@ def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9)
     return out
 
 
+def passages_limits(m: Mapping | None) -> list[str]:
+    """What the independent prompts do not show yet: a comparison with the eviction peers."""
+    if not m:
+        return ["The independent prompts (`passages`) have not run: every comparison here rests on the main "
+                "grid's classic needles, whose prompts share a few haystack texts."]
+    peers = [r for r in m.get("comparisons") or [] if str(r.get("baseline", "")).startswith("kvpress")
+             or "-k0." in str(r.get("baseline", ""))]
+    if peers:
+        return []
+    return ["On the independent prompts no eviction peer has run yet: SmartKV at the peers' kept ratios "
+            "(`smartkv-b0.15`, `smartkv-b0.10`) is there without a press to compare with. The presses chosen on "
+            "the dev passages (`peers_tuning`, `passages_peers`) are the next cells; the main grid's peer "
+            "comparison picks its best press on test."]
+
+
 def missing_query_limits(provenance: Mapping | None) -> list[str]:
     """The study's protocol gap (docs/internals.md, "The missing query"), cell by cell: SmartKV rows made before
     the forks ranked from the prompt's last query (metrics/provenance.json), until every cell is re-run."""
@@ -86,9 +101,11 @@ def missing_query_limits(provenance: Mapping | None) -> list[str]:
 def limitations(summary: pd.DataFrame, tests: pd.DataFrame, setup: Mapping,
                 ablation_tests: pd.DataFrame | None = None, second_model: Mapping | None = None,
                 extra_cells: Mapping | None = None, cells: Mapping | None = None,
-                provenance: Mapping | None = None) -> list[str]:
+                provenance: Mapping | None = None, passages: Mapping | None = None) -> list[str]:
     out = significant_losses(tests, ablation_tests)
+    out += matched_study_limits(passages, "passages")
     out += matched_study_limits(second_model, "second_model") + matched_study_limits(extra_cells, "extra_cells")
+    out += passages_limits(passages)
     out += carried_by_one_cell(cells, tests)
     if tests is not None and not tests.empty:
         ns = tests[~tests["significant"].astype(bool)]

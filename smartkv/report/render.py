@@ -107,7 +107,8 @@ def render_report(
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         md += [f"![{caption}]({rel})", f"*Figure {i}. {caption}*", ""]
     limits = limitations(summary, _pooled(tests), setup, ablation_tests, metrics.get("second_model"),
-                         metrics.get("extra_cells"), metrics.get("cells"), metrics.get("provenance"))
+                         metrics.get("extra_cells"), metrics.get("cells"), metrics.get("provenance"),
+                         passages=metrics.get("passages"))
     md += ["## Limitations", *[f"- {x}" for x in limits], "",
            "## Conclusion", *sec.conclusion(tests, metrics)]
     versions = provenance.get("versions", {})

@@ -122,7 +122,7 @@ def slide_texts(summary: pd.DataFrame, tests: pd.DataFrame | None, ablation_test
             abl.append(f"smartkv vs {r['baseline']}: Δ = {r['mean_diff']:+.3f} (n = {int(r['n_pairs'])}), "
                        + (r["verdict"] + " after Holm" if r["significant"] else "inconclusive"))
     losses = limitations(summary, t if len(t) else None, setup, ablation_tests, m.get("second_model"),
-                         m.get("extra_cells"), m.get("cells"))
+                         m.get("extra_cells"), m.get("cells"), passages=m.get("passages"))
     return {
         "title": [f"Model: {setup.get('model')} · seeds {setup.get('seeds')} · {setup.get('samples per method')} "
                   "prompts per method", "Every number on these slides comes from the pipeline's metrics files."],
