@@ -83,6 +83,33 @@ def part_files(part: str, params: dict, timings: bool = False) -> list[Path]:
     return [cell_file(part, c.name, timings) for c in cell_list(params, CELL_PARTS[part])]
 
 
+def section_cells(section: str, params: dict, parts: tuple[str, ...] = ("baselines", "smartkv")) -> tuple[list, list]:
+    """(cells of `cells.<section>` every one of `parts` has written, the cells some part has not).
+
+    A section lands cell by cell (`make cells`), and its readers may report the cells that have
+    landed before the rest (`dvc repro --single-item section_tests@<section>`): they read the
+    finished cells only and say which are missing, rather than fail or pair a half-run cell."""
+    from smartkv.study.cells import cell_list
+
+    done, missing = [], []
+    for c in cell_list(params, section):
+        (done if all(cell_file(f"{section}/{p}", c.name).is_file() for p in parts) else missing).append(c.name)
+    return done, missing
+
+
+def read_section(section: str, params: dict | None = None, parts: tuple[str, ...] = ("baselines", "smartkv")):
+    """(the rows of the section's finished cells, the names of the cells not finished yet)."""
+    from smartkv.study.driver import read_results as read
+    from smartkv.study.params import ParamError
+
+    params = load_params() if params is None else params
+    done, missing = section_cells(section, params, parts)
+    if not done:
+        raise ParamError(f"no cell of `{section}` has finished every part ({', '.join(parts)}): run its cells first "
+                         f"(`make cells ONLY='{section}_*'`)")
+    return read([[cell_file(f"{section}/{p}", c) for c in done] for p in parts]), missing
+
+
 def row_provenance(device: str = "cpu") -> dict[str, str]:
     """What made a results row: the code's revision, the machine, the torch build."""
     import torch

@@ -15,7 +15,7 @@ from smartkv import matched_study as ms
 from smartkv import matched_tests as mt
 from smartkv.study.params import ParamError, model_settings, stats_settings
 from smartkv.plots_sections import section_plot
-from stages.common import DATA, METRICS, PLOTS, read_results, stage_main
+from stages.common import DATA, METRICS, PLOTS, read_section, stage_main
 
 
 @stage_main
@@ -32,10 +32,11 @@ def main(params: dict) -> None:
     stats = stats_settings(params)
     s = ms.settings(params, section)
     tasks, _ = read_parquet_with_meta(DATA / f"{section}_tasks.parquet")
-    df = attach_passage_clusters(read_results(f"{section}/baselines", f"{section}/smartkv", params=params), tasks)
+    rows, missing = read_section(section, params)
+    df = attach_passage_clusters(rows, tasks)
     t = mt.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
                  margin=stats["noninferiority_margin"], family=ms.SECTIONS[section], ablations=s["ablations"])
-    m = mt.metrics(df, t, s)
+    m = mt.metrics(df, t, s) | {"missing_cells": missing}
     atomic_write_json(METRICS / f"{section}.json", m)
     atomic_write_text(METRICS / f"{section}_table.md", mt.table(m))
     section_plot(m, PLOTS / section)

@@ -83,7 +83,7 @@ def test_a_cell_under_the_bar_stops_the_stage_and_writes_nothing(monkeypatch, tm
 
 
 def _metrics(t_found: int, b_found: int, n: int = 204, ci=(-0.02, 0.08)) -> dict:
-    return {"model": "default", "seeds": [0], "accuracy": {"fp16": {"niah_passage@1k": {"n": n, "correct": n}}},
+    return {"model": "default", "seeds": [0], "accuracy": {"fp16": {"niah_passage@1k": {"n": n, "correct": n, "kv_ratio": 1.0}}},
             "comparisons": [{"family": "f", "target": "smartkv@int3", "baseline": "int3", "task": "all",
                              "measure": "score", "n_pairs": n, "n_clusters": n, "target_mean": t_found / n,
                              "baseline_mean": b_found / n, "mean_diff": (t_found - b_found) / n, "p": 0.5,
@@ -179,3 +179,25 @@ def test_limitations_say_what_the_independent_prompts_lack():
     with_peer = _metrics(190, 185)
     with_peer["comparisons"].append(dict(with_peer["comparisons"][0], target="smartkv-b0.15", baseline="snapkv-w16-k0.15"))
     assert passages_limits(with_peer) == []
+
+
+def test_a_section_reports_its_finished_cells_and_names_the_rest(tmp_path, monkeypatch):
+    """Cells land one by one: the readers take the cells every part has written and say which are missing."""
+    from smartkv.report.sections import matched_section, passages_lines
+    from stages.common import read_section, section_cells
+
+    monkeypatch.chdir(tmp_path)
+    params = copy.deepcopy(PARAMS)
+    cells = params["cells"]["passages"]
+    row = {"run": "fp16", "task": "niah_passage", "sample_id": "x", "seed": 0, "context_length": 1024, "score": 1.0}
+    for part, written in (("baselines", cells[:4]), ("smartkv", cells[:2])):
+        (tmp_path / "data" / "passages" / part).mkdir(parents=True)
+        for c in written:
+            pd.DataFrame([dict(row, sample_id=f"{part}-{c}")]).to_parquet(tmp_path / "data" / "passages" / part / f"{c}.parquet")
+    done, missing = section_cells("passages", params)
+    assert done == cells[:2] and missing == cells[2:]
+    df, missing = read_section("passages", params)
+    assert len(df) == 4 and missing == cells[2:]  # the baselines of cells 3-4 wait for their SmartKV cells
+    m = _metrics(190, 185) | {"missing_cells": missing}
+    assert "**Cells not run yet: niah_passage-1024-3of3" in passages_lines(m, None)[0]
+    assert "**Not every cell has run yet**" in "\n".join(matched_section(m, "passages", "{model}"))

@@ -106,9 +106,11 @@ def passages_lines(m: dict | None, cal: dict | None) -> list[str]:
         dev = (f"; FP16 on dev seeds {cal['dev_seeds']} (New Testament): "
                + ", ".join(f"{c} {v['found']}/{v['n']}" for c, v in cal["cells"].items())
                + f", bar {cal['bar']}")
+    pending = (f" **Cells not run yet: {', '.join(m['missing_cells'])}**; these lines cover the finished ones."
+               if m.get("missing_cells") else "")
     out = [f"Primary comparisons, independent prompts (`passages`): {n} needles in {n} distinct passages of real "
            f"text (Old Testament, test seeds; {where}){dev}. SmartKV at each method's measured bytes; Δ accuracy "
-           "with its cluster-bootstrap 95% CI, exact McNemar, Holm:"]
+           f"with its cluster-bootstrap 95% CI, exact McNemar, Holm:{pending}"]
     for r in rows:
         bar = ("meets the ≥ bar" if at_least(r) else
                "**misses the ≥ bar**: " + ("behind on the point estimate" if r["mean_diff"] < 0 else
@@ -335,7 +337,11 @@ def matched_section(m: dict | None, stage: str, lead: str) -> list[str]:
 
     if not m:
         return [f.missing(stage, stage), ""]
-    return [lead.format(model=f"`{m['model']}`") + " " + MATCHED_METHOD, "", table(m), ""]
+    out = [lead.format(model=f"`{m['model']}`") + " " + MATCHED_METHOD, ""]
+    if m.get("missing_cells"):
+        out += [f"**Not every cell has run yet**: {', '.join(f'`{c}`' for c in m['missing_cells'])} have not landed "
+                f"(`make cells ONLY='{stage}_*'` runs them); the tables below cover the finished cells only.", ""]
+    return out + [table(m), ""]
 
 
 def passages_section(m: dict | None, cal: dict | None) -> list[str]:
