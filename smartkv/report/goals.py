@@ -42,7 +42,7 @@ def goal_rows(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame | None, m
         # FP16 is the reference the budgets are fractions of, not a target at equal bytes
         main = tests[(tests["task"] == "all") & (tests["measure"] == "score") & (tests["baseline"] != FP16)]
         rows += [_row("main grid, pooled", r, margin) for r in main.to_dict("records")]
-    for stage in ("extra_cells", "second_model"):
+    for stage in ("passages", "extra_cells", "second_model"):
         m = metrics.get(stage) or {}
         for r in m.get("comparisons", []):
             if r.get("measure") == "score":
