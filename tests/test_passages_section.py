@@ -201,3 +201,15 @@ def test_a_section_reports_its_finished_cells_and_names_the_rest(tmp_path, monke
     m = _metrics(190, 185) | {"missing_cells": missing}
     assert "**Cells not run yet: niah_passage-1024-3of3" in passages_lines(m, None)[0]
     assert "**Not every cell has run yet**" in "\n".join(matched_section(m, "passages", "{model}"))
+
+
+def test_the_ablation_line_is_not_called_a_sanity_check_for_a_byte_apart():
+    from smartkv.report.sections import passages_lines
+
+    m = _metrics(196, 185)
+    m["comparisons"].append(dict(m["comparisons"][0], target="smartkv", baseline="random-alloc",
+                                 family="independent passages: headline vs ablations [score]",
+                                 verdict="target better", target_kv_ratio=0.2451, baseline_kv_ratio=0.2450))
+    lines = passages_lines(m, None)
+    assert "smartkv@int3" in lines[1] and "random-alloc" in lines[2]  # matched first, then the ablation
+    assert "sanity check" not in lines[2] and "attention-guided against random allocation" in lines[2]

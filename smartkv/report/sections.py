@@ -41,12 +41,14 @@ def sanity_check(r) -> str | None:
     return None
 
 
-def _cmp_sentence(r) -> str:
+def _cmp_sentence(r, same_budget: bool = False) -> str:
+    """One comparison in words. `same_budget`: an ablation of the headline run under the headline's
+    budget, where a byte apart in what each run ended up holding is not a memory comparison."""
     head = f"`{r['target']}` ({r['target_kv_ratio']:.3f} × FP16) vs `{r['baseline']}` ({r['baseline_kv_ratio']:.3f})"
     stat = f"Δ accuracy {_ci(r['mean_diff'], r['ci_lo'], r['ci_hi'])}, {_n(r)}, Holm p {_p_relation(r['p_holm'])}"
     word = {f.WIN: "**SmartKV is significantly better**", f.LOSS: "**SmartKV is significantly worse**",
             f.INCONCLUSIVE: "inconclusive"}[r["outcome"]]
-    why = sanity_check(r)
+    why = None if same_budget and r["baseline_mean"] >= 0.1 else sanity_check(r)
     return f"{head}: {word} ({stat})" + (f"; a sanity check, not a win: {why}." if why and r["outcome"] == f.WIN else ".")
 
 
@@ -98,7 +100,9 @@ def passages_lines(m: dict | None, cal: dict | None) -> list[str]:
     """The primary comparisons on independent prompts (metrics/passages.json): each SmartKV run
     against the baseline whose measured bytes it holds, pooled over 1k-4k, then whether it meets
     the ">=" bar, said plainly either way."""
-    rows = [r for r in f.matched_stage_scores(m) if r["task"] == "all"]
+    # in the section's own order: the matched comparisons, then the headline against its ablations
+    rows = [dict(c, outcome={"target better": f.WIN, "target worse": f.LOSS}.get(c.get("verdict"), f.INCONCLUSIVE))
+            for c in (m or {}).get("comparisons", []) if c.get("measure") == "score" and c.get("task") == "all"]
     if not rows:
         return []
     fp16 = (m.get("accuracy") or {}).get("fp16", {})
@@ -118,7 +122,11 @@ def passages_lines(m: dict | None, cal: dict | None) -> list[str]:
         bar = ("meets the ≥ bar" if at_least(r) else
                "**misses the ≥ bar**: " + ("behind on the point estimate" if r["mean_diff"] < 0 else
                                             f"its CI admits a loss of more than {AT_LEAST_MARGIN:.2f}"))
-        out.append(f"  - {_cmp_sentence(r).rstrip('.')}; {r['target_mean']:.3f} vs {r['baseline_mean']:.3f}; {bar}.")
+        ablation = "ablations" in str(r.get("family", ""))
+        s = _cmp_sentence(r, same_budget=ablation).rstrip(".")
+        out.append(f"  - {s}; {r['target_mean']:.3f} vs {r['baseline_mean']:.3f}"
+                   + ("; attention-guided against random allocation at the same budget" if ablation else "")
+                   + f"; {bar}.")
     return out
 
 
