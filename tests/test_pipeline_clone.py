@@ -31,10 +31,10 @@ def test_clone_is_up_to_date_and_an_experiment_stales_only_its_readers(origin: P
     headline = pd.concat([pd.read_parquet(f) for f in sorted((clone / "data/smartkv").glob("*.parquet"))]).query(
         "run == 'smartkv'")
     assert len(headline) and (headline["budget"] == 0.3).all() and (headline["kv_ratio"] <= 0.3 + 1e-6).all()
-    # `profile` times the headline run, so the budget is its param too
+    # `profile` times the headline run, so the budget is its param too; so does the passages section,
+    # whose SmartKV cells run the headline budget against random allocation (its `ablations`)
     assert stale_stages(run([DVC, "status"], clone)) == {"smartkv_metrics", "stats", "figures", "latency", "errors",
-                                                         "profile", "report",
-                                                         "slides"}
+                                                         "profile", "report", "slides", "passages_smartkv"}
     git("checkout", "--", ".", cwd=clone)  # every output is in git: this restores the committed study
 
     # `dvc plots show` on the clone: the data plots' libraries are inlined, nothing is fetched.
