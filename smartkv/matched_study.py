@@ -53,7 +53,7 @@ def settings(params: dict, section: str = "second_model") -> dict:
     `model: null` means the main study's `model` (`extra_cells` runs the main model)."""
     from smartkv.study.grid import task_plan
     from smartkv.study.params import seeds_by_split
-    from smartkv.study.runs import ablation_runs, baseline_runs
+    from smartkv.study.runs import ablation_runs, baseline_runs, known_labels
 
     if section not in SECTIONS:
         raise ValueError(f"section {section!r} is not one of {', '.join(SECTIONS)}")
@@ -103,17 +103,12 @@ def settings(params: dict, section: str = "second_model") -> dict:
                                                 and 0 < b <= 1 for b in budgets):
         raise ParamError(f"{section}.budgets={budgets!r} must list fractions in (0, 1] (SmartKV at fixed budgets), "
                          "or be left out")
-    ablations = sm.get("ablations") or []
-    known = [r.label for r in ablation_runs(params)]
-    if not isinstance(ablations, list) or not all(isinstance(x, str) for x in ablations):
-        raise ParamError(f"{section}.ablations={ablations!r} must list labels of `ablations`, or be left out")
-    unknown = [x for x in ablations if x not in known]
-    if unknown:
-        raise ParamError(f"{section}.ablations: {', '.join(unknown)} not in ablations; known: {', '.join(known)}")
+    ablations = known_labels(f"{section}.ablations", sm.get("ablations") or [],
+                             [r.label for r in ablation_runs(params)], "ablations", "labels of `ablations`, or be left out")
     return {"section": section, "model": model, "seeds": [int(s) for s in seeds], "plan": plan,
             "runs": [by_label[x] for x in labels], "match": list(dict.fromkeys(match)),
             "dev_seeds": [int(x) for x in dev], "fp16_bar": float(bar),
-            "budgets": [float(b) for b in dict.fromkeys(budgets)], "ablations": list(dict.fromkeys(ablations))}
+            "budgets": [float(b) for b in dict.fromkeys(budgets)], "ablations": ablations}
 
 
 def prepare(s: dict, tokenizer, split: str = "test") -> pd.DataFrame:

@@ -182,19 +182,25 @@ def _run_specs(params: dict, tasks: dict, specs: list, config: dict, out, timing
     return results
 
 
-def main() -> None:
+def kvpress_main(name: str, body) -> None:
+    """The kvpress stages' entry point (they cannot use `stage_main`, see above): logging, then
+    `body()`, a bad param or a missing kvpress as one line and exit 2."""
     logging.basicConfig(level=os.environ.get("SMARTKV_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     try:
-        run(load_params())
+        body()
     except ParamError as err:
         print(f"error: {PARAMS_FILE}: {err}", file=sys.stderr)
         sys.exit(2)
     except EnvironmentMissing as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    log.info("stage peers done in %.1f s", time.perf_counter() - start)
+    log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
+
+
+def main() -> None:
+    kvpress_main("peers", lambda: run(load_params()))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,11 @@ Apart from `stages.peers`, so that the main grid's peers do not depend on the tu
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import time
 
-from smartkv.study.params import PARAMS_FILE, ParamError, load_params
+from smartkv.study.params import ParamError, load_params
 from stages.common import DATA, METRICS
-from stages.peers import EnvironmentMissing, _run_specs
+from stages.peers import _run_specs, kvpress_main
 
 log = logging.getLogger("stages.peers_tuning")
 
@@ -80,24 +78,17 @@ def section_cell(params: dict, section: str, cell_name: str) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("SMARTKV_LOG", "INFO"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    start = time.perf_counter()
     args = sys.argv[1:]
-    try:
+
+    def body() -> None:
         if args == ["tune"]:
             tune(load_params())
         elif len(args) == 3 and args[0] == "section":
             section_cell(load_params(), args[1], args[2])
         else:
             raise ParamError(f"usage: python -m stages.peers_tuning tune | section <section> <cell> (got {args!r})")
-    except ParamError as err:
-        print(f"error: {PARAMS_FILE}: {err}", file=sys.stderr)
-        sys.exit(2)
-    except EnvironmentMissing as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    log.info("stage peers_tuning %s done in %.1f s", " ".join(args), time.perf_counter() - start)
+
+    kvpress_main(f"peers_tuning {' '.join(args)}", body)
 
 
 if __name__ == "__main__":

@@ -81,16 +81,21 @@ def baseline_runs(params: dict) -> list[RunSpec]:
     return _unique(runs, "baselines")
 
 
-def match_labels(params: dict) -> list[str]:
-    """`match`: the baselines that get a SmartKV run at exactly their measured memory."""
-    labels = get(params, "match", [])
-    known = [r.label for r in baseline_runs(params)]
+def known_labels(key: str, labels: Any, known: list[str], where: str, what: str) -> list[str]:
+    """`labels` (params key `key`) checked as a list of labels of `where` (`known`), without repeats;
+    `what` says what the list must hold when it is not a list of strings."""
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise ParamError(f"match={labels!r} must list baseline labels (e.g. [int3, kivi-2])")
+        raise ParamError(f"{key}={labels!r} must list {what}")
     unknown = [x for x in labels if x not in known]
     if unknown:
-        raise ParamError(f"match: {', '.join(unknown)} not in baselines; known: {', '.join(known)}")
+        raise ParamError(f"{key}: {', '.join(unknown)} not in {where}; known: {', '.join(known)}")
     return list(dict.fromkeys(labels))
+
+
+def match_labels(params: dict) -> list[str]:
+    """`match`: the baselines that get a SmartKV run at exactly their measured memory."""
+    return known_labels("match", get(params, "match", []), [r.label for r in baseline_runs(params)], "baselines",
+                        "baseline labels (e.g. [int3, kivi-2])")
 
 
 def smartkv_base(params: dict) -> dict:
