@@ -31,6 +31,7 @@ COSTS = REPO / "metrics" / "cell_costs.json"
 DEFAULT_MINUTES = {"model": 10.0, "other": 1.5}  # a stage never timed here: a model cell, or a cheap reader
 MODEL_GROUPS = ("baselines", "smartkv", "extra_cells_baselines", "extra_cells_smartkv", "second_model_baselines",
                 "second_model_smartkv", "passages_baselines", "passages_smartkv", "section_calibration", "peers",
+                "peers_tuning", "passages_peers",
                 "attention", "sensitivity", "profile")
 
 
