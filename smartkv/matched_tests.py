@@ -15,10 +15,12 @@ from smartkv.matched_study import SECTIONS
 
 
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
-          margin: float = 0.05, family: str = SECTIONS["second_model"], ablations: list[str] = ()) -> pd.DataFrame:
+          margin: float = 0.05, family: str = SECTIONS["second_model"], ablations: list[str] = (),
+          presses: list[tuple[str, str]] = ()) -> pd.DataFrame:
     """smartkv@<b> against b on every paired measure, pooled and per cell (task x length), then the
     headline `smartkv` against each of `ablations` (its own family: Δ > 0 means the ablated part
-    helps); Holm per (family, measure)."""
+    helps), then each (SmartKV run, dev-chosen press) of `presses` (`press_pairs`; its own family);
+    Holm per (family, measure)."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
     from smartkv.study.labels import HEADLINE, matched_label
 
@@ -28,6 +30,7 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
     frames = []
     pairs = [(matched_label(b), b, family) for b in match]
     pairs += [(HEADLINE, a, family.split(":")[0] + ": headline vs ablations") for a in ablations]
+    pairs += [(t, b, family.split(":")[0] + ": " + PRESS_FAMILY) for t, b in presses]
     for measure in measures_in(strata):
         for target, b, fam in pairs:
             if target not in set(strata["run"]) or b not in set(strata["run"]):
@@ -39,6 +42,40 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
     if not frames:
         return pd.DataFrame()
     return apply_holm(pd.concat(frames, ignore_index=True), alpha)
+
+
+PRESS_FAMILY = "SmartKV vs the presses chosen on dev"
+
+
+def press_pairs(choice: dict, budgets: list[float], headline: float, runs: set[str]) -> list[tuple[str, str]]:
+    """(SmartKV run, press) at each kept ratio of metrics/peers_choice.json: SmartKV at that budget
+    (`smartkv-b0.15`; the headline run where the ratio is the headline budget, INT3's bytes) against
+    the press chosen there on dev. Only pairs whose two runs are in `runs`."""
+    from smartkv.study.labels import HEADLINE, budget_label
+
+    out = []
+    for kept, c in (choice or {}).get("kept", {}).items():
+        k = float(kept)
+        target = (HEADLINE if math.isclose(k, headline)
+                  else next((budget_label(b) for b in budgets if math.isclose(b, k)), None))
+        if target in runs and c["chosen"] in runs:
+            out.append((target, c["chosen"]))
+    return out
+
+
+def control_check(df: pd.DataFrame, control: str = "kvpress-none", reference: str = "fp16") -> dict | None:
+    """The no-press control against FP16, prompt by prompt: kvpress with nothing pressed must
+    generate what the study's own FP16 run does (issue 33, item 4). None without a control row."""
+    ok = df[df["error"] == ""]
+    a = ok[ok["run"] == control].set_index("sample_id")
+    b = ok[ok["run"] == reference].set_index("sample_id")
+    if a.empty or b.empty:
+        return None
+    both = a.index.intersection(b.index)
+    cols = [c for c in ("prediction", "score") if c in a and c in b]
+    differ = [str(i) for i in both if any(a.at[i, c] != b.at[i, c] for c in cols)]
+    return {"control": control, "reference": reference, "compared": cols, "n": int(len(both)),
+            "differ": len(differ), "differ_ids": differ[:20], "missing": int(len(a.index.symmetric_difference(b.index)))}
 
 
 def cell_name(task: str, length: int) -> str:
@@ -66,7 +103,8 @@ def accuracy(df: pd.DataFrame) -> dict:
 
 
 def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
-    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row."""
+    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row, and
+    (where the presses ran) the no-press control's check against FP16."""
     keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "n_clusters", "target_mean", "baseline_mean",
             "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
             "target_kv_ratio", "baseline_kv_ratio"]
@@ -77,7 +115,9 @@ def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
         return v.item() if hasattr(v, "item") else v
 
     rows = [] if t.empty else [{k: clean(r[k]) for k in keep if k in r} for r in t.to_dict("records")]
-    return {"model": s["model"], "seeds": s["seeds"], "accuracy": accuracy(df), "comparisons": rows}
+    out = {"model": s["model"], "seeds": s["seeds"], "accuracy": accuracy(df), "comparisons": rows}
+    control = control_check(df)
+    return out if control is None else out | {"control": control}
 
 
 def table(m: dict) -> str:

@@ -30,7 +30,7 @@ PEERS_FILE = DATA / "peers.parquet"
 CELL_PARTS = {"baselines": "main", "smartkv": "main", "ablations": "main",
               "extra_cells/baselines": "extra_cells", "extra_cells/smartkv": "extra_cells",
               "second_model/baselines": "second_model", "second_model/smartkv": "second_model",
-              "passages/baselines": "passages", "passages/smartkv": "passages"}
+              "passages/baselines": "passages", "passages/smartkv": "passages", "passages/peers": "passages"}
 PARTS = (*CELL_PARTS, "peers")
 TIMINGS_PEERS = DATA / "timings" / "peers.parquet"
 MATCHED_BUDGETS = METRICS / "matched_budgets.json"

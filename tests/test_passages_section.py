@@ -176,9 +176,11 @@ def test_limitations_say_what_the_independent_prompts_lack():
 
     assert "have not run" in passages_limits(None)[0]
     assert "no eviction peer has run yet" in passages_limits(_metrics(190, 185))[0]
-    with_peer = _metrics(190, 185)
-    with_peer["comparisons"].append(dict(with_peer["comparisons"][0], target="smartkv-b0.15", baseline="snapkv-w16-k0.15"))
-    assert passages_limits(with_peer) == []
+    with_peer = _metrics(190, 185) | {"presses": {"pairs": [["smartkv-b0.15", "snapkv-w16-k0.15"]],
+                                                  "press_cells_missing": ["niah_passage-4096-3of3"]}}
+    lines = passages_limits(with_peer)
+    assert "no eviction peer" not in " ".join(lines) and "`niah_passage-4096-3of3`" in lines[0]
+    assert "chosen there on the dev passages" in lines[-1]
 
 
 def test_a_section_reports_its_finished_cells_and_names_the_rest(tmp_path, monkeypatch):
@@ -213,3 +215,30 @@ def test_the_ablation_line_is_not_called_a_sanity_check_for_a_byte_apart():
     lines = passages_lines(m, None)
     assert "smartkv@int3" in lines[1] and "random-alloc" in lines[2]  # matched first, then the ablation
     assert "sanity check" not in lines[2] and "attention-guided against random allocation" in lines[2]
+
+
+def test_smartkv_meets_the_press_chosen_on_dev_at_each_kept_ratio_and_the_control_is_fp16():
+    from smartkv import matched_tests as mt
+    from smartkv.report.sections import passages_lines
+
+    choice = {"kept": {"0.25": {"chosen": "knorm-k0.25"}, "0.15": {"chosen": "snapkv-ks5-w8-k0.15"},
+                       "0.10": {"chosen": "tova-k0.10"}}}
+    runs = {"smartkv", "smartkv-b0.15", "knorm-k0.25", "snapkv-ks5-w8-k0.15", "tova-k0.10"}
+    # 0.10 has no SmartKV run at that budget: no pair; 0.25 is the headline budget
+    assert mt.press_pairs(choice, [0.15], 0.25, runs) == [("smartkv", "knorm-k0.25"),
+                                                         ("smartkv-b0.15", "snapkv-ks5-w8-k0.15")]
+    rows = []
+    for i in range(30):
+        for run, score, pred in (("smartkv-b0.15", float(i < 20), "k"), ("snapkv-ks5-w8-k0.15", float(i < 5), "k"),
+                                 ("fp16", 1.0, f"a{i}"), ("kvpress-none", 1.0, f"a{i}" if i else "other")):
+            rows.append({"run": run, "task": "niah_passage", "sample_id": f"p{i}", "seed": 0, "context_length": 1024,
+                         "cluster": f"p{i}", "score": score, "kv_ratio": 0.15, "error": "", "prediction": pred})
+    df = pd.DataFrame(rows)
+    t = mt.tests(df, [], family=ms.SECTIONS["passages"], presses=[("smartkv-b0.15", "snapkv-ks5-w8-k0.15")])
+    r = t[(t["task"] == "all") & (t["measure"] == "score")].iloc[0]
+    assert r["family"].startswith("independent passages: " + mt.PRESS_FAMILY) and r["mean_diff"] == pytest.approx(0.5)
+    m = mt.metrics(df, t, {"model": "m", "seeds": [0]})
+    assert m["control"] == dict(m["control"], n=30, differ=1, differ_ids=["p0"], missing=0)  # one answer differs
+    lines = passages_lines(m, None)
+    assert "the press chosen on the dev passages for 0.15 kept" in lines[1]
+    assert "**The no-press control (`kvpress-none`) differs from `fp16` on 1 of 30 prompts**" in lines[-1]

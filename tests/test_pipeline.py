@@ -123,11 +123,16 @@ def test_pipeline_end_to_end(origin: Path):
     assert set(dev["split"]) == {"dev"} and set(test["split"]) == {"test"} and not set(dev["prompt"]) & set(test["prompt"])
     passages = json.loads((repo / "metrics/passages.json").read_text())
     assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4", "smartkv", "smartkv-b0.30", "random-alloc"}
-    assert {(c["target"], c["baseline"]) for c in passages["comparisons"]} == {("smartkv@int4", "int4"),
-                                                                              ("smartkv", "random-alloc")}
-    assert "Independent prompts: needles in real text" in (repo / "REPORT.md").read_text()
     # the eviction peers chosen on the dev passages, then the choice and a no-press control on the test cell
     choice = json.loads((repo / "metrics/peers_choice.json").read_text())
+    chosen = choice["kept"]["0.50"]["chosen"]
+    # SmartKV at the headline budget (0.5) against the press chosen on dev for 0.5 kept, in its own family
+    assert {(c["target"], c["baseline"]) for c in passages["comparisons"]} == {
+        ("smartkv@int4", "int4"), ("smartkv", "random-alloc"), ("smartkv", chosen)}
+    assert passages["presses"]["pairs"] == [["smartkv", chosen]] and passages["presses"]["press_cells_missing"] == []
+    assert passages["control"] == dict(passages["control"], n=1, differ=0, missing=0)
+    report = (repo / "REPORT.md").read_text()
+    assert "Independent prompts: needles in real text" in report and "The no-press control (`kvpress-none`" in report
     assert choice["section"] == "passages" and choice["dev_seeds"] == [100] and list(choice["kept"]) == ["0.50"]
     assert {c["label"] for c in choice["kept"]["0.50"]["candidates"]} == {"snapkv-w8-k0.50", "snapkv-w16-k0.50",
                                                                            "knorm-k0.50"}

@@ -64,18 +64,25 @@ def matched_study_limits(m: Mapping | None, stage: str, fp16_floor: float = 0.9)
 
 
 def passages_limits(m: Mapping | None) -> list[str]:
-    """What the independent prompts do not show yet: a comparison with the eviction peers."""
+    """What the independent prompts do not show yet: a comparison with the presses chosen on dev."""
     if not m:
         return ["The independent prompts (`passages`) have not run: every comparison here rests on the main "
                 "grid's classic needles, whose prompts share a few haystack texts."]
-    peers = [r for r in m.get("comparisons") or [] if str(r.get("baseline", "")).startswith("kvpress")
-             or "-k0." in str(r.get("baseline", ""))]
-    if peers:
-        return []
-    return ["On the independent prompts no eviction peer has run yet: SmartKV at the peers' kept ratios "
-            "(`smartkv-b0.15`, `smartkv-b0.10`) is there without a press to compare with. The presses chosen on "
-            "the dev passages (`peers_tuning`, `passages_peers`) are the next cells; the main grid's peer "
-            "comparison picks its best press on test."]
+    presses = m.get("presses")
+    if presses is None:
+        return ["On the independent prompts no eviction peer has run yet: SmartKV at the peers' kept ratios "
+                "(`smartkv-b0.15`, `smartkv-b0.10`) is there without a press to compare with. The presses chosen on "
+                "the dev passages (`peers_tuning`, `passages_peers`) are the next cells; the main grid's peer "
+                "comparison picks its best press on test."]
+    out = []
+    if presses.get("press_cells_missing"):
+        out.append("The presses chosen on dev have not run on every passages cell yet ("
+                   + ", ".join(f"`{c}`" for c in presses["press_cells_missing"])
+                   + "): their comparisons cover the cells they ran on.")
+    out.append("Each kept ratio is compared with the one press chosen there on the dev passages "
+               "(metrics/peers_choice.json, every candidate's dev accuracy); the other candidates ran on dev only, "
+               "so a press that ranks lower on dev but higher on test is not shown.")
+    return out
 
 
 def missing_query_limits(provenance: Mapping | None) -> list[str]:

@@ -11,6 +11,7 @@ import re
 
 import pandas as pd
 
+from smartkv.matched_tests import PRESS_FAMILY
 from smartkv.report import findings as f
 from smartkv.stats.tables import _p
 
@@ -71,7 +72,7 @@ def primary_comparisons(t: pd.DataFrame) -> list[tuple[dict, str]]:
     for kept, group in sorted(peers.items(), key=lambda kv: -float(kv[0])):
         best = max(group, key=lambda r: r["baseline_mean"])
         out.append((best, f"the best-scoring of {len(group)} presses at {float(kept):.2f} kept, picked on test "
-                          "(no press is tuned on dev yet)"))
+                          "(the main grid's presses run at library defaults; the passages' are chosen on dev)"))
     return out
 
 
@@ -123,11 +124,28 @@ def passages_lines(m: dict | None, cal: dict | None) -> list[str]:
                "**misses the ≥ bar**: " + ("behind on the point estimate" if r["mean_diff"] < 0 else
                                             f"its CI admits a loss of more than {AT_LEAST_MARGIN:.2f}"))
         ablation = "ablations" in str(r.get("family", ""))
+        press = PRESS_FAMILY in str(r.get("family", ""))
         s = _cmp_sentence(r, same_budget=ablation).rstrip(".")
+        kept = PEER.search(str(r["baseline"]))
         out.append(f"  - {s}; {r['target_mean']:.3f} vs {r['baseline_mean']:.3f}"
                    + ("; attention-guided against random allocation at the same budget" if ablation else "")
+                   + (f"; the press chosen on the dev passages for {float(kept.group(1)):.2f} kept"
+                      if press and kept else "")
                    + f"; {bar}.")
-    return out
+    return out + control_lines(m)
+
+
+def control_lines(m: dict) -> list[str]:
+    """Whether kvpress with no press reproduces the study's FP16 prompt by prompt (metrics/passages.json)."""
+    c = m.get("control")
+    if not c:
+        return []
+    if c["differ"] == 0 and c["missing"] == 0:
+        return [f"  - The no-press control (`{c['control']}`, kvpress's own pipeline) equals `{c['reference']}` "
+                f"on all {c['n']} prompts ({' and '.join(c['compared'])}): the peers' harness adds nothing of its own."]
+    return [f"  - **The no-press control (`{c['control']}`) differs from `{c['reference']}` on {c['differ']} of "
+            f"{c['n']} prompts** ({' and '.join(c['compared'])}; {c['missing']} prompts in one only): "
+            "the peers' harness itself moves results, so a press's Δ is not the press's alone."]
 
 
 def summary_of_findings(tests: pd.DataFrame | None, metrics: dict) -> list[str]:
