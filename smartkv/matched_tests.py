@@ -16,11 +16,12 @@ from smartkv.matched_study import SECTIONS
 
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
           margin: float = 0.05, family: str = SECTIONS["second_model"], ablations: list[str] = (),
-          presses: list[tuple[str, str]] = ()) -> pd.DataFrame:
+          presses: list[tuple[str, str]] = (), oracle: str | None = None) -> pd.DataFrame:
     """smartkv@<b> against b on every paired measure, pooled and per cell (task x length), then the
     headline `smartkv` against each of `ablations` (its own family: Δ > 0 means the ablated part
     helps), then each (SmartKV run, dev-chosen press) of `presses` (`press_pairs`; its own family);
-    Holm per (family, measure)."""
+    Holm per (family, measure). The `oracle` ablation (perfect ranking) is a diagnostic, not a
+    hypothesis: its own family, so it does not dilute the planned ablation tests."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
     from smartkv.study.labels import HEADLINE, matched_label
 
@@ -29,7 +30,8 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
     strata["task"] = [cell_name(t, n) for t, n in zip(strata["task"], strata["context_length"])]
     frames = []
     pairs = [(matched_label(b), b, family) for b in match]
-    pairs += [(HEADLINE, a, family.split(":")[0] + ": headline vs ablations") for a in ablations]
+    pairs += [(HEADLINE, a, family.split(":")[0] + (": headline vs the oracle ranking" if a == oracle
+                                                    else ": headline vs ablations")) for a in ablations]
     pairs += [(t, b, family.split(":")[0] + ": " + PRESS_FAMILY) for t, b in presses]
     for measure in measures_in(strata):
         for target, b, fam in pairs:
@@ -78,6 +80,38 @@ def control_check(df: pd.DataFrame, control: str = "kvpress-none", reference: st
             "differ": len(differ), "differ_ids": differ[:20], "missing": int(len(a.index.symmetric_difference(b.index)))}
 
 
+def ranking_or_tier(df: pd.DataFrame, match: list[str], oracle: str, slack: float = 0.01) -> list[dict]:
+    """Where a baseline finds a needle that `smartkv@<b>` misses, does the oracle ranking (the same
+    cache given the importance of the whole FP16 generation up front) find it? If it does, SmartKV's
+    attention ranking is what lost it; if the oracle misses it too, the precision it could afford
+    (the low tier) is. Only for matched runs within `slack` of the oracle's measured bytes, whose
+    cache differs from the oracle's in ranking alone."""
+    from smartkv.study.labels import matched_label
+
+    ok = df[(df["error"] == "") & df["score"].notna()]
+    by_run = {r: g.set_index("sample_id") for r, g in ok.groupby("run")}
+    if oracle not in by_run:
+        return []
+    o = by_run[oracle]
+    out = []
+    for b in match:
+        t = matched_label(b)
+        if t not in by_run or b not in by_run:
+            continue
+        tk, ok_kv = by_run[t]["kv_ratio"].mean(), o["kv_ratio"].mean()
+        if abs(tk - ok_kv) > slack:
+            continue
+        ids = by_run[t].index.intersection(by_run[b].index).intersection(o.index)
+        lost = [i for i in ids if by_run[b].at[i, "score"] == 1 and by_run[t].at[i, "score"] == 0]
+        found = [i for i in lost if o.at[i, "score"] == 1]
+        out.append({"target": t, "baseline": b, "oracle": oracle, "lost": len(lost), "oracle_finds": len(found),
+                    "oracle_accuracy": float(o.loc[ids, "score"].mean()), "target_accuracy":
+                    float(by_run[t].loc[ids, "score"].mean()), "n": int(len(ids)),
+                    "bottleneck": ("none" if not lost else "ranking" if 2 * len(found) > len(lost)
+                                   else "low tier"), "lost_ids": [str(i) for i in lost]})
+    return out
+
+
 def cell_name(task: str, length: int) -> str:
     """A cell's label, as the per-length tests name it: `niah@4k`, `ruler_multikey@1k`, `niah@160`."""
     n = int(length)
@@ -102,9 +136,10 @@ def accuracy(df: pd.DataFrame) -> dict:
     return out
 
 
-def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
-    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row, and
-    (where the presses ran) the no-press control's check against FP16."""
+def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict, oracle: str | None = None) -> dict:
+    """metrics/<section>.json: the model, accuracy per run and cell, every comparison row,
+    (where the presses ran) the no-press control's check against FP16, and (with an `oracle`
+    ablation) whether ranking or the low tier lost the needles a baseline found."""
     keep = ["family", "target", "baseline", "task", "measure", "n_pairs", "n_clusters", "target_mean", "baseline_mean",
             "mean_diff", "n_target_only", "n_baseline_only", "p", "p_holm", "ci_lo", "ci_hi", "verdict",
             "target_kv_ratio", "baseline_kv_ratio"]
@@ -117,7 +152,11 @@ def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict) -> dict:
     rows = [] if t.empty else [{k: clean(r[k]) for k in keep if k in r} for r in t.to_dict("records")]
     out = {"model": s["model"], "seeds": s["seeds"], "accuracy": accuracy(df), "comparisons": rows}
     control = control_check(df)
-    return out if control is None else out | {"control": control}
+    if control is not None:
+        out["control"] = control
+    if oracle:
+        out["bottleneck"] = ranking_or_tier(df, s.get("match", []), oracle)
+    return out
 
 
 def table(m: dict) -> str:

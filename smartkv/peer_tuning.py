@@ -115,9 +115,21 @@ def choose(rows: pd.DataFrame, specs: list[PeerSpec]) -> dict:
     return out
 
 
-def chosen_specs(choice: dict) -> list[PeerSpec]:
-    """The no-press control, then the chosen press at each kept ratio of `choice`."""
+def chosen_specs(choice: dict, candidates: list[PeerSpec]) -> list[PeerSpec]:
+    """What runs on test: the no-press control, then at each kept ratio of `choice` the chosen press
+    and, after it, the dev-best setting of every other press in dev order (issue 33: every press is
+    reported on test; only the chosen one is compared). `candidates`: `candidate_specs` of the params
+    the choice was made with; a label the choice names and they lack means the params changed since."""
+    by_label = {x.label: x for x in candidates}
     out = [CONTROL]
     for kept, c in choice["kept"].items():
-        out.append(PeerSpec(c["chosen"], c["press"], float(kept), tuple(sorted(c["options"].items()))))
+        seen: set[str] = set()
+        for e in [{"label": c["chosen"]}, *c["candidates"]]:
+            spec = by_label.get(e["label"])
+            if spec is None:
+                raise TuningError(f"metrics/peers_choice.json names {e['label']!r}, which peers_tuning.candidates no "
+                                  "longer lists: re-run the choice (`dvc repro peers_tuning`)")
+            if spec.press not in seen:
+                seen.add(spec.press)
+                out.append(spec)
     return out

@@ -9,8 +9,9 @@ In kvpress's own venv, as `stages.peers` (whose helpers this uses):
   `peers_tuning.section` (data/<section>_dev_tasks.parquet, from its calibration), the best per
   kept ratio picked by smartkv/peer_tuning.py's rule before any test prompt runs
   -> data/peers_tuning.parquet, metrics/peers_choice.json;
-- `section <section> <cell>`: the no-press control and the chosen press at each kept ratio on one
-  cell of the section's test prompts -> data/<section>/peers/<cell>.parquet.
+- `section <section> <cell>`: the no-press control, the chosen press at each kept ratio and the
+  dev-best setting of every other press (reported, not compared) on one cell of the section's test
+  prompts -> data/<section>/peers/<cell>.parquet.
 
 Apart from `stages.peers`, so that the main grid's peers do not depend on the tuning rule.
 """
@@ -53,7 +54,8 @@ def tune(params: dict) -> None:
 
 
 def section_cell(params: dict, section: str, cell_name: str) -> None:
-    """The control and the chosen presses (metrics/peers_choice.json) on one test cell of `section`."""
+    """The control, the chosen presses and every other press's dev-best setting (metrics/peers_choice.json)
+    on one test cell of `section`."""
     import json
 
     from smartkv import peer_tuning as pt
@@ -72,7 +74,11 @@ def section_cell(params: dict, section: str, cell_name: str) -> None:
     by_seed: dict = {}
     for seed, x in mine:
         by_seed.setdefault(seed, []).append(x)
-    _run_specs(params, by_seed, pt.chosen_specs(choice), {"section": section, "cell": cell.name, "split": "test"},
+    try:
+        specs = pt.chosen_specs(choice, pt.candidate_specs(pt.settings(params)))
+    except pt.TuningError as err:
+        raise ParamError(str(err)) from None
+    _run_specs(params, by_seed, specs, {"section": section, "cell": cell.name, "split": "test"},
                DATA / section / "peers" / f"{cell.name}.parquet",
                DATA / "timings" / section / "peers" / f"{cell.name}.parquet")
 

@@ -40,7 +40,7 @@ def press_rows(params: dict, section: str, cells: list[str]):
 def main(params: dict) -> None:
     from smartkv.io import atomic_write_json, atomic_write_text, read_parquet_with_meta
     from smartkv.stats.clusters import attach_passage_clusters
-    from smartkv.study.runs import headline_budget
+    from smartkv.study.runs import ablation_runs, headline_budget
 
     args = sys.argv[1:]
     if len(args) != 1 or args[0] not in ms.SECTIONS:
@@ -58,10 +58,11 @@ def main(params: dict) -> None:
         rows = pd.concat([rows, presses], ignore_index=True)
     df = attach_passage_clusters(rows, tasks)
     pairs = mt.press_pairs(choice, s["budgets"], headline_budget(params), set(df["run"])) if choice else []
+    oracle = next((r.label for r in ablation_runs(params) if r.oracle and r.label in s["ablations"]), None)
     t = mt.tests(df, s["match"], seed=stats["bootstrap_seed"], alpha=stats["alpha"],
                  margin=stats["noninferiority_margin"], family=ms.SECTIONS[section], ablations=s["ablations"],
-                 presses=pairs)
-    m = mt.metrics(df, t, s) | {"missing_cells": missing}
+                 presses=pairs, oracle=oracle)
+    m = mt.metrics(df, t, s, oracle=oracle) | {"missing_cells": missing}
     if choice:
         m["presses"] = {"choice": METRICS.name + "/peers_choice.json", "rule": choice.get("rule"),
                         "pairs": [list(p) for p in pairs],

@@ -242,3 +242,39 @@ def test_smartkv_meets_the_press_chosen_on_dev_at_each_kept_ratio_and_the_contro
     lines = passages_lines(m, None)
     assert "the press chosen on the dev passages for 0.15 kept" in lines[1]
     assert "**The no-press control (`kvpress-none`) differs from `fp16` on 1 of 30 prompts**" in lines[-1]
+
+
+def test_the_oracle_ranking_says_whether_ranking_or_the_low_tier_lost_a_needle():
+    """Needles INT3 finds and SmartKV at its bytes misses: the oracle ranking (same cache, same bytes,
+    perfect importance) finding them blames the ranking; missing them too blames the low tier."""
+    from smartkv import matched_tests as mt
+    from smartkv.report.sections import passages_lines
+
+    def rows(oracle_finds_lost: bool, oracle_kv: float = 0.245):
+        out = []
+        for i in range(20):
+            lost = i < 4  # int3 finds, smartkv@int3 misses
+            for run, score, kv in (("int3", 1.0, 0.25), ("smartkv@int3", float(not lost), 0.245),
+                                   ("smartkv", float(not lost), 0.245),
+                                   ("oracle", float(oracle_finds_lost or not lost), oracle_kv)):
+                out.append({"run": run, "task": "niah_passage", "sample_id": f"p{i}", "seed": 0,
+                            "context_length": 1024, "cluster": f"p{i}", "score": score, "kv_ratio": kv, "error": ""})
+        return pd.DataFrame(out)
+
+    ranking = mt.ranking_or_tier(rows(True), ["int3"], "oracle")
+    assert ranking == [dict(ranking[0], lost=4, oracle_finds=4, bottleneck="ranking", n=20)]
+    assert ranking[0]["lost_ids"] == ["p0", "p1", "p2", "p3"]
+    tier = mt.ranking_or_tier(rows(False), ["int3"], "oracle")
+    assert tier[0]["oracle_finds"] == 0 and tier[0]["bottleneck"] == "low tier"
+    # an oracle at other bytes differs from SmartKV in more than ranking: no diagnosis
+    assert mt.ranking_or_tier(rows(True, oracle_kv=0.30), ["int3"], "oracle") == []
+    # the oracle is its own family: it does not dilute the planned random-allocation test
+    df = rows(False)
+    t = mt.tests(df, ["int3"], family=ms.SECTIONS["passages"], ablations=["oracle"], oracle="oracle")
+    fam = set(t.loc[t["baseline"] == "oracle", "family"])
+    assert fam and all("headline vs the oracle ranking" in f for f in fam)
+    m = mt.metrics(df, t, {"model": "m", "seeds": [0], "match": ["int3"]}, oracle="oracle")
+    lines = passages_lines(m, None)
+    oracle_line = next(x for x in lines if "`oracle`" in x and "vs" in x and "needles" not in x)
+    assert "the gap ranking could close" in oracle_line and "bar" not in oracle_line
+    assert any("the oracle ranking (`oracle`) finds 0: the bottleneck is **the low tier**" in x for x in lines)

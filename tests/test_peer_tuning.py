@@ -67,9 +67,20 @@ def test_the_rule_takes_accuracy_then_log_probability_then_params_order():
     assert choice["kept"]["0.15"]["chosen"] == "b-k0.15"  # tied accuracy, higher log-probability
     assert [c["label"] for c in choice["kept"]["0.15"]["candidates"]] == ["b-k0.15", "a-k0.15", "c-k0.15"]
     assert choice["kept"]["0.10"]["chosen"] == "a-k0.10"  # a full tie: the earlier candidate
-    control, *chosen = pt.chosen_specs(json.loads(json.dumps(choice)))
-    assert control == pt.CONTROL and [(x.label, x.press, x.kept) for x in chosen] == [("b-k0.15", "knorm", 0.15),
-                                                                                     ("a-k0.10", "snapkv", 0.10)]
+    control, *runs = pt.chosen_specs(json.loads(json.dumps(choice)), specs)
+    # the chosen press first at each ratio, then every other press's dev-best setting (reported on test)
+    assert control == pt.CONTROL and [(x.label, x.press, x.kept) for x in runs] == [
+        ("b-k0.15", "knorm", 0.15), ("a-k0.15", "snapkv", 0.15), ("c-k0.15", "tova", 0.15),
+        ("a-k0.10", "snapkv", 0.10), ("b-k0.10", "knorm", 0.10)]
+
+
+def test_each_press_runs_on_test_in_its_dev_best_setting_only():
+    specs = [PeerSpec("s8-k0.15", "snapkv", 0.15, (("window_size", 8),)),
+             PeerSpec("s16-k0.15", "snapkv", 0.15, (("window_size", 16),)), PeerSpec("kn-k0.15", "knorm", 0.15)]
+    choice = pt.choose(_rows({"s8-k0.15": [(1, -1.0)], "s16-k0.15": [(0, -1.0)], "kn-k0.15": [(0, -0.5)]}), specs)
+    assert [x.label for x in pt.chosen_specs(choice, specs)] == ["kvpress-none", "s8-k0.15", "kn-k0.15"]
+    with pytest.raises(pt.TuningError, match="no longer lists"):  # the params changed since the choice
+        pt.chosen_specs(choice, specs[1:])
 
 
 def test_options_reach_the_press_as_kvpress_fields():

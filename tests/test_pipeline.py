@@ -122,13 +122,20 @@ def test_pipeline_end_to_end(origin: Path):
     test = pd_read(repo / "data/passages_tasks.parquet")
     assert set(dev["split"]) == {"dev"} and set(test["split"]) == {"test"} and not set(dev["prompt"]) & set(test["prompt"])
     passages = json.loads((repo / "metrics/passages.json").read_text())
-    assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4", "smartkv", "smartkv-b0.30", "random-alloc"}
-    # the eviction peers chosen on the dev passages, then the choice and a no-press control on the test cell
     choice = json.loads((repo / "metrics/peers_choice.json").read_text())
     chosen = choice["kept"]["0.50"]["chosen"]
+    best = {}  # each press's dev-best setting (candidates in dev order): every press runs on test
+    for c in choice["kept"]["0.50"]["candidates"]:
+        best.setdefault(c["label"].split("-")[0], c["label"])
+    assert set(best) == {"snapkv", "knorm"} and chosen in best.values()
+    assert set(passages["accuracy"]) == {"fp16", "int4", "smartkv@int4", "smartkv", "smartkv-b0.30", "random-alloc",
+                                         "oracle", "kvpress-none", *best.values()}
+    # the eviction peers chosen on the dev passages, then the choice and a no-press control on the test cell
     # SmartKV at the headline budget (0.5) against the press chosen on dev for 0.5 kept, in its own family
     assert {(c["target"], c["baseline"]) for c in passages["comparisons"]} == {
-        ("smartkv@int4", "int4"), ("smartkv", "random-alloc"), ("smartkv", chosen)}
+        ("smartkv@int4", "int4"), ("smartkv", "random-alloc"), ("smartkv", "oracle"), ("smartkv", chosen)}
+    # ranking or low tier: only where smartkv@int4's bytes are the oracle's (headline budget 0.5 is not int4's)
+    assert passages["bottleneck"] == []
     assert passages["presses"]["pairs"] == [["smartkv", chosen]] and passages["presses"]["press_cells_missing"] == []
     assert passages["control"] == dict(passages["control"], n=1, differ=0, missing=0)
     report = (repo / "REPORT.md").read_text()
@@ -137,7 +144,8 @@ def test_pipeline_end_to_end(origin: Path):
     assert {c["label"] for c in choice["kept"]["0.50"]["candidates"]} == {"snapkv-w8-k0.50", "snapkv-w16-k0.50",
                                                                            "knorm-k0.50"}
     peers = cells_of(repo, "passages/peers")
-    assert list(dict.fromkeys(peers["run"])) == ["kvpress-none", choice["kept"]["0.50"]["chosen"]]
+    # the control, the chosen press, then the other press's dev-best setting
+    assert list(dict.fromkeys(peers["run"])) == ["kvpress-none", chosen] + [x for x in best.values() if x != chosen]
     fp16 = cells_of(repo, "passages/baselines").query("run == 'fp16'").set_index("sample_id")
     control = peers.query("run == 'kvpress-none'").set_index("sample_id")
     # the control is FP16 through kvpress's pipeline: the same answers as the fp16 baseline, row for row
