@@ -92,3 +92,40 @@ def test_a_shard_without_prompts_writes_no_rows(tmp_path):
     atomic_write_parquet(rows, tmp_path / "b.parquet", {})
     union = read_cells([tmp_path / "a.parquet", tmp_path / "b.parquet"])
     assert len(union) == 1 and union["score"].dtype == float
+
+
+def test_two_labels_of_one_computation_are_evaluated_once(tmp_path, monkeypatch):
+    """`smartkv@int3` at the headline budget is the headline run: evaluated once, its rows under both labels."""
+    import pandas as pd
+
+    import smartkv.evaluate
+    import smartkv.models
+    from smartkv.io import atomic_write_parquet, read_parquet_with_meta
+    from smartkv.runner import RunSpec
+    from smartkv.study.driver import evaluate_runs, same_runs
+
+    head = RunSpec("smartkv", "smartkv", {"budget": 0.25}, "smartkv")
+    same = RunSpec("smartkv@int3", "smartkv", {"budget": 0.25}, "smartkv")
+    other = RunSpec("smartkv-b0.15", "smartkv", {"budget": 0.15}, "smartkv")
+    oracle = RunSpec("oracle", "smartkv", {"budget": 0.25}, "ablation", oracle=True)
+    unique, copies = same_runs([head, other, same, oracle])
+    assert unique == [head, other, oracle] and copies == [(same, head)]
+
+    tasks, meta = read_parquet_with_meta(REPO / "data" / "tasks.parquet")
+    atomic_write_parquet(tasks[tasks["split"] == "dev"].head(2), tmp_path / "tasks.parquet", meta)
+    evaluated = []
+
+    def fake_evaluate(model, tok, samples, runs, seed, decay, desc):
+        evaluated.extend(r.label for r in runs)
+        return pd.DataFrame([{"run": r.label, "method": r.method, "family": r.family, "task": s.task,
+                              "sample_id": s.sample_id, "seed": seed, "context_length": s.context_length,
+                              "new_tokens": 1, "score": float(r.params["budget"]), "error": ""}
+                             for s in samples for r in runs])
+
+    monkeypatch.setattr(smartkv.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(smartkv.models, "load_model", lambda *a, **k: (None, None))
+    df = evaluate_runs({"model": "default", "dtype": "float32"}, [head, same, other], tmp_path / "tasks.parquet",
+                       split="dev", desc="t")
+    assert "smartkv@int3" not in evaluated and evaluated.count("smartkv") >= 1
+    a, b = (df[df["run"] == r].set_index("sample_id") for r in ("smartkv", "smartkv@int3"))
+    assert len(a) == len(b) == 2 and a["score"].equals(b["score"]) and set(b["matched_to"]) == {"int3"}
