@@ -17,9 +17,9 @@ from smartkv.matched_study import SECTIONS
 def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0.05,
           margin: float = 0.05, family: str = SECTIONS["second_model"], ablations: list[str] = (),
           presses: list[tuple[str, str]] = (), oracle: str | None = None) -> pd.DataFrame:
-    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length), then the
-    headline `smartkv` against each of `ablations` (its own family: Δ > 0 means the ablated part
-    helps), then each (SmartKV run, dev-chosen press) of `presses` (`press_pairs`; its own family);
+    """smartkv@<b> against b on every paired measure, pooled and per cell (task x length), then each
+    (SmartKV run, dev-chosen press) of `presses` (`press_pairs`; its own family), then the headline
+    `smartkv` against each of `ablations` (its own family: Δ > 0 means the ablated part helps);
     Holm per (family, measure). The `oracle` ablation (perfect ranking) is a diagnostic, not a
     hypothesis: its own family, so it does not dilute the planned ablation tests."""
     from smartkv.stats import apply_holm, measures_in, paired_tests
@@ -29,10 +29,11 @@ def tests(df: pd.DataFrame, match: list[str], *, seed: int = 0, alpha: float = 0
     strata = df[df["error"] == ""].copy()
     strata["task"] = [cell_name(t, n) for t, n in zip(strata["task"], strata["context_length"])]
     frames = []
+    # the order the summary reads them in: the matched baselines, the presses, then the ablations
     pairs = [(matched_label(b), b, family) for b in match]
+    pairs += [(t, b, family.split(":")[0] + ": " + PRESS_FAMILY) for t, b in presses]
     pairs += [(HEADLINE, a, family.split(":")[0] + (": headline vs the oracle ranking" if a == oracle
                                                     else ": headline vs ablations")) for a in ablations]
-    pairs += [(t, b, family.split(":")[0] + ": " + PRESS_FAMILY) for t, b in presses]
     for measure in measures_in(strata):
         for target, b, fam in pairs:
             if target not in set(strata["run"]) or b not in set(strata["run"]):

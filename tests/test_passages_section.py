@@ -128,8 +128,9 @@ def test_smartkv_step_runs_the_matched_the_fixed_budgets_and_the_ablations_besid
     ms.run_smartkv(PARAMS, ms.settings(PARAMS, "passages"), "unused.parquet", pd.DataFrame())
     runs = {r.label: r for r in seen["runs"]}
     assert set(runs) == {"smartkv", "smartkv@int3", "smartkv@kivi-2", "smartkv@hqq-4", "smartkv-b0.15",
-                         "smartkv-b0.10", "random-alloc"}
+                         "smartkv-b0.10", "random-alloc", "oracle"}
     assert runs["random-alloc"].params["budget"] == runs["smartkv"].params["budget"] == PARAMS["budget"]
+    assert runs["oracle"].oracle and runs["oracle"].params == runs["smartkv"].params  # ranking is all that differs
     assert runs["random-alloc"].params["allocation"] == "random" and runs["smartkv-b0.10"].params["budget"] == 0.1
     # a section without ablations or budgets runs the matched runs alone, as before
     seen.clear()
