@@ -81,12 +81,14 @@ def control_check(df: pd.DataFrame, control: str = "kvpress-none", reference: st
             "differ": len(differ), "differ_ids": differ[:20], "missing": int(len(a.index.symmetric_difference(b.index)))}
 
 
-def ranking_or_tier(df: pd.DataFrame, match: list[str], oracle: str, slack: float = 0.01) -> list[dict]:
+def ranking_or_tier(df: pd.DataFrame, match: list[str], oracle: str, slack: float = 0.01,
+                    also: list[str] = ()) -> list[dict]:
     """Where a baseline finds a needle that `smartkv@<b>` misses, does the oracle ranking (the same
     cache given the importance of the whole FP16 generation up front) find it? If it does, SmartKV's
     attention ranking is what lost it; if the oracle misses it too, the precision it could afford
     (the low tier) is. Only for matched runs within `slack` of the oracle's measured bytes, whose
-    cache differs from the oracle's in ranking alone."""
+    cache differs from the oracle's in ranking alone. `also`: other runs (the other ablations)
+    whose finds among the lost needles are counted beside the oracle's, for context."""
     from smartkv.study.labels import matched_label
 
     ok = df[(df["error"] == "") & df["score"].notna()]
@@ -109,7 +111,9 @@ def ranking_or_tier(df: pd.DataFrame, match: list[str], oracle: str, slack: floa
                     "oracle_accuracy": float(o.loc[ids, "score"].mean()), "target_accuracy":
                     float(by_run[t].loc[ids, "score"].mean()), "n": int(len(ids)),
                     "bottleneck": ("none" if not lost else "ranking" if 2 * len(found) > len(lost)
-                                   else "low tier"), "lost_ids": [str(i) for i in lost]})
+                                   else "low tier"), "lost_ids": [str(i) for i in lost],
+                    "also_finds": {a: int(sum(by_run[a].at[i, "score"] == 1 for i in lost if i in by_run[a].index))
+                                   for a in also if a in by_run}})
     return out
 
 
@@ -156,7 +160,8 @@ def metrics(df: pd.DataFrame, t: pd.DataFrame, s: dict, oracle: str | None = Non
     if control is not None:
         out["control"] = control
     if oracle:
-        out["bottleneck"] = ranking_or_tier(df, s.get("match", []), oracle)
+        out["bottleneck"] = ranking_or_tier(df, s.get("match", []), oracle,
+                                            also=[a for a in s.get("ablations", []) if a != oracle])
     return out
 
 

@@ -256,7 +256,7 @@ def test_the_oracle_ranking_says_whether_ranking_or_the_low_tier_lost_a_needle()
         for i in range(20):
             lost = i < 4  # int3 finds, smartkv@int3 misses
             for run, score, kv in (("int3", 1.0, 0.25), ("smartkv@int3", float(not lost), 0.245),
-                                   ("smartkv", float(not lost), 0.245),
+                                   ("smartkv", float(not lost), 0.245), ("random-alloc", float(i < 1), 0.245),
                                    ("oracle", float(oracle_finds_lost or not lost), oracle_kv)):
                 out.append({"run": run, "task": "niah_passage", "sample_id": f"p{i}", "seed": 0,
                             "context_length": 1024, "cluster": f"p{i}", "score": score, "kv_ratio": kv, "error": ""})
@@ -274,8 +274,11 @@ def test_the_oracle_ranking_says_whether_ranking_or_the_low_tier_lost_a_needle()
     t = mt.tests(df, ["int3"], family=ms.SECTIONS["passages"], ablations=["oracle"], oracle="oracle")
     fam = set(t.loc[t["baseline"] == "oracle", "family"])
     assert fam and all("headline vs the oracle ranking" in f for f in fam)
-    m = mt.metrics(df, t, {"model": "m", "seeds": [0], "match": ["int3"]}, oracle="oracle")
+    m = mt.metrics(df, t, {"model": "m", "seeds": [0], "match": ["int3"], "ablations": ["random-alloc", "oracle"]},
+                   oracle="oracle")
+    assert m["bottleneck"][0]["also_finds"] == {"random-alloc": 1}
     lines = passages_lines(m, None)
     oracle_line = next(x for x in lines if "`oracle`" in x and "vs" in x and "needles" not in x)
     assert "the gap ranking could close" in oracle_line and "bar" not in oracle_line
-    assert any("the oracle ranking (`oracle`) finds 0: the bottleneck is **the low tier**" in x for x in lines)
+    assert any("the oracle ranking (`oracle`) finds 0; `random-alloc` finds 1: the bottleneck is **the low tier**" in x
+               for x in lines)

@@ -151,10 +151,11 @@ def bottleneck_lines(m: dict) -> list[str]:
             continue
         cause = ("**the ranking**: the oracle ranking finds most of them at the same bytes, so a better importance "
                  "signal would recover them" if b["bottleneck"] == "ranking" else
-                 "**the low tier**: the oracle ranking misses most of them too, so at these bytes no ranking "
-                 "keeps enough precision on them")
+                 "**the low tier**: the oracle ranking misses most of them too, so at these bytes ranking by "
+                 "attention, even the whole generation's, leaves them too few bits")
+        also = "".join(f"; `{a}` finds {k}" for a, k in (b.get("also_finds") or {}).items())
         out.append(f"  - Of the {b['lost']} needles `{b['baseline']}` finds and `{b['target']}` misses, the oracle "
-                   f"ranking (`{b['oracle']}`) finds {b['oracle_finds']}: the bottleneck is {cause} "
+                   f"ranking (`{b['oracle']}`) finds {b['oracle_finds']}{also}: the bottleneck is {cause} "
                    f"(oracle {b['oracle_accuracy']:.3f} vs SmartKV {b['target_accuracy']:.3f} over {b['n']} prompts).")
     return out
 
