@@ -1,4 +1,5 @@
-"""Stage `slides`: the 12-slide talk, slides.pdf at the repository root, from the study's results.
+"""Stage `slides`: the talk (12 slides, and one per comparison on the independent prompts), slides.pdf
+at the repository root, from the study's results.
 
 Reads what the `report` stage reads (summaries, tests, metrics, the PNGs in plots/) and
 words the same findings (smartkv/report/findings.py); the PDF carries no creation date.

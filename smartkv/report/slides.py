@@ -1,4 +1,5 @@
-"""The 12-slide talk as one PDF (16:9), from the same findings as REPORT.md.
+"""The talk as one PDF (16:9): 12 slides, and one per comparison on the independent prompts, from
+the same findings as REPORT.md.
 
 One matplotlib `Figure` per slide, written with `PdfPages` without a creation date, so the
 PDF's bytes depend on the results only (as `smartkv.plots` does for figures). Figure slides
