@@ -115,12 +115,8 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
                  position=0)
     frames = []
     for i, (seed, samples, decay, group) in enumerate(groups):
-        unique, copies = same_runs(group)
-        out = evaluate(model, tokenizer, samples, unique, seed=seed, decay=decay,
-                       desc=f"{desc} seed {seed} [{i + 1}/{len(groups)}]")
-        frames.append(out)
-        for copy, of in copies:
-            frames.append(out[out["run"] == of.label].assign(run=copy.label, family=copy.family))
+        frames.append(evaluate(model, tokenizer, samples, group, seed=seed, decay=decay,
+                               desc=f"{desc} seed {seed} [{i + 1}/{len(groups)}]"))
         total.update(len(samples) * len(group))
     total.close()
     df = pd.concat(frames, ignore_index=True)
@@ -134,29 +130,6 @@ def evaluate_runs(params: dict, runs: list[RunSpec], tasks_file: str | Path, spl
         log.warning("%d of %d rows below their budget's floor (score NaN): %s", len(errors), len(df),
                     ", ".join(sorted(set(errors["run"]))))
     return df
-
-
-def same_runs(group: list[RunSpec]) -> tuple[list[RunSpec], list[tuple[RunSpec, RunSpec]]]:
-    """(the runs to evaluate, (run, the earlier run it equals) for the rest).
-
-    Two labels can name one computation: `smartkv@int3` at INT3's measured bytes is the headline
-    `smartkv` when those bytes are the headline budget (issue 32: the same rows, computed twice).
-    Such a run is evaluated once and its rows given the other label too; wall-clock columns
-    included, since they time the same computation. Equal means the same method, params (seed
-    included), oracle and cell; every run's own state is built from those alone."""
-    import json
-
-    unique: list[RunSpec] = []
-    copies: list[tuple[RunSpec, RunSpec]] = []
-    seen: dict[tuple, RunSpec] = {}
-    for r in group:
-        key = (r.method, json.dumps(r.params, sort_keys=True, default=str), r.oracle, r.context_length, r.task)
-        if key in seen:
-            copies.append((r, seen[key]))
-        else:
-            seen[key] = r
-            unique.append(r)
-    return unique, copies
 
 
 def split_timings(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
