@@ -233,9 +233,11 @@ def test_smartkv_meets_the_press_chosen_on_dev_at_each_kept_ratio_and_the_contro
         for run, score, pred in (("smartkv-b0.15", float(i < 20), "k"), ("snapkv-ks5-w8-k0.15", float(i < 5), "k"),
                                  ("fp16", 1.0, f"a{i}"), ("kvpress-none", 1.0, f"a{i}" if i else "other")):
             rows.append({"run": run, "task": "niah_passage", "sample_id": f"p{i}", "seed": 0, "context_length": 1024,
-                         "cluster": f"p{i}", "score": score, "kv_ratio": 0.15, "error": "", "prediction": pred})
-    df = pd.DataFrame(rows)
+                         "cluster": f"p{i}", "score": score, "kv_ratio": 0.15, "error": "", "prediction": pred,
+                         "kl_fp16": float("nan") if "-k0." in run or run.startswith("kvpress") else 0.01 * i})
+    df = pd.DataFrame(rows)  # kvpress rows carry no KL from FP16: that measure is not tested for them
     t = mt.tests(df, [], family=ms.SECTIONS["passages"], presses=[("smartkv-b0.15", "snapkv-ks5-w8-k0.15")])
+    assert set(t["measure"]) == {"score"}
     r = t[(t["task"] == "all") & (t["measure"] == "score")].iloc[0]
     assert r["family"].startswith("independent passages: " + mt.PRESS_FAMILY) and r["mean_diff"] == pytest.approx(0.5)
     m = mt.metrics(df, t, {"model": "m", "seeds": [0]})
