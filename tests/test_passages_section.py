@@ -167,6 +167,16 @@ def test_each_passages_comparison_gets_a_readable_figure_and_slide(tmp_path):
     assert len(slides) == 1
     texts = [t.get_text() for t in slides[0].texts]
     assert "Independent prompts: smartkv@int3 vs int3" in texts and "meets the ≥ bar" in " ".join(texts).replace("\n", " ")
+    # no text beyond the slide's edges, with the longest caption a comparison gets (issue 33)
+    long = dict(m["comparisons"][0], baseline="tova-k0.15", target="smartkv-b0.15",
+                family="independent passages: SmartKV vs the presses chosen on dev [score]")
+    for fig in passages_slides({"passages": dict(m, comparisons=[long, *m["comparisons"]])}):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        r = FigureCanvasAgg(fig).get_renderer()
+        for t in fig.texts:
+            box = t.get_window_extent(r)
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0 and box.y1 <= fig.bbox.height, t.get_text()
     assert passages_slides({}) == []
     # a section without comparisons still gets its file, saying so
     assert section_plot({"model": "m", "accuracy": {}, "comparisons": []}, tmp_path / "empty")[0].is_file()

@@ -97,8 +97,11 @@ def _image(fig: Figure, path: Path, stage: str, rect=(0.05, 0.16, 0.9, 0.68)) ->
     ax.set_axis_off()
 
 
+CAPTION_WRAP = 125  # characters per line at the caption's 13 pt: 150 ran past the slide's right edge
+
+
 def _caption(fig: Figure, text: str) -> None:
-    fig.text(0.05, 0.1, "\n".join(textwrap.wrap(plain(text), 150)), fontsize=13, va="top", color="#333333")
+    fig.text(0.05, 0.1, "\n".join(textwrap.wrap(plain(text), CAPTION_WRAP)), fontsize=13, va="top", color="#333333")
 
 
 def slide_texts(summary: pd.DataFrame, tests: pd.DataFrame | None, ablation_tests: pd.DataFrame | None,
