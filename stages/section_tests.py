@@ -5,8 +5,9 @@
 then `smartkv@<b>` against `b` on every paired measure, pooled and per cell, Holm per family
 (smartkv/matched_tests.py). On the section the presses were tuned for (`peers_tuning.section`),
 also SmartKV at each kept ratio against the press chosen there on dev (`<section>_peers` cells,
-metrics/peers_choice.json), and the no-press control checked against FP16 row for row -> metrics/<section>.json, metrics/<section>_table.md, and one panel per
-comparison in plots/<section>.png (smartkv/plots_sections.py).
+metrics/peers_choice.json), and the no-press control checked against FP16 row for row
+-> metrics/<section>.json, metrics/<section>_table.md, and one panel per comparison in
+plots/<section>.png (smartkv/plots_sections.py).
 """
 
 from __future__ import annotations

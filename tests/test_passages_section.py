@@ -292,5 +292,9 @@ def test_the_oracle_ranking_says_whether_ranking_or_the_low_tier_lost_a_needle()
     lines = passages_lines(m, None)
     oracle_line = next(x for x in lines if "`oracle`" in x and "vs" in x and "needles" not in x)
     assert "the gap ranking could close" in oracle_line and "bar" not in oracle_line
+    # the oracle row is told by its family, not by a diagnosis: with none (bytes apart), still the oracle's words
+    no_diag = passages_lines(dict(m, bottleneck=[]), None)
+    assert any("`oracle`" in x and "the gap ranking could close" in x for x in no_diag)
+    assert not any("`oracle`" in x and "random allocation" in x for x in no_diag)
     assert any("the oracle ranking (`oracle`) finds 0; `random-alloc` finds 1: the bottleneck is **the low tier**" in x
                for x in lines)

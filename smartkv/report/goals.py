@@ -15,6 +15,7 @@ import math
 
 import pandas as pd
 
+from smartkv.matched_tests import ORACLE_FAMILY
 from smartkv.stats.tables import _p
 
 FP16 = "fp16"
@@ -46,7 +47,7 @@ def goal_rows(tests: pd.DataFrame | None, ablation_tests: pd.DataFrame | None, m
         m = metrics.get(stage) or {}
         for r in m.get("comparisons", []):
             # the oracle ranking is a ceiling that says why a needle was lost, not a target to meet
-            if r.get("measure") == "score" and "oracle ranking" not in str(r.get("family", "")):
+            if r.get("measure") == "score" and ORACLE_FAMILY not in str(r.get("family", "")):
                 cell = "pooled" if r["task"] == "all" else r["task"]
                 rows.append(_row(f"`{stage}` ({m.get('model')}), {cell}", r, margin))
     if ablation_tests is not None and len(ablation_tests):

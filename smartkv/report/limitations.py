@@ -80,8 +80,9 @@ def passages_limits(m: Mapping | None) -> list[str]:
                    + ", ".join(f"`{c}`" for c in presses["press_cells_missing"])
                    + "): their comparisons cover the cells they ran on.")
     out.append("Each kept ratio is compared with the one press chosen there on the dev passages "
-               "(metrics/peers_choice.json, every candidate's dev accuracy); the other candidates ran on dev only, "
-               "so a press that ranks lower on dev but higher on test is not shown.")
+               "(metrics/peers_choice.json, every candidate's dev accuracy); every other press runs on test in its "
+               "dev-best setting and is reported in the accuracy table, not compared, and its other settings ran on "
+               "dev only.")
     return out
 
 
